@@ -1,0 +1,24 @@
+"""Kernels for the quantized KV cache. Every kernel sits beside its torch reference.
+
+On machines without CUDA (and for layouts no kernel knows) the references are the code path.
+"""
+
+from __future__ import annotations
+
+from headq_kernels.affine_reference import (
+    SUPPORTED_BITS,
+    codes_per_word,
+    dequantize_affine,
+    pack_codes,
+    quantize_affine,
+    unpack_codes,
+)
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "codes_per_word",
+    "dequantize_affine",
+    "pack_codes",
+    "quantize_affine",
+    "unpack_codes",
+]
