@@ -112,7 +112,7 @@ def attend_quantized(
 
 def _readout(layer: QuantizedLayer, probs: torch.Tensor, head_dim: int) -> torch.Tensor:
     pos = 0
-    out = torch.zeros(probs.shape[:-1] + (head_dim,), device=probs.device)
+    out = torch.zeros((*probs.shape[:-1], head_dim), device=probs.device)
     if layer.v.sinks is not None:
         s = layer.v.sinks.shape[-2]
         out = out + probs[..., :s] @ layer.v.sinks.float()

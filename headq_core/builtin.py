@@ -11,7 +11,7 @@ import attrs
 import torch
 
 from headq_core.hookspecs import hookimpl
-from headq_core.interfaces import KeyQuantizer, MethodConfig, ValuePolicy
+from headq_core.interfaces import KeyQuantizer, Method, MethodConfig, ValuePolicy
 from headq_core.layouts import DenseBlock
 from headq_core.registry import Registry
 
@@ -27,7 +27,7 @@ class ExactConfig(MethodConfig):
     )
 
 
-class _Exact:
+class _Exact(Method):
     config: ExactConfig
     name = "fp16"
     config_class = ExactConfig

@@ -134,8 +134,8 @@ class QuantizedLayer(CacheLayerMixin):
                 stream.sinks = _cat(stream.sinks, new[..., :take, :])
             if n > take:
                 stream.window = _cat(stream.window, new[..., take:, :])
-        if self.v.method.wants_attention_stats and n > take:
-            zeros = value_states.new_zeros(value_states.shape[:2] + (n - take,), dtype=torch.float32)
+        if self.cache.value_method.wants_attention_stats and n > take:
+            zeros = value_states.new_zeros((*value_states.shape[:2], n - take), dtype=torch.float32)
             self.sq_attention = _cat(self.sq_attention, zeros, dim=-1)
         self.length += n
         self.pending = _InFlight(start, self.k.sink_len() + self.k.encoded, self.k.window)
@@ -211,7 +211,7 @@ class QuantizedLayer(CacheLayerMixin):
         for stream in (self.k, self.v):
             decoded = self._decoded_stream(stream)
             ends = self._block_ends(stream)
-            stream.blocks = [b for b, stop in zip(stream.blocks, ends) if stop <= new_length]
+            stream.blocks = [b for b, stop in zip(stream.blocks, ends, strict=False) if stop <= new_length]
             stream.encoded = sum(b.tokens for b in stream.blocks)
             s = min(new_length, stream.sink_len())
             stream.sinks = stream.sinks[..., :s, :] if stream.sinks is not None and s else None

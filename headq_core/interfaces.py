@@ -103,8 +103,7 @@ def _convert(raw: Any, annotation: Any, method: str, key: str) -> Any:
             return float(raw)
     except ValueError:
         raise SpecError(
-            f"parameter {key!r} of {method!r} must be {kind.__name__ if kind else annotation}, "
-            f"got {raw!r}"
+            f"parameter {key!r} of {method!r} must be {kind.__name__ if kind else annotation}, got {raw!r}"
         ) from None
     return raw
 

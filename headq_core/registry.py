@@ -14,7 +14,7 @@ import os
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import pluggy
@@ -27,9 +27,6 @@ from headq_core.spec import Spec, parse_spec
 ENTRY_POINT_GROUP = "headq"
 DISABLE_ENV = "HEADQ_DISABLE_PLUGINS"
 CORE_DISTRIBUTION = "headq-core"
-
-M = TypeVar("M", bound=Method)
-
 
 @attrs.frozen
 class Source:
@@ -79,17 +76,18 @@ class Registry:
             raise TypeError(f"add_metric takes a DistortionMetric, got {metric!r}")
         self._put(Entry("metric", metric.name, metric, self._source))
 
-    def _add(self, kind: str, cls: type, base: type) -> None:
+    def _add(self, kind: str, cls: Any, base: type) -> None:
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise TypeError(f"expected a subclass of {base.__name__}, got {cls!r}")
         for attr in ("name", "config_class"):
             if not hasattr(cls, attr):
                 raise TypeError(f"{cls.__name__} must set the class attribute {attr!r}")
+        method: Any = cls
         try:
-            cls.config_class()
+            method.config_class()
         except (TypeError, ValueError) as err:
             raise TypeError(f"{cls.__name__}: its config rejects its own defaults: {err}") from err
-        self._put(Entry(kind, cls.name, cls, self._source))
+        self._put(Entry(kind, method.name, cls, self._source))
 
     def _put(self, entry: Entry) -> None:
         key = (entry.kind, entry.name)
@@ -123,7 +121,9 @@ class Registry:
             raise PluginError(f"{_KIND_NAMES[kind]} {name!r} is registered by both {owners}")
         if key not in self._entries:
             known = self.names(kind)
-            broken = "".join(f"\n  plugin {b.plugin} ({b.distribution}) failed: {b.error}" for b in self.broken)
+            broken = "".join(
+                f"\n  plugin {b.plugin} ({b.distribution}) failed: {b.error}" for b in self.broken
+            )
             raise SpecError(
                 f"unknown {_KIND_NAMES[kind]} {name!r}.{suggest(name, known)} "
                 f"Known: {', '.join(known) or 'none'}.{broken}"
@@ -132,11 +132,13 @@ class Registry:
 
     def key_quantizer(self, spec: str | Spec | KeyQuantizer) -> KeyQuantizer:
         """A key quantizer built from a spec such as ``kivi:bits=2,group=32``."""
-        return self._build("key", spec, KeyQuantizer)
+        method: KeyQuantizer = self._build("key", spec, KeyQuantizer)
+        return method
 
     def value_policy(self, spec: str | Spec | ValuePolicy) -> ValuePolicy:
         """A value policy built from a spec such as ``kivi:bits=2``."""
-        return self._build("value", spec, ValuePolicy)
+        method: ValuePolicy = self._build("value", spec, ValuePolicy)
+        return method
 
     def metric(self, name: str) -> DistortionMetric:
         metric: DistortionMetric = self.entry("metric", name).obj
@@ -147,17 +149,17 @@ class Registry:
 
     def resolve(self, kind: str, spec: str | Spec) -> Spec:
         """The canonical spec: nested specs resolved, defaults dropped, values normalized."""
-        return self._build(kind, spec, Method).spec
+        spec_out: Spec = self._build(kind, spec, Method).spec
+        return spec_out
 
-    def _build(self, kind: str, spec: Any, base: type[M]) -> M:
+    def _build(self, kind: str, spec: Any, base: Any) -> Any:
         if isinstance(spec, base):
             return spec
         spec = parse_spec(spec)
         cls = self.entry(kind, spec.name).obj
         params = _hoist_nested(self, kind, spec)
         config = cls.config_class.from_params(params, method=spec.name)
-        method: M = cls(config)
-        return method
+        return cls(config)
 
 
 _KIND_NAMES = {"key": "key quantizer", "value": "value policy", "metric": "distortion metric"}

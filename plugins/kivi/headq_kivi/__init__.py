@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import attrs
 import torch
-from headq_kernels import SUPPORTED_BITS, codes_per_word, quantize_affine
 
 from headq_core import KeyQuantizer, MethodConfig, ValuePolicy, hookimpl
 from headq_core.layouts import AffineBlock
 from headq_core.registry import Registry
+from headq_kernels import SUPPORTED_BITS, codes_per_word, quantize_affine
 
 
 def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -56,8 +56,13 @@ class KiviKeys(KeyQuantizer):
     def encode(self, keys: torch.Tensor, layer_idx: int) -> AffineBlock:
         codes, scale, zero = quantize_affine(keys.transpose(-1, -2), self.config.bits, self.config.group)
         return AffineBlock(
-            tokens=keys.shape[-2], codes=codes, scale=scale, zero=zero,
-            bits=self.config.bits, group=self.config.group, axis="tokens",
+            tokens=keys.shape[-2],
+            codes=codes,
+            scale=scale,
+            zero=zero,
+            bits=self.config.bits,
+            group=self.config.group,
+            axis="tokens",
         )
 
     def nominal_bits(self, head_dim: int) -> dict[str, float]:
@@ -78,8 +83,13 @@ class KiviValues(ValuePolicy):
         group = min(self.config.group, values.shape[-1])
         codes, scale, zero = quantize_affine(values, self.config.bits, group)
         return AffineBlock(
-            tokens=values.shape[-2], codes=codes, scale=scale, zero=zero,
-            bits=self.config.bits, group=group, axis="channels",
+            tokens=values.shape[-2],
+            codes=codes,
+            scale=scale,
+            zero=zero,
+            bits=self.config.bits,
+            group=group,
+            axis="channels",
         )
 
     def nominal_bits(self, head_dim: int) -> dict[str, float]:
