@@ -48,7 +48,7 @@ def headq_attention(
     q = query.float().reshape(b, hkv, g * n, d)
     mask = _row_mask(attention_mask, g, n)
     if isinstance(layer, QuantizedLayer):
-        out = attend_quantized(layer, q, mask, scaling, softcap, n)
+        out, _ = attend_quantized(layer, q, mask, scaling, softcap, n)
     else:
         logits = _softcap(q @ key.float().transpose(-1, -2) * scaling, softcap)
         probs = _softmax(logits, mask)
@@ -64,8 +64,12 @@ def attend_quantized(
     scaling: float,
     softcap: float | None,
     n: int,
-) -> torch.Tensor:
-    """Attention of grouped queries q (b, hkv, rows, d) over everything ``layer`` holds."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of grouped queries q (b, hkv, rows, d) over everything ``layer`` holds.
+
+    Returns the output (b, hkv, rows, d) and the scaled logits (b, hkv, rows, tokens) as read,
+    before masking; both float32.
+    """
     inflight = layer.pending
     if inflight is None:
         raise RuntimeError(f"layer {layer.layer_idx}: attention called without a pending update")
@@ -91,7 +95,8 @@ def attend_quantized(
         state = layer.quantized_state(layer.k, queries, positions[first:], inflight.start).repeat(g, 1)
         exact = q @ inflight.key_window.float().transpose(-1, -2)
         logits[..., first:] = torch.where(state, logits[..., first:], exact)
-    probs = _softmax(_softcap(logits * scaling, softcap), mask)
+    logits = _softcap(logits * scaling, softcap)
+    probs = _softmax(logits, mask)
 
     # Values: the window as it stands before this pass's flush, and who reads it encoded.
     first = layer.v.sink_len() + layer.v.encoded
@@ -107,7 +112,7 @@ def attend_quantized(
     out = _readout(layer, stored_p, q.shape[-1])
     if window is not None and first < layer.length:
         out = out + (probs[..., first:] * ~state) @ window.float()
-    return out
+    return out, logits
 
 
 def _readout(layer: QuantizedLayer, probs: torch.Tensor, head_dim: int) -> torch.Tensor:
