@@ -28,6 +28,7 @@ ENTRY_POINT_GROUP = "headq"
 DISABLE_ENV = "HEADQ_DISABLE_PLUGINS"
 CORE_DISTRIBUTION = "headq-core"
 
+
 @attrs.frozen
 class Source:
     """Where a registered name came from."""
@@ -203,15 +204,16 @@ def _disabled_names() -> set[str]:
 
 def load_registry() -> Registry:
     """Discover and load every plugin, isolating failures. Usually called through :func:`get_registry`."""
-    from headq_core import builtin
+    from headq_core import builtin, metrics
 
     registry = Registry()
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
     sources: dict[str, Source] = {}
 
-    manager.register(builtin, name="headq_core.builtin")
-    sources["headq_core.builtin"] = registry._source
+    for module in (builtin, metrics):
+        manager.register(module, name=module.__name__)
+        sources[module.__name__] = registry._source
 
     disabled = _disabled_names()
     for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):

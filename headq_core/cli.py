@@ -1,0 +1,178 @@
+"""The ``headq`` command line: list and describe methods, run and compare benchmarks."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from headq_core.errors import HeadqError
+from headq_core.registry import Registry, get_registry
+from headq_core.spec import parse_spec
+
+app = typer.Typer(
+    help="KV-cache quantization methods: list, describe, benchmark, compare.", no_args_is_help=True
+)
+console = Console()
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[red]error:[/red] {err}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _params(cls: Any) -> str:
+    parts = []
+    for field in cls.config_class.parameters():
+        default = field.default
+        help_text = field.metadata.get("help", "")
+        parts.append(f"{field.name}={default}" + (f" ({help_text})" if help_text else ""))
+    return "\n".join(parts) or "–"
+
+
+@app.command("list")
+def list_methods() -> None:
+    """Every key quantizer, value policy and metric, with parameters and where it comes from."""
+    registry = get_registry()
+    for kind, title in (("key", "Key quantizers"), ("value", "Value policies")):
+        table = Table(title=title, show_lines=True)
+        for column in ("name", "parameters (defaults)", "distribution", "summary"):
+            table.add_column(column)
+        for entry in registry.entries(kind):
+            source = f"{entry.source.distribution} {entry.source.version}"
+            table.add_row(entry.name, _params(entry.obj), source, entry.obj.summary)
+        console.print(table)
+    metrics = Table(title="Distortion metrics")
+    for column in ("name", "description", "distribution"):
+        metrics.add_column(column)
+    for entry in registry.entries("metric"):
+        metrics.add_row(entry.name, entry.obj.description, entry.source.distribution)
+    console.print(metrics)
+    for broken in registry.broken:
+        console.print(
+            f"[red]broken plugin[/red] {broken.plugin} ({broken.distribution}): {broken.error}",
+            highlight=False,
+        )
+    for disabled in registry.disabled:
+        console.print(f"[yellow]disabled plugin[/yellow] {disabled}", highlight=False)
+
+
+@app.command()
+def describe(
+    spec: Annotated[str, typer.Argument(help="a method spec, e.g. kivi:bits=2,group=32")],
+    kind: Annotated[str, typer.Option(help="key, value, or both")] = "both",
+    head_dim: Annotated[int, typer.Option(help="head dimension for the bits figure")] = 64,
+) -> None:
+    """What a method stores and its bits per element at a head dimension."""
+    registry = get_registry()
+    kinds = ("key", "value") if kind == "both" else (kind,)
+    if any(k not in ("key", "value") for k in kinds):
+        _fail(ValueError(f"--kind must be key, value or both, got {kind!r}"))
+    try:
+        parsed = parse_spec(spec)
+        shown = 0
+        for k in kinds:
+            if parsed.name not in registry.names(k):
+                continue
+            method = registry.key_quantizer(parsed) if k == "key" else registry.value_policy(parsed)
+            _describe(registry, k, method, head_dim)
+            shown += 1
+        if not shown:
+            registry.entry(kinds[0], parsed.name)  # raises the unknown-name error with suggestions
+    except HeadqError as err:
+        _fail(err)
+
+
+def _describe(registry: Registry, kind: str, method: Any, head_dim: int) -> None:
+    entry = registry.entry(kind, method.name)
+    bits = method.nominal_bits(head_dim)
+    console.print(
+        f"[bold]{method.spec}[/bold] ({kind} method from {entry.source.distribution})", highlight=False
+    )
+    console.print(f"  stores: {method.stores()}", highlight=False)
+    console.print(f"  tokens per encode unit: {method.block_tokens}", highlight=False)
+    console.print(
+        f"  parameters: {', '.join(f'{k}={v}' for k, v in method.config.to_params(all_fields=True))}"
+    )
+    if bits:
+        detail = ", ".join(f"{part} {value:.3f}" for part, value in bits.items())
+        console.print(
+            f"  bits per element at head_dim {head_dim}: {sum(bits.values()):.3f} ({detail}); "
+            "plus the full-precision window and sinks",
+            highlight=False,
+        )
+
+
+@app.command()
+def bench(
+    model: Annotated[
+        str | None, typer.Option(help="HF model id or folder; default SmolLM2-135M-Instruct")
+    ] = None,
+    text: Annotated[str | None, typer.Option(help="text name or path; default wikitext-2-test")] = None,
+    keys: Annotated[list[str] | None, typer.Option("--keys", help="key spec (repeatable)")] = None,
+    values: Annotated[list[str] | None, typer.Option("--values", help="value spec (repeatable)")] = None,
+    suite: Annotated[Path | None, typer.Option(help="TOML suite file with [[rows]] keys/values")] = None,
+    prefix: Annotated[int | None, typer.Option(help="prefill tokens per window")] = None,
+    scored: Annotated[int | None, typer.Option(help="scored tokens per window")] = None,
+    windows: Annotated[int | None, typer.Option(help="number of windows")] = None,
+    batch: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
+    window: Annotated[int | None, typer.Option(help="full-precision recent tokens (R)")] = None,
+    sinks: Annotated[int | None, typer.Option(help="exact attention-sink tokens at the start")] = None,
+    diag_windows: Annotated[int, typer.Option(help="windows used for the distortion metrics")] = 2,
+    baseline_keys: Annotated[str, typer.Option(help="baseline keys for '% excess removed'")] = "kivi:bits=2",
+    baseline_values: Annotated[str, typer.Option(help="baseline values for '% excess removed'")] = "fp16",
+    out: Annotated[Path, typer.Option(help="output folder for JSON, Markdown and PNG")] = Path("results"),
+    name: Annotated[str, typer.Option(help="file stem of the outputs")] = "bench",
+) -> None:
+    """Run a grid of key x value methods on one model and text and write the results table."""
+    from headq_core.harness.run import BenchOptions, run_bench
+
+    try:
+        options = BenchOptions.from_cli(
+            model=model,
+            text=text,
+            keys=keys or [],
+            values=values or [],
+            suite=suite,
+            prefix=prefix,
+            scored=scored,
+            windows=windows,
+            batch=batch,
+            window=window,
+            sinks=sinks,
+            diag_windows=diag_windows,
+            baseline=(baseline_keys, baseline_values),
+        )
+        run_bench(options, out_dir=out, stem=name, console=console)
+    except HeadqError as err:
+        _fail(err)
+
+
+@app.command()
+def compare(files: Annotated[list[Path], typer.Argument(help="bench JSON files")]) -> None:
+    """Render earlier bench results side by side, with one combined plot."""
+    from headq_core.harness.report import COLUMNS, load_result, plot, rows_table
+
+    try:
+        results = [load_result(f) for f in files]
+    except (OSError, ValueError) as err:
+        _fail(err)
+    table = Table(title="headq compare")
+    table.add_column("run")
+    for column, _ in COLUMNS:
+        table.add_column(column)
+    for result in results:
+        for cells in rows_table(result):
+            table.add_row(result["label"], *cells)
+    console.print(table)
+    out = files[0].parent / "compare.png"
+    plot(results, out)
+    console.print(f"plot: {out}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    sys.exit(app())

@@ -1,0 +1,197 @@
+"""``headq bench``: a grid of (keys, values) combinations on one model and text, measured alike.
+
+Every combination gets decode perplexity (primary), prefill perplexity, the distortion metrics
+per layer and head, bits per element from the cache's own accounting, measured cache bytes and a
+projection to a long-context shape, and decode speed. The exact cache is always measured first:
+every difference is against it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import torch
+
+from headq_core.harness.diagnostics import capture_window, distortion, spearman
+from headq_core.harness.perplexity import CacheSettings, Windowing, decode_speed, perplexity
+from headq_core.registry import get_registry
+
+EXACT = ("fp16", "fp16")
+
+
+@attrs.frozen
+class Combination:
+    keys: str
+    values: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.keys} | {self.values}"
+
+
+@attrs.frozen
+class LongContextShape:
+    """A named model shape to project cache bytes onto."""
+
+    name: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    tokens: int
+    batch: int = 1
+
+    @property
+    def elements(self) -> int:
+        return self.layers * self.kv_heads * self.head_dim * self.tokens * self.batch
+
+
+PROJECTIONS = {
+    "llama-3-8b@32k": LongContextShape("llama-3-8b@32k", 32, 8, 128, 32768),
+    "llama-3-8b@128k": LongContextShape("llama-3-8b@128k", 32, 8, 128, 131072),
+}
+
+
+def canonical(combo: Combination) -> Combination:
+    registry = get_registry()
+    return Combination(str(registry.resolve("key", combo.keys)), str(registry.resolve("value", combo.values)))
+
+
+def default_suite() -> list[Combination]:
+    """Exact, KIVI-4, KIVI-2 keys only, KIVI-2 keys and values, and every other method's default."""
+    rows = [
+        Combination("fp16", "fp16"),
+        Combination("kivi:bits=4", "kivi:bits=4"),
+        Combination("kivi:bits=2", "fp16"),
+        Combination("kivi:bits=2", "kivi:bits=2"),
+    ]
+    registry = get_registry()
+    rows += [Combination(name, "fp16") for name in registry.names("key") if name not in ("fp16", "kivi")]
+    rows += [
+        Combination("kivi:bits=2", name) for name in registry.names("value") if name not in ("fp16", "kivi")
+    ]
+    return rows
+
+
+def project(bits: dict[str, dict[str, float]], exact_tokens: float, shape: LongContextShape) -> float:
+    """Bytes of K and V at ``shape``: per-element costs carried over, the exact window re-sized.
+
+    bits: the cache's ``bits_per_element()``; exact_tokens: tokens per (layer, row) held exact.
+    """
+    total = 0.0
+    for kind in ("keys", "values"):
+        per_element = bits[kind]["total"] - bits[kind]["exact"]
+        total += per_element / 8 * shape.elements
+    window_elements = (
+        shape.layers * shape.kv_heads * shape.head_dim * shape.batch * min(exact_tokens, shape.tokens)
+    )
+    return total + 2 * 2 * window_elements  # K and V, 2 bytes each
+
+
+def _exact_tokens(cache: Any) -> float:
+    layers = cache.quantized_layers()
+    if not layers:
+        return 0.0
+    layer = layers[0]
+    return float(layer.k.sink_len() + (0 if layer.k.window is None else layer.k.window.shape[-2]))
+
+
+def measure(
+    model: Any,
+    windows: list[torch.Tensor],
+    combo: Combination,
+    windowing: Windowing,
+    *,
+    window: int = 0,
+    sinks: int = 0,
+    calibration: Any = None,
+    diag_windows: int = 2,
+    positions_per_window: int = 16,
+    captured: list[Any] | None = None,
+    speed_steps: int = 32,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Every number of one row of the table."""
+    settings = CacheSettings(combo.keys, combo.values, window=window, sinks=sinks, calibration=calibration)
+    start = time.perf_counter()
+    say = progress or (lambda _: None)
+    say("decode perplexity")
+    decode = perplexity(model, windows, settings, windowing, mode="decode")
+    say("prefill perplexity")
+    prefill = perplexity(model, windows, settings, windowing, mode="prefill")
+    cache = decode.caches[0]
+    bits = cache.bits_per_element()
+    say("distortion")
+    table = distortion(
+        model,
+        windows[:diag_windows],
+        settings,
+        windowing.prefix,
+        positions_per_window=positions_per_window,
+        captured=captured,
+    )
+    means = table.means()
+    say("decode speed")
+    speed = decode_speed(model, windows[0][None, : windowing.prefix], settings, steps=speed_steps)
+    exact_tokens = _exact_tokens(cache)
+    return {
+        "keys": combo.keys,
+        "values": combo.values,
+        "decode_ppl": decode.ppl,
+        "prefill_ppl": prefill.ppl,
+        "scored_tokens": decode.tokens,
+        "bits": bits,
+        "cache_bytes": cache.nbytes(),
+        "cache_bytes_by_part": cache.nbytes_by_part(),
+        "cache_tokens": cache.get_seq_length(),
+        "cache_batch": min(windowing.batch, len(windows)),
+        "fp16_bytes": _fp16_bytes(cache),
+        "projected_bytes": {name: project(bits, exact_tokens, shape) for name, shape in PROJECTIONS.items()},
+        "metrics": {name: float(v.mean()) for name, v in means.items()},
+        "metrics_per_layer_head": {name: v.tolist() for name, v in means.items()},
+        "decode_tokens_per_s": speed,
+        "harness_tokens_per_s": decode.tokens_per_second,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _fp16_bytes(cache: Any) -> int:
+    return sum(2 * layer.elements() * 2 for layer in cache.quantized_layers())
+
+
+def finish(rows: list[dict[str, Any]], baseline: Combination | None) -> dict[str, Any]:
+    """Add ΔPPL and % of the baseline's excess removed to each row; correlations of metrics with KL."""
+    exact = next((r for r in rows if (r["keys"], r["values"]) == EXACT), None)
+    base = None
+    if baseline is not None:
+        base = next((r for r in rows if (r["keys"], r["values"]) == (baseline.keys, baseline.values)), None)
+    for row in rows:
+        row["delta_ppl"] = row["decode_ppl"] - exact["decode_ppl"] if exact else math.nan
+        row["excess_removed"] = math.nan
+        if exact and base and base is not row:
+            base_excess = base["decode_ppl"] - exact["decode_ppl"]
+            if base_excess > 0:
+                row["excess_removed"] = 1 - row["delta_ppl"] / base_excess
+    return {"correlation_with_attn_kl": correlations(rows)}
+
+
+def correlations(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Spearman correlation of each metric with attention KL across (layer, head, row) cells."""
+    cells = [r for r in rows if (r["keys"], r["values"]) != EXACT]
+    if not cells:
+        return {}
+    names = cells[0]["metrics_per_layer_head"].keys()
+    kl = torch.tensor([r["metrics_per_layer_head"]["attn_kl"] for r in cells]).flatten()
+    return {
+        name: spearman(torch.tensor([r["metrics_per_layer_head"][name] for r in cells]).flatten(), kl)
+        for name in names
+        if name != "attn_kl"
+    }
+
+
+def capture_all(model: Any, windows: list[torch.Tensor]) -> list[Any]:
+    """Exact attention inputs for the diagnostic windows, shared by every row."""
+    return [capture_window(model, ids[None]) for ids in windows]

@@ -1,0 +1,197 @@
+"""Score-space distortion per layer and KV head, from captured exact attention inputs.
+
+The exact model runs once per window with a capturing attention function, which records every
+layer's post-RoPE queries, keys and values. For a (keys, values) combination, each layer's keys and
+values then go through a fresh cache layer exactly as in decode perplexity (prefill the prefix,
+then the scored tokens with the streaming rule), and at sampled decode positions the exact and
+quantized attention are compared with every registered distortion metric. Layers are measured in
+isolation: the errors of earlier layers do not flow into later ones, which is what makes a metric
+a property of the method at that layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import attrs
+import torch
+from transformers import AttentionInterface
+
+from headq_core.attention import ATTN_NAME, _softmax, attend_quantized, headq_attention
+from headq_core.cache import QuantizedLayer
+from headq_core.harness.perplexity import CacheSettings
+from headq_core.interfaces import AttentionSample, DistortionMetric
+from headq_core.registry import get_registry
+
+CAPTURE_NAME = "headq_capture"
+
+
+@attrs.frozen
+class Captured:
+    """One layer's exact attention inputs: query (b, hq, T, d), keys and values (b, hkv, T, d)."""
+
+    query: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    scaling: float
+
+
+_CAPTURED: dict[int, Captured] | None = None
+
+
+def _capture_attention(
+    module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any
+) -> Any:
+    if _CAPTURED is not None:
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        _CAPTURED[module.layer_idx] = Captured(query.float(), key.float(), value.float(), float(scaling))
+    return headq_attention(module, query, key, value, *args, **kwargs)
+
+
+@contextmanager
+def _capturing(model: Any) -> Iterator[dict[int, Captured]]:
+    global _CAPTURED
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from headq_core.attention import _headq_mask
+
+    AttentionInterface.register(CAPTURE_NAME, _capture_attention)
+    AttentionMaskInterface.register(CAPTURE_NAME, _headq_mask)
+    previous = model.config._attn_implementation
+    _CAPTURED = {}
+    model.set_attn_implementation(CAPTURE_NAME)
+    try:
+        yield _CAPTURED
+    finally:
+        model.set_attn_implementation(previous if previous != CAPTURE_NAME else ATTN_NAME)
+        _CAPTURED = None
+
+
+@torch.no_grad()
+def capture_window(model: Any, ids: torch.Tensor) -> dict[int, Captured]:
+    """Exact attention inputs of every layer for ids (b, T), from one forward without a cache."""
+    with _capturing(model) as captured:
+        model(ids.to(model.device), use_cache=False)
+        return dict(captured)
+
+
+@attrs.define
+class DistortionTable:
+    """Per-metric (layers, kv_heads) means over sampled positions and windows."""
+
+    sums: dict[str, torch.Tensor] = attrs.Factory(dict)
+    count: int = 0
+
+    def add(self, layer: int, n_layers: int, values: dict[str, torch.Tensor]) -> None:
+        for name, per_head in values.items():
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(n_layers, per_head.shape[-1], dtype=torch.float64)
+            self.sums[name][layer] += per_head.double().sum(0)
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+
+def _causal(start: int, n: int, total: int, device: torch.device) -> torch.Tensor:
+    rows = torch.arange(start, start + n, device=device)[:, None]
+    return (torch.arange(total, device=device)[None, :] <= rows)[None, None]
+
+
+@torch.no_grad()
+def layer_distortion(
+    captured: Captured,
+    layer_idx: int,
+    settings: CacheSettings,
+    config: Any,
+    prefix: int,
+    positions: list[int],
+    metrics: list[DistortionMetric],
+) -> dict[str, torch.Tensor]:
+    """Metric sums over ``positions`` (offsets into the scored part) for one layer: name -> (b, kv_heads)."""
+    cache = settings.build(config)
+    layer = QuantizedLayer(cache, layer_idx)
+    q_all, k, v = captured.query, captured.keys, captured.values
+    b, hq, total, d = q_all.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    n = total - prefix
+
+    def grouped(q: torch.Tensor) -> torch.Tensor:
+        return q.reshape(b, hkv, g * q.shape[-2], d)
+
+    layer.update(k[..., :prefix, :], v[..., :prefix, :])
+    prefill_mask = _causal(0, prefix, prefix, k.device).repeat(1, 1, g, 1)
+    attend_quantized(layer, grouped(q_all[..., :prefix, :]), prefill_mask, captured.scaling, None, prefix)
+    cache.emulate_streaming = True
+    layer.update(k[..., prefix:, :], v[..., prefix:, :])
+    mask = _causal(prefix, n, total, k.device)
+    _, logits_hat = attend_quantized(
+        layer, grouped(q_all[..., prefix:, :]), mask.repeat(1, 1, g, 1), captured.scaling, None, n
+    )
+    keys_dec, values_dec = layer.decoded()
+    all_pos = torch.arange(total, device=k.device)
+    query_pos = all_pos[prefix:]
+    key_state = layer.quantized_state(layer.k, query_pos, all_pos, prefix)  # (n, T)
+    value_state = layer.quantized_state(layer.v, query_pos, all_pos, prefix)
+
+    sums: dict[str, torch.Tensor] = {}
+    for j in positions:
+        rows = torch.arange(g, device=k.device) * n + j
+        q = grouped(q_all[..., prefix:, :])[:, :, rows]
+        row_mask = mask[..., j : j + 1, :]
+        logits = q @ k.transpose(-1, -2) * captured.scaling
+        lh = logits_hat[:, :, rows]
+        sample = AttentionSample(
+            query=q,
+            keys=k,
+            keys_hat=torch.where(key_state[j][:, None], keys_dec, k),
+            values=v,
+            values_hat=torch.where(value_state[j][:, None], values_dec, v),
+            logits=logits,
+            logits_hat=lh,
+            probs=_softmax(logits, row_mask),
+            probs_hat=_softmax(lh, row_mask),
+            mask=row_mask,
+        )
+        for metric in metrics:
+            value = metric(sample)
+            sums[metric.name] = sums.get(metric.name, 0) + value
+    return sums
+
+
+def distortion(
+    model: Any,
+    windows: list[torch.Tensor],
+    settings: CacheSettings,
+    prefix: int,
+    *,
+    positions_per_window: int = 16,
+    captured: list[dict[int, Captured]] | None = None,
+) -> DistortionTable:
+    """Every registered metric per (layer, kv_head) for one combination, over ``windows``."""
+    metrics = get_registry().metrics()
+    table = DistortionTable()
+    for i, ids in enumerate(windows):
+        layers = captured[i] if captured is not None else capture_window(model, ids[None])
+        n = ids.shape[-1] - prefix
+        step = max(1, n // positions_per_window)
+        positions = list(range(step - 1, n, step))[:positions_per_window]
+        for layer_idx, cap in sorted(layers.items()):
+            sums = layer_distortion(cap, layer_idx, settings, model.config, prefix, positions, metrics)
+            table.add(layer_idx, len(layers), sums)
+        table.count += len(positions) * ids.shape[0] if ids.dim() > 1 else len(positions)
+    return table
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman rank correlation of two flat tensors (ties broken by order)."""
+    x, y = x.flatten().double(), y.flatten().double()
+    if x.numel() < 3:
+        return float("nan")
+    rx = torch.empty_like(x).scatter_(0, x.argsort(), torch.arange(x.numel(), dtype=x.dtype))
+    ry = torch.empty_like(y).scatter_(0, y.argsort(), torch.arange(y.numel(), dtype=y.dtype))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = (rx.norm() * ry.norm()).item()
+    return float((rx @ ry).item() / denom) if denom > 0 else float("nan")

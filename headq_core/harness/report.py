@@ -1,0 +1,144 @@
+"""Rendering bench results: the terminal table, Markdown, the JSON file and the bits-vs-PPL plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+COLUMNS = (
+    ("keys", "keys"),
+    ("values", "values"),
+    ("bits/elem", "bits"),
+    ("decode PPL", "decode_ppl"),
+    ("ΔPPL", "delta_ppl"),
+    ("excess removed", "excess_removed"),
+    ("prefill PPL", "prefill_ppl"),
+    ("attn KL", "attn_kl"),
+    ("Fisher", "fisher"),
+    ("key MSE", "key_mse"),
+    ("tok/s", "decode_tokens_per_s"),
+)
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    if key == "bits":
+        return f"{row['bits']['all']['total']:.2f}"
+    value = row.get(key, row.get("metrics", {}).get(key))
+    if isinstance(value, str):
+        return value
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if key == "excess_removed":
+        return f"{100 * value:.0f}%"
+    if key in ("decode_ppl", "prefill_ppl"):
+        return f"{value:.2f}"
+    if key == "delta_ppl":
+        return f"{value:+.2f}"
+    if key == "decode_tokens_per_s":
+        return f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+def rows_table(result: dict[str, Any]) -> list[list[str]]:
+    return [[_cell(row, key) for _, key in COLUMNS] for row in result["rows"]]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The results table and the metric/KL correlations as Markdown, with the run's settings."""
+    w = result["windowing"]
+    lines = [
+        f"Model `{result['model']['name']}` ({result['model']['fingerprint']}), text `{result['text']['name']}` "
+        f"({result['text']['tokens']} tokens). Decode perplexity over {w['windows']} windows of "
+        f"{w['prefix']} prefill + {w['scored']} scored tokens; full-precision window {result['cache']['window']}, "
+        f"sinks {result['cache']['sinks']}. Bits per element count every stored byte (K and V averaged).",
+        "",
+        "| " + " | ".join(name for name, _ in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows_table(result)]
+    corr = result.get("correlation_with_attn_kl") or {}
+    if corr:
+        lines += ["", "Spearman correlation with attention KL across (layer, head, combination) cells:", ""]
+        lines += ["| metric | ρ |", "|---|---|"]
+        lines += [f"| {name} | {value:.3f} |" for name, value in sorted(corr.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(result: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"headq bench · {result['model']['name']} · {result['text']['name']}")
+    for name, _ in COLUMNS:
+        table.add_column(name, justify="left" if name in ("keys", "values") else "right")
+    for cells in rows_table(result):
+        table.add_row(*cells)
+    console.print(table)
+    corr = result.get("correlation_with_attn_kl") or {}
+    if corr:
+        console.print(
+            "Spearman ρ with attention KL: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(corr.items()))
+        )
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> Path:
+    """Bits per element against decode perplexity, one point per combination, one series per file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for result in results:
+        rows = result["rows"]
+        xs = [r["bits"]["all"]["total"] for r in rows]
+        ys = [r["decode_ppl"] for r in rows]
+        ax.scatter(xs, ys, label=result.get("label") or result["model"]["name"])
+        for r, x, y in zip(rows, xs, ys, strict=True):
+            ax.annotate(
+                f"{r['keys']} | {r['values']}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points"
+            )
+        exact = [r for r in rows if (r["keys"], r["values"]) == ("fp16", "fp16")]
+        if exact:
+            ax.axhline(exact[0]["decode_ppl"], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("bits per element (keys and values, every overhead counted)")
+    ax.set_ylabel("decode perplexity")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if len(results) > 1:
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path, stem: str = "bench") -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out_dir / f"{stem}.json",
+        "markdown": out_dir / f"{stem}.md",
+        "plot": out_dir / f"{stem}.png",
+    }
+    paths["json"].write_text(json.dumps(result, indent=2, default=_json_default))
+    paths["markdown"].write_text(markdown(result))
+    plot([result], paths["plot"])
+    return paths
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def load_result(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(Path(path).read_text())
+    if "rows" not in data or "windowing" not in data:
+        raise ValueError(f"{path} is not a headq bench result (no 'rows' or 'windowing')")
+    data.setdefault("label", Path(path).stem)
+    return data

@@ -1,0 +1,216 @@
+"""Running a bench end to end: load, cut windows, measure every combination, write the outputs."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from headq_core.errors import HeadqError, SpecError
+from headq_core.harness.bench import (
+    EXACT,
+    Combination,
+    canonical,
+    capture_all,
+    default_suite,
+    finish,
+    measure,
+)
+from headq_core.harness.perplexity import Windowing
+from headq_core.harness.report import print_table, write_outputs
+from headq_core.registry import get_registry
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@attrs.frozen
+class BenchOptions:
+    model: str | None = None
+    text: str | None = None
+    combinations: tuple[Combination, ...] = ()
+    windowing: Windowing = Windowing()
+    window: int = 0
+    sinks: int = 0
+    diag_windows: int = 2
+    baseline: Combination | None = Combination("kivi:bits=2", "fp16")
+
+    @classmethod
+    def from_cli(
+        cls,
+        *,
+        model: str | None,
+        text: str | None,
+        keys: list[str],
+        values: list[str],
+        suite: Path | None,
+        prefix: int | None,
+        scored: int | None,
+        windows: int | None,
+        batch: int,
+        window: int | None,
+        sinks: int | None,
+        diag_windows: int,
+        baseline: tuple[str, str],
+    ) -> BenchOptions:
+        """Flags override the suite file's [bench] table, which overrides the defaults."""
+        settings: dict[str, Any] = {}
+        combos: list[Combination] = []
+        if suite is not None:
+            settings, combos = read_suite(suite)
+        if keys or values:
+            combos = [Combination(k, v) for k in keys or ["fp16"] for v in values or ["fp16"]]
+        if not combos:
+            combos = default_suite()
+
+        def pick(flag: Any, key: str, default: Any) -> Any:
+            return flag if flag is not None else settings.get(key, default)
+
+        windowing = Windowing(
+            prefix=pick(prefix, "prefix", 512),
+            scored=pick(scored, "scored", 256),
+            windows=pick(windows, "windows", 8),
+            batch=batch,
+        )
+        return cls(
+            model=pick(model, "model", None),
+            text=pick(text, "text", None),
+            combinations=tuple(combos),
+            windowing=windowing,
+            window=pick(window, "window", 0),
+            sinks=pick(sinks, "sinks", 0),
+            diag_windows=diag_windows,
+            baseline=Combination(*baseline),
+        )
+
+
+def read_suite(path: Path) -> tuple[dict[str, Any], list[Combination]]:
+    """A TOML suite: an optional [bench] table of settings and [[rows]] of keys/values specs."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise HeadqError(f"cannot read suite file {path}: {err}") from err
+    rows = data.get("rows", [])
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and "keys" in r and "values" in r for r in rows
+    ):
+        raise HeadqError(f"{path}: every [[rows]] entry needs 'keys' and 'values' specs")
+    return dict(data.get("bench", {})), [Combination(str(r["keys"]), str(r["values"])) for r in rows]
+
+
+def environment() -> dict[str, Any]:
+    registry = get_registry()
+    plugins = sorted(
+        {
+            f"{e.source.distribution}=={e.source.version}"
+            for kind in ("key", "value", "metric")
+            for e in registry.entries(kind)
+        }
+    )
+    versions: dict[str, str | None] = {}
+    for dist in ("torch", "transformers", "headq-core", "headq-kernels"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "versions": versions,
+        "plugins": plugins,
+    }
+
+
+def run_bench(
+    options: BenchOptions, *, out_dir: Path, stem: str = "bench", console: Console | None = None
+) -> dict[str, Any]:
+    from headq_core.harness.loading import load_model, load_text, token_windows, tokenize
+
+    console = console or Console()
+    started = time.time()
+    combos = [canonical(c) for c in options.combinations]
+    if (EXACT[0], EXACT[1]) not in [(c.keys, c.values) for c in combos]:
+        combos.insert(0, Combination(*EXACT))
+    combos.sort(key=lambda c: (c.keys, c.values) != EXACT)  # the reference first
+    seen: set[tuple[str, str]] = set()
+    combos = [c for c in combos if not ((c.keys, c.values) in seen or seen.add((c.keys, c.values)))]  # type: ignore[func-returns-value]
+    baseline = None
+    if options.baseline is not None:
+        try:
+            baseline = canonical(options.baseline)
+        except SpecError:
+            baseline = None
+
+    with console.status("loading model and text"):
+        loaded = load_model(options.model)
+        text = load_text(options.text, role="eval")
+        ids = tokenize(loaded.tokenizer, text.text)
+        w = options.windowing
+        windows = token_windows(ids, w.prefix, w.scored, w.windows)
+
+    rows: list[dict[str, Any]] = []
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("capturing exact attention", total=len(combos))
+        captured = capture_all(loaded.model, windows[: options.diag_windows])
+        for combo in combos:
+            label = combo.label
+
+            def say(stage: str, label: str = label) -> None:
+                progress.update(task, description=f"{label}: {stage}")
+
+            row = measure(
+                loaded.model,
+                windows,
+                combo,
+                w,
+                window=options.window,
+                sinks=options.sinks,
+                diag_windows=options.diag_windows,
+                captured=captured,
+                progress=say,
+            )
+            rows.append(row)
+            progress.advance(task)
+    extra = finish(rows, baseline)
+    result = {
+        "format": "headq-bench/1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": time.time() - started,
+        "model": {
+            "name": loaded.name,
+            "fingerprint": loaded.fingerprint,
+            "layers": loaded.model.config.num_hidden_layers,
+        },
+        "text": {"name": text.name, "sha256": text.sha256, "tokens": int(ids.shape[-1])},
+        "windowing": attrs.asdict(w),
+        "cache": {"window": options.window, "sinks": options.sinks},
+        "baseline": attrs.asdict(baseline) if baseline else None,
+        "diagnostics": {"windows": options.diag_windows, "positions_per_window": 16},
+        "environment": environment(),
+        "rows": rows,
+        **extra,
+    }
+    print_table(result, console)
+    paths = write_outputs(result, out_dir, stem)
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()), highlight=False)
+    return result
