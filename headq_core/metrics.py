@@ -39,27 +39,36 @@ def logit_mse(s: AttentionSample) -> torch.Tensor:
 
 def shift_invariant_logit_error(s: AttentionSample) -> torch.Tensor:
     """Variance of the logit error over attended tokens: blind to a shift of all logits."""
-    valid = _valid(s)
+    valid = _valid(s).double()
     n = valid.sum(-1).clamp_min(1)
-    delta = (s.logits_hat - s.logits) * valid
+    delta = (s.logits_hat.double() - s.logits.double()) * valid
     mean = delta.sum(-1) / n
-    var = (delta.square().sum(-1) / n - mean.square()).clamp_min(0)
+    var = (((delta - mean.unsqueeze(-1)) * valid).square()).sum(-1) / n
     return _row_mean(var)
 
 
 def fisher_error(s: AttentionSample) -> torch.Tensor:
     """``1/2 Var_p(delta s)``: the second-order KL of a logit error under exact attention p."""
-    delta = torch.where(_valid(s) > 0, s.logits_hat - s.logits, 0.0)
-    mean = (s.probs * delta).sum(-1)
-    var = ((s.probs * delta.square()).sum(-1) - mean.square()).clamp_min(0)
+    delta = torch.where(_valid(s) > 0, s.logits_hat.double() - s.logits.double(), 0.0)
+    p = s.probs.double()
+    mean = (p * delta).sum(-1)
+    var = (p * (delta - mean.unsqueeze(-1)).square()).sum(-1)
     return _row_mean(0.5 * var)
 
 
 def attention_kl(s: AttentionSample) -> torch.Tensor:
-    """``KL(p || p_hat)`` of exact against quantized attention."""
-    p, q = s.probs, s.probs_hat
-    terms = torch.where(p > 0, p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log()), 0.0)
-    return _row_mean(terms.sum(-1).clamp_min(0))
+    """``KL(p || p_hat)`` of exact against quantized attention.
+
+    Computed from the logits, ``sum_j p_j (-ds_j) + lse(s_hat) - lse(s)``, in float64: the
+    difference of two rounded log-probabilities would swamp a small KL.
+    """
+    valid = _valid(s) > 0
+    logits = s.logits.double().masked_fill(~valid, float("-inf"))
+    logits_hat = s.logits_hat.double().masked_fill(~valid, float("-inf"))
+    delta = torch.where(valid, logits_hat - logits, 0.0)
+    lse_gap = torch.logsumexp(logits_hat, -1) - torch.logsumexp(logits, -1)
+    kl = -(s.probs.double() * delta).sum(-1) + lse_gap
+    return _row_mean(torch.nan_to_num(kl, nan=0.0).clamp_min(0))
 
 
 def output_error(s: AttentionSample) -> torch.Tensor:

@@ -1,0 +1,87 @@
+"""Decode perplexity: the one-pass fast path equals true one-token-at-a-time streaming."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from headq_core.harness.perplexity import CacheSettings, Windowing, decode_speed, perplexity, window_nll
+
+
+@pytest.fixture(scope="module")
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        attn_implementation="headq",
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def windows() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 128, (150,), generator=generator) for _ in range(4)]
+
+
+COMBOS = [
+    CacheSettings("kivi:bits=2", "kivi:bits=2"),
+    CacheSettings("kivi:bits=2,group=16", "kivi:bits=4", window=8, sinks=4),
+    CacheSettings("kivi:bits=4", "fp16", window=5),
+]
+
+
+@pytest.mark.parametrize("settings", COMBOS, ids=lambda s: f"{s.keys}|{s.values}|R{s.window}|S{s.sinks}")
+def test_one_pass_decode_equals_token_by_token(tiny_llama, windows, settings) -> None:
+    windowing = Windowing(prefix=90, scored=60, windows=4, batch=2)
+    fast = perplexity(tiny_llama, windows, settings, windowing, mode="decode")
+    slow = perplexity(tiny_llama, windows, settings, windowing, mode="stream")
+    assert fast.tokens == slow.tokens == 4 * 60
+    assert abs(fast.nll_sum - slow.nll_sum) / abs(slow.nll_sum) < 1e-4
+    # the quantized caches end in the same state too
+    assert fast.caches[0].nbytes() == slow.caches[0].nbytes()
+
+
+def test_quantization_changes_perplexity_and_exact_matches_plain_model(tiny_llama, windows) -> None:
+    windowing = Windowing(prefix=90, scored=60, windows=2, batch=2)
+    exact = perplexity(tiny_llama, windows[:2], CacheSettings("fp16", "fp16"), windowing)
+    kivi1 = perplexity(tiny_llama, windows[:2], CacheSettings("kivi:bits=1", "kivi:bits=1"), windowing)
+    assert exact.ppl != kivi1.ppl
+    # the exact cache reproduces the plain model's own next-token loss on the scored tokens
+    ids = torch.stack(windows[:2])
+    tiny_llama.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            logits = tiny_llama(ids).logits[:, 89:-1].double()
+    finally:
+        tiny_llama.set_attn_implementation("headq")
+    nll = -torch.log_softmax(logits, -1).gather(-1, ids[:, 90:, None]).sum().item()
+    assert math.isclose(exact.nll_sum, nll, rel_tol=1e-5)
+
+
+def test_prefill_mode_scores_the_same_tokens(tiny_llama, windows) -> None:
+    batch = torch.stack(windows[:2])
+    settings = CacheSettings("kivi:bits=2", "kivi:bits=2")
+    decode, _ = window_nll(tiny_llama, batch, 90, settings, "decode")
+    prefill, _ = window_nll(tiny_llama, batch, 90, settings, "prefill")
+    exact, _ = window_nll(tiny_llama, batch, 90, CacheSettings("fp16", "fp16"), "prefill")
+    assert decode.shape == prefill.shape == (2,)
+    # quantizing the prefix too is a different (and here different-valued) measurement
+    assert not torch.allclose(decode, prefill)
+    assert torch.all(torch.isfinite(exact))
+
+
+def test_decode_speed_is_measured(tiny_llama, windows) -> None:
+    speed = decode_speed(
+        tiny_llama, windows[0][None, :40], CacheSettings("kivi:bits=2", "kivi:bits=2"), steps=4
+    )
+    assert speed > 0 and math.isfinite(speed)

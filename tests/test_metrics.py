@@ -1,0 +1,100 @@
+"""The standard distortion metrics: zero for the exact cache, blind to key shifts, Fisher ≈ KL."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from headq_core import AttentionSample, get_registry
+from headq_core.attention import _softmax
+from headq_core.harness.diagnostics import capture_window, distortion, spearman
+from headq_core.harness.perplexity import CacheSettings
+
+
+def _sample(keys_hat: torch.Tensor | None = None, seed: int = 0, tokens: int = 50) -> AttentionSample:
+    g = torch.Generator().manual_seed(seed)
+    b, h, rows, d = 2, 3, 4, 16
+    q = torch.randn(b, h, rows, d, generator=g)
+    k = torch.randn(b, h, tokens, d, generator=g)
+    v = torch.randn(b, h, tokens, d, generator=g)
+    kh = k if keys_hat is None else keys_hat
+    mask = torch.ones(b, 1, 1, tokens, dtype=torch.bool)
+    mask[0, ..., :7] = False  # a left-padded row
+    scale = d**-0.5
+    logits, logits_hat = q @ k.transpose(-1, -2) * scale, q @ kh.transpose(-1, -2) * scale
+    return AttentionSample(
+        query=q,
+        keys=k,
+        keys_hat=kh,
+        values=v,
+        values_hat=v,
+        logits=logits,
+        logits_hat=logits_hat,
+        probs=_softmax(logits, mask),
+        probs_hat=_softmax(logits_hat, mask),
+        mask=mask,
+    )
+
+
+def test_every_metric_is_exactly_zero_for_an_exact_sample() -> None:
+    sample = _sample()
+    for metric in get_registry().metrics():
+        value = metric(sample)
+        assert value.shape == (2, 3), metric.name
+        assert torch.all(value == 0), metric.name
+
+
+def test_a_shared_key_shift_is_invisible_to_score_space_metrics() -> None:
+    base = _sample()
+    mu = 3.0 * torch.randn(1, 1, 1, 16, generator=torch.Generator().manual_seed(5))
+    shifted = _sample(keys_hat=base.keys + mu)
+    metrics = {m.name: m(shifted) for m in get_registry().metrics()}
+    assert metrics["key_mse"].min() > 1.0
+    assert metrics["logit_mse"].min() > 1e-2
+    for name in ("shift_logit_err", "fisher", "attn_kl"):
+        assert metrics[name].abs().max() < 1e-6, name
+
+
+def test_two_kl_over_fisher_term_tends_to_one_for_small_errors() -> None:
+    base = _sample(tokens=200)
+    noise = torch.randn(base.keys.shape, generator=torch.Generator().manual_seed(3))
+    small = _sample(keys_hat=base.keys + 1e-3 * noise, tokens=200)
+    registry = get_registry()
+    kl = registry.metric("attn_kl")(small)
+    fisher = registry.metric("fisher")(small)
+    # fisher holds the 1/2 factor: KL ≈ 1/2 Var_p(Δs)
+    ratio = kl / fisher
+    assert torch.all((ratio - 1).abs() < 0.05), ratio
+
+
+def test_spearman_matches_a_known_ranking() -> None:
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert spearman(x, x**3) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+
+
+def test_distortion_on_a_tiny_model_is_zero_exact_and_positive_quantized() -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attn_implementation="headq",
+    )
+    model = LlamaForCausalLM(config).eval()
+    windows = [torch.randint(0, 128, (120,))]
+    captured = [capture_window(model, windows[0][None])]
+    assert model.config._attn_implementation == "headq"
+    exact = distortion(model, windows, CacheSettings("fp16", "fp16"), 80, captured=captured).means()
+    quant = distortion(
+        model, windows, CacheSettings("kivi:bits=2", "kivi:bits=2"), 80, captured=captured
+    ).means()
+    for name, table in exact.items():
+        assert table.shape == (2, 2)
+        assert torch.all(table == 0), name
+        assert torch.all(quant[name] > 0), name
