@@ -17,7 +17,7 @@ from headq_core.spec import parse_spec
 app = typer.Typer(
     help="KV-cache quantization methods: list, describe, benchmark, compare.", no_args_is_help=True
 )
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _fail(err: Exception) -> None:
@@ -125,6 +125,7 @@ def bench(
     diag_windows: Annotated[int, typer.Option(help="windows used for the distortion metrics")] = 2,
     baseline_keys: Annotated[str, typer.Option(help="baseline keys for '% excess removed'")] = "kivi:bits=2",
     baseline_values: Annotated[str, typer.Option(help="baseline values for '% excess removed'")] = "fp16",
+    calibration: Annotated[Path | None, typer.Option(help="calibration artifact (headq calibrate)")] = None,
     out: Annotated[Path, typer.Option(help="output folder for JSON, Markdown and PNG")] = Path("results"),
     name: Annotated[str, typer.Option(help="file stem of the outputs")] = "bench",
 ) -> None:
@@ -146,8 +147,65 @@ def bench(
             sinks=sinks,
             diag_windows=diag_windows,
             baseline=(baseline_keys, baseline_values),
+            calibration=calibration,
         )
         run_bench(options, out_dir=out, stem=name, console=console)
+    except HeadqError as err:
+        _fail(err)
+
+
+@app.command()
+def calibrate(
+    out: Annotated[Path, typer.Option(help="where to write the .safetensors artifact")],
+    keys: Annotated[
+        list[str] | None, typer.Option("--keys", help="key method spec to fit (repeatable)")
+    ] = None,
+    values: Annotated[
+        list[str] | None, typer.Option("--values", help="value method spec to fit (repeatable)")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="HF model id or folder; default SmolLM2-135M-Instruct")
+    ] = None,
+    text: Annotated[str | None, typer.Option(help="text name or path; default wikitext-2-valid")] = None,
+    tokens: Annotated[int, typer.Option(help="calibration tokens")] = 8192,
+    length: Annotated[int, typer.Option(help="tokens per forward pass")] = 512,
+) -> None:
+    """Fit the methods that learn from data (query bases, codebooks) and save an artifact."""
+    from rich.progress import Progress
+
+    from headq_core.calibration import calibrate as run_calibration
+    from headq_core.harness.loading import load_model, load_text, token_windows, tokenize
+
+    try:
+        registry = get_registry()
+        methods: list[tuple[str, Any]] = [("key", registry.key_quantizer(k)) for k in keys or []]
+        methods += [("value", registry.value_policy(v)) for v in values or []]
+        if not methods:
+            raise typer.BadParameter("name at least one method with --keys or --values")
+        for kind, method in methods:
+            if not method.calibration_needs:
+                raise typer.BadParameter(f"{kind} method {method.spec} learns nothing from data")
+        with console.status("loading model and text"):
+            loaded = load_model(model)
+            loaded_text = load_text(text, role="calibration")
+            ids = tokenize(loaded.tokenizer, loaded_text.text)
+            windows = token_windows(ids, length - 1, 1, max(1, tokens // length))
+        with Progress(console=console) as progress:
+            task = progress.add_task("calibrating", total=sum(w.shape[-1] for w in windows))
+            artifact = run_calibration(
+                loaded.model,
+                windows,
+                methods,
+                model_name=loaded.name,
+                fingerprint=loaded.fingerprint,
+                text_name=loaded_text.name,
+                text_sha256=loaded_text.sha256,
+                progress=lambda n: progress.advance(task, n),
+            )
+        path = artifact.save(out)
+        console.print(
+            f"wrote {path} ({artifact.metadata['tokens']} tokens, {artifact.metadata['seconds']} s)"
+        )
     except HeadqError as err:
         _fail(err)
 

@@ -114,6 +114,7 @@ class Method(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
     summary: ClassVar[str] = ""
+    calibration_needs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         config = self.config_class() if config is None else config
@@ -144,6 +145,14 @@ class Method(ABC):
     def stores(self) -> str:
         """One line on what an encoded block holds, for ``headq describe``."""
         return self.summary
+
+    def fit(self, stats: Any) -> dict[str, torch.Tensor]:
+        """Fit to :class:`~headq_core.calibration.CalibrationStats`; the tensors to keep.
+
+        Only methods with ``calibration_needs`` are asked; the result is saved in the artifact
+        and handed back through :meth:`bind`.
+        """
+        return {}
 
     def bind(self, model_config: Any, calibration: Any = None) -> None:  # noqa: B027
         """Called once by the cache before use, with the model config and any calibration.

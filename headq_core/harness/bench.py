@@ -171,7 +171,7 @@ def finish(rows: list[dict[str, Any]], baseline: Combination | None) -> dict[str
     for row in rows:
         row["delta_ppl"] = row["decode_ppl"] - exact["decode_ppl"] if exact else math.nan
         row["excess_removed"] = math.nan
-        if exact and base and base is not row:
+        if exact and base and row is not base and row is not exact:
             base_excess = base["decode_ppl"] - exact["decode_ppl"]
             if base_excess > 0:
                 row["excess_removed"] = 1 - row["delta_ppl"] / base_excess

@@ -45,6 +45,7 @@ class BenchOptions:
     sinks: int = 0
     diag_windows: int = 2
     baseline: Combination | None = Combination("kivi:bits=2", "fp16")
+    calibration: Path | None = None
 
     @classmethod
     def from_cli(
@@ -63,6 +64,7 @@ class BenchOptions:
         sinks: int | None,
         diag_windows: int,
         baseline: tuple[str, str],
+        calibration: Path | None = None,
     ) -> BenchOptions:
         """Flags override the suite file's [bench] table, which overrides the defaults."""
         settings: dict[str, Any] = {}
@@ -92,6 +94,7 @@ class BenchOptions:
             sinks=pick(sinks, "sinks", 0),
             diag_windows=diag_windows,
             baseline=Combination(*baseline),
+            calibration=calibration,
         )
 
 
@@ -160,7 +163,13 @@ def run_bench(
         text = load_text(options.text, role="eval")
         ids = tokenize(loaded.tokenizer, text.text)
         w = options.windowing
-        windows = token_windows(ids, w.prefix, w.scored, w.windows)
+        windows = [row[0] for row in token_windows(ids, w.prefix, w.scored, w.windows)]
+
+    calibration = None
+    if options.calibration is not None:
+        from headq_core.calibration import Calibration
+
+        calibration = Calibration.load(options.calibration, loaded.model.config)
 
     rows: list[dict[str, Any]] = []
     with Progress(
@@ -185,6 +194,7 @@ def run_bench(
                 w,
                 window=options.window,
                 sinks=options.sinks,
+                calibration=calibration,
                 diag_windows=options.diag_windows,
                 captured=captured,
                 progress=say,
@@ -205,6 +215,7 @@ def run_bench(
         "windowing": attrs.asdict(w),
         "cache": {"window": options.window, "sinks": options.sinks},
         "baseline": attrs.asdict(baseline) if baseline else None,
+        "calibration": calibration.metadata if calibration is not None else None,
         "diagnostics": {"windows": options.diag_windows, "positions_per_window": 16},
         "environment": environment(),
         "rows": rows,
