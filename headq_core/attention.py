@@ -107,26 +107,35 @@ def attend_quantized(
     layer._flush(layer.v)
 
     # Readout: encoded-state weight through the storage, exact-state weight on the old window.
-    stored_p = probs.clone()
-    stored_p[..., first:] *= state
-    out = _readout(layer, stored_p, q.shape[-1])
+    tail = probs[..., first:]
+    out = _readout(layer, probs, first, tail * state, q.shape[-1])
     if window is not None and first < layer.length:
-        out = out + (probs[..., first:] * ~state) @ window.float()
+        out = out + (tail * ~state) @ window.float()
     return out, logits
 
 
-def _readout(layer: QuantizedLayer, probs: torch.Tensor, head_dim: int) -> torch.Tensor:
+def _readout(
+    layer: QuantizedLayer, probs: torch.Tensor, first: int, tail: torch.Tensor, head_dim: int
+) -> torch.Tensor:
+    """Readout of the stored values with ``probs``, whose part from ``first`` on is replaced by ``tail``."""
+
+    def weights(start: int, stop: int) -> torch.Tensor:
+        if stop <= first:
+            return probs[..., start:stop]
+        if start >= first:
+            return tail[..., start - first : stop - first]
+        return torch.cat([probs[..., start:first], tail[..., : stop - first]], dim=-1)
+
     pos = 0
     out = torch.zeros((*probs.shape[:-1], head_dim), device=probs.device)
     if layer.v.sinks is not None:
-        s = layer.v.sinks.shape[-2]
-        out = out + probs[..., :s] @ layer.v.sinks.float()
-        pos = s
+        pos = layer.v.sinks.shape[-2]
+        out = out + weights(0, pos) @ layer.v.sinks.float()
     for block in layer.v.blocks:
-        out = out + layer.v.method.readout(probs[..., pos : pos + block.tokens], block, layer.layer_idx)  # type: ignore[union-attr]
+        out = out + layer.v.method.readout(weights(pos, pos + block.tokens), block, layer.layer_idx)  # type: ignore[union-attr]
         pos += block.tokens
     if layer.v.window is not None and layer.v.window.shape[-2]:
-        out = out + probs[..., pos:] @ layer.v.window.float()
+        out = out + weights(pos, layer.length) @ layer.v.window.float()
     return out
 
 
@@ -148,8 +157,10 @@ def _softcap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
 def _softmax(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is not None:
         logits = logits.masked_fill(~mask[..., -logits.shape[-1] :], float("-inf"))
-    # Rows with nothing to attend to (left padding) give zeros rather than NaN.
-    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+    probs = torch.softmax(logits, dim=-1)
+    if mask is not None and not bool(mask.any(dim=-1).all()):
+        probs = probs.nan_to_num_(0.0)  # rows with nothing to attend to (left padding): zeros, not NaN
+    return probs
 
 
 def _headq_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:

@@ -39,7 +39,12 @@ class _Exact(Method):
 
     def nominal_bits(self, head_dim: int) -> dict[str, float]:
         dtype = _DTYPES[self.config.dtype]
-        return {"payload": 16.0 if dtype is None else float(torch.finfo(dtype).bits)}
+        return {} if dtype is None else {"payload": float(torch.finfo(dtype).bits)}
+
+    def stores(self) -> str:
+        if self.config.dtype == "model":
+            return "tokens as they are, in the model's own dtype (32 bits for a float32 model, 16 for half)"
+        return f"tokens as they are, in {self.config.dtype}"
 
 
 class ExactKeys(_Exact, KeyQuantizer):
