@@ -60,8 +60,11 @@ def canonical(combo: Combination) -> Combination:
     return Combination(str(registry.resolve("key", combo.keys)), str(registry.resolve("value", combo.values)))
 
 
-def default_suite() -> list[Combination]:
-    """Exact, KIVI-4, KIVI-2 keys only, KIVI-2 keys and values, and every other method's default."""
+def default_suite(*, calibrated: bool = False) -> list[Combination]:
+    """Exact, KIVI-4, KIVI-2 keys only, KIVI-2 keys and values, and every other method's default.
+
+    Methods that learn from data join only when a calibration artifact is given (``calibrated``).
+    """
     rows = [
         Combination("fp16", "fp16"),
         Combination("kivi:bits=4", "kivi:bits=4"),

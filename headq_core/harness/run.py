@@ -74,7 +74,7 @@ class BenchOptions:
         if keys or values:
             combos = [Combination(k, v) for k in keys or ["fp16"] for v in values or ["fp16"]]
         if not combos:
-            combos = default_suite()
+            combos = default_suite(calibrated=calibration is not None)
 
         def pick(flag: Any, key: str, default: Any) -> Any:
             return flag if flag is not None else settings.get(key, default)
