@@ -1,0 +1,121 @@
+"""The bench pipeline on a tiny model: rows, derived columns, outputs, suites and compare."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from headq_core.cli import app
+from headq_core.errors import HeadqError
+from headq_core.harness.bench import Combination, capture_all, finish, measure
+from headq_core.harness.perplexity import Windowing
+from headq_core.harness.report import load_result, markdown, write_outputs
+from headq_core.harness.run import BenchOptions, read_suite
+
+
+@pytest.fixture(scope="module")
+def result() -> dict:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attn_implementation="headq",
+    )
+    model = LlamaForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(2)
+    windows = [torch.randint(0, 128, (96,), generator=generator) for _ in range(2)]
+    windowing = Windowing(prefix=64, scored=32, windows=2, batch=2)
+    captured = capture_all(model, windows[:1])
+    combos = [
+        Combination("fp16", "fp16"),
+        Combination("kivi:bits=2", "fp16"),
+        Combination("kivi:bits=1", "fp16"),
+        Combination("kivi:bits=2", "kivi:bits=2"),
+    ]
+    rows = [
+        measure(model, windows, c, windowing, diag_windows=1, captured=captured, speed_steps=2)
+        for c in combos
+    ]
+    extra = finish(rows, Combination("kivi:bits=2", "fp16"))
+    return {
+        "model": {"name": "tiny-llama", "fingerprint": "test", "layers": 2},
+        "text": {"name": "random", "sha256": "-", "tokens": 192},
+        "windowing": {"prefix": 64, "scored": 32, "windows": 2, "batch": 2},
+        "cache": {"window": 0, "sinks": 0},
+        "rows": rows,
+        **extra,
+    }
+
+
+def test_rows_carry_consistent_numbers(result) -> None:
+    exact, kivi2, kivi1, kivi2kv = result["rows"]
+    assert exact["delta_ppl"] == 0 and math.isnan(exact["excess_removed"])
+    assert math.isnan(kivi2["excess_removed"])  # the baseline itself
+    if kivi2["delta_ppl"] > 0:
+        assert kivi1["excess_removed"] == pytest.approx(1 - kivi1["delta_ppl"] / kivi2["delta_ppl"])
+    else:  # a baseline with no excess has nothing to remove
+        assert math.isnan(kivi1["excess_removed"])
+    assert kivi2kv["bits"]["all"]["total"] < kivi2["bits"]["all"]["total"] < exact["bits"]["all"]["total"]
+    for row in result["rows"]:
+        parts = row["cache_bytes_by_part"]
+        assert row["cache_bytes"] == sum(sum(p.values()) for p in parts.values())
+        assert set(row["metrics"]) >= {"attn_kl", "fisher", "key_mse"}
+        assert row["decode_tokens_per_s"] > 0
+    assert exact["metrics"]["attn_kl"] == 0 and kivi1["metrics"]["attn_kl"] > kivi2["metrics"]["attn_kl"] > 0
+    assert "fisher" in result["correlation_with_attn_kl"]
+
+
+def test_outputs_are_written_and_compare_renders_them(result, tmp_path: Path) -> None:
+    paths = write_outputs(result, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert [r["keys"] for r in data["rows"]] == [r["keys"] for r in result["rows"]]
+    assert paths["plot"].stat().st_size > 1000
+    md = paths["markdown"].read_text()
+    assert md == markdown(result) and md.count("\n| ") >= 4
+    assert load_result(paths["json"])["label"] == "bench"
+    copy = tmp_path / "other.json"
+    copy.write_text(paths["json"].read_text())
+    out = CliRunner().invoke(app, ["compare", str(paths["json"]), str(copy)])
+    assert out.exit_code == 0, out.output
+    assert "other" in out.output and (tmp_path / "compare.png").exists()
+
+
+def test_compare_rejects_a_file_that_is_not_a_result(tmp_path: Path) -> None:
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    out = CliRunner().invoke(app, ["compare", str(bad)])
+    assert out.exit_code == 2 and "not a headq bench result" in out.output
+
+
+def test_suite_files_and_flag_precedence(tmp_path: Path) -> None:
+    suite = tmp_path / "suite.toml"
+    suite.write_text(
+        '[bench]\nwindows = 3\nprefix = 100\n\n[[rows]]\nkeys = "kivi:bits=2"\nvalues = "fp16"\n'
+    )
+    settings, rows = read_suite(suite)
+    assert settings == {"windows": 3, "prefix": 100} and rows == [Combination("kivi:bits=2", "fp16")]
+    options = BenchOptions.from_cli(
+        model=None, text=None, keys=[], values=[], suite=suite, prefix=None, scored=None, windows=5,
+        batch=2, window=None, sinks=None, diag_windows=1, baseline=("kivi", "fp16"),
+    )  # fmt: skip
+    assert options.windowing.windows == 5 and options.windowing.prefix == 100
+    assert options.combinations == (Combination("kivi:bits=2", "fp16"),)
+    grid = BenchOptions.from_cli(
+        model=None, text=None, keys=["fp16", "kivi"], values=["fp16", "kivi:bits=4"], suite=None, prefix=None,
+        scored=None, windows=None, batch=2, window=None, sinks=None, diag_windows=1, baseline=("kivi", "fp16"),
+    )  # fmt: skip
+    assert len(grid.combinations) == 4
+    suite.write_text('[[rows]]\nkeys = "kivi"\n')
+    with pytest.raises(HeadqError, match="needs 'keys' and 'values'"):
+        read_suite(suite)
