@@ -221,18 +221,20 @@ def load_registry() -> Registry:
         if "all" in disabled or ep.name in disabled or dist in disabled:
             registry.disabled.append(f"{ep.name} ({dist})")
             continue
-        if manager.has_plugin(ep.name):
+        # Two distributions may use one entry point name; each must load (and clash by method name).
+        plugin_id = f"{dist}:{ep.name}"
+        if manager.has_plugin(plugin_id):
             continue
         try:
             module = ep.load()
-            manager.register(module, name=ep.name)
+            manager.register(module, name=plugin_id)
             manager.check_pending()
         except Exception as err:  # a broken plugin must not take the others down
-            if manager.has_plugin(ep.name):
-                manager.unregister(name=ep.name)
+            if manager.has_plugin(plugin_id):
+                manager.unregister(name=plugin_id)
             registry.broken.append(_broken(ep.name, dist, err))
             continue
-        sources[ep.name] = Source(ep.name, dist, ep.dist.version if ep.dist else "unknown")
+        sources[plugin_id] = Source(ep.name, dist, ep.dist.version if ep.dist else "unknown")
 
     hooks = ("register_key_quantizers", "register_value_policies", "register_distortion_metrics")
     for plugin, source in sources.items():

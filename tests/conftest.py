@@ -123,8 +123,9 @@ def make_ids() -> Callable[..., torch.Tensor]:
     return random_ids
 
 
-@pytest.fixture(autouse=True)
-def _no_grad() -> Any:
+@pytest.fixture
+def no_grad() -> Any:
+    """Run the test without autograd (use with ``pytestmark = pytest.mark.usefixtures("no_grad")``)."""
     with torch.no_grad():
         yield
 

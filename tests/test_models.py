@@ -20,6 +20,7 @@ IdsFactory = Callable[..., torch.Tensor]
 
 KIVI = "kivi" in get_registry().names("key")
 needs_kivi = pytest.mark.skipif(not KIVI, reason="headq-kivi not installed")
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def _headq(model: Any) -> Any:

@@ -1,0 +1,348 @@
+"""Cache operations generation relies on (beam reorder, batch select/repeat, crop), the storage
+count, the window/sinks rule, and streaming emulation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import pytest
+import torch
+
+from headq_core import QuantizedKVCache, get_registry
+from headq_core.attention import headq_attention
+from headq_core.cache import QuantizedLayer
+from headq_core.layouts import EncodedBlock, iter_stored
+from headq_core.testing import outlier_data
+
+ModelFactory = Callable[..., Any]
+IdsFactory = Callable[..., torch.Tensor]
+
+pytestmark = [
+    pytest.mark.usefixtures("no_grad"),
+    pytest.mark.skipif("kivi" not in get_registry().names("key"), reason="headq-kivi not installed"),
+]
+
+KEYS, VALUES = "kivi:bits=2,group=16", "kivi:bits=4"
+
+
+def _run(model: Any, cache: QuantizedKVCache, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    """Feed ``ids`` through the model in passes of ``chunks`` tokens; the logits of every pass."""
+    out, start = [], 0
+    for n in chunks:
+        out.append(model(ids[:, start : start + n], past_key_values=cache, use_cache=True).logits)
+        start += n
+    return torch.cat(out, dim=1)
+
+
+def _filled(make_model: ModelFactory, make_ids: IdsFactory, *, keys: str = KEYS, values: str = VALUES) -> Any:
+    """A llama (GQA) model and a batch-3 cache holding sinks, encoded blocks and a window."""
+    model = make_model("llama")
+    model.set_attn_implementation("headq")
+    cache = QuantizedKVCache(keys, values, window=5, sinks=2, config=model.config)
+    ids = make_ids(3, 45, seed=7)
+    _run(model, cache, ids, [30, *[1] * 15])
+    for layer in cache.quantized_layers():
+        for stream in (layer.k, layer.v):
+            assert stream.sinks is not None and stream.blocks and stream.window is not None
+    return model, cache
+
+
+def _decoded(cache: QuantizedKVCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [layer.decoded() for layer in cache.quantized_layers()]
+
+
+def _stored(layer: QuantizedLayer) -> dict[str, torch.Tensor]:
+    """Every batched tensor the layer holds, by a stable name."""
+    out: dict[str, torch.Tensor] = {}
+    for kind, stream in (("k", layer.k), ("v", layer.v)):
+        out[f"{kind}.sinks"] = stream.sinks
+        out[f"{kind}.window"] = stream.window
+        for i, block in enumerate(stream.blocks):
+            for name, tensor, _, batched in iter_stored(block):
+                if batched:
+                    out[f"{kind}.block{i}.{name}"] = tensor
+    return out
+
+
+@pytest.mark.parametrize("beam_idx", [[2, 0, 0], [1, 2, 0]])
+def test_reorder_cache_permutes_every_tensor(
+    beam_idx: list[int], make_model: ModelFactory, make_ids: IdsFactory
+) -> None:
+    _, cache = _filled(make_model, make_ids)
+    idx = torch.tensor(beam_idx)
+    before = _decoded(cache)
+    stored = [_stored(layer) for layer in cache.quantized_layers()]
+    cache.reorder_cache(idx)
+    for (k0, v0), (k1, v1) in zip(before, _decoded(cache), strict=True):
+        assert torch.equal(k1, k0[idx]) and torch.equal(v1, v0[idx])
+    for old, layer in zip(stored, cache.quantized_layers(), strict=True):
+        new = _stored(layer)
+        assert new.keys() == old.keys()
+        for name in old:
+            assert torch.equal(new[name], old[name][idx]), name
+
+
+def test_reordered_cache_continues_like_the_rows_it_took(
+    make_model: ModelFactory, make_ids: IdsFactory
+) -> None:
+    model, cache = _filled(make_model, make_ids)
+    _, twin = _filled(make_model, make_ids)
+    perm = torch.tensor([1, 2, 0])
+    nxt = make_ids(3, 4, seed=8)
+    cache.reorder_cache(perm)
+    got = _run(model, cache, nxt, [1, 3])
+    # the un-reordered twin, fed row perm[i]'s tokens in row perm[i]
+    want = _run(model, twin, nxt[torch.argsort(perm)], [1, 3])
+    torch.testing.assert_close(got, want[perm], rtol=0, atol=1e-6)
+
+
+def test_batch_select_indices(make_model: ModelFactory, make_ids: IdsFactory) -> None:
+    model, cache = _filled(make_model, make_ids)
+    before, nbytes = _decoded(cache), cache.nbytes()
+    keep = torch.tensor([0, 2])
+    cache.batch_select_indices(keep)
+    for (k0, v0), (k1, v1) in zip(before, _decoded(cache), strict=True):
+        assert torch.equal(k1, k0[keep]) and torch.equal(v1, v0[keep])
+    assert cache.nbytes() * 3 == nbytes * 2  # every tensor the cache holds has the batch axis
+    logits = model(make_ids(2, 1, seed=9), past_key_values=cache).logits
+    assert logits.shape == (2, 1, 128) and torch.isfinite(logits).all()
+
+
+def test_batch_repeat_interleave(make_model: ModelFactory, make_ids: IdsFactory) -> None:
+    model, cache = _filled(make_model, make_ids)
+    before, nbytes = _decoded(cache), cache.nbytes()
+    cache.batch_repeat_interleave(2)
+    for (k0, v0), (k1, v1) in zip(before, _decoded(cache), strict=True):
+        assert torch.equal(k1, k0.repeat_interleave(2, dim=0))
+        assert torch.equal(v1, v0.repeat_interleave(2, dim=0))
+    assert cache.nbytes() == 2 * nbytes
+    nxt = make_ids(3, 1, seed=9).repeat_interleave(2, dim=0)
+    logits = model(nxt, past_key_values=cache).logits
+    torch.testing.assert_close(logits[0::2], logits[1::2], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("window", "sinks"), [(0, 0), (3, 2)])
+@pytest.mark.parametrize("remove", [1, 5, 19])
+def test_crop_then_continue_matches_the_cropped_sequence(
+    window: int, sinks: int, remove: int, make_model: ModelFactory, make_ids: IdsFactory
+) -> None:
+    model = make_model("qwen2")
+    ids = make_ids(2, 20, seed=11)
+    more = make_ids(2, 6, seed=12)
+    model.set_attn_implementation("headq")
+    cache = QuantizedKVCache("fp16", "fp16", window=window, sinks=sinks, config=model.config)
+    _run(model, cache, ids, [12, *[1] * 8])
+    before = _decoded(cache)
+    cache.crop(-remove)
+    kept = 20 - remove
+    assert cache.get_seq_length() == kept
+    for (k0, v0), (k1, v1) in zip(before, _decoded(cache), strict=True):
+        assert torch.equal(k1, k0[:, :, :kept]) and torch.equal(v1, v0[:, :, :kept])
+    got = _run(model, cache, more, [1, 2, 3])
+    model.set_attn_implementation("sdpa")
+    want = model(torch.cat([ids[:, :kept], more], dim=1), use_cache=False).logits[:, kept:]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("remove", [1, 10, 44])
+def test_crop_keeps_what_attention_read(remove: int, make_model: ModelFactory, make_ids: IdsFactory) -> None:
+    model, cache = _filled(make_model, make_ids)
+    before = _decoded(cache)
+    cache.crop(-remove)
+    kept = 45 - remove
+    for layer, (k0, v0) in zip(cache.quantized_layers(), before, strict=True):
+        assert layer.get_seq_length() == kept
+        k1, v1 = layer.decoded()
+        # nothing exact is invented: the kept tokens read exactly as they did before the cut
+        assert torch.equal(k1, k0[:, :, :kept]) and torch.equal(v1, v0[:, :, :kept])
+    _run(model, cache, make_ids(3, 20, seed=13), [4, *[1] * 16])
+    for layer in cache.quantized_layers():
+        assert layer.get_seq_length() == kept + 20
+        for stream in (layer.k, layer.v):
+            assert stream.sink_len() + stream.encoded == layer.encoded_end(stream, kept + 20)
+
+
+def test_crop_edge_cases(make_model: ModelFactory, make_ids: IdsFactory) -> None:
+    model, cache = _filled(make_model, make_ids)
+    before = _decoded(cache)
+    cache.crop(0)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(before, _decoded(cache), strict=True))
+    with pytest.raises(ValueError, match="negative"):
+        cache.crop(3)
+    cache.crop(-1000)
+    assert cache.get_seq_length() == 0
+    # an emptied cache starts over exactly like a fresh one, sinks included
+    fresh = QuantizedKVCache(KEYS, VALUES, window=5, sinks=2, config=model.config)
+    ids = make_ids(3, 40, seed=17)
+    torch.testing.assert_close(_run(model, cache, ids, [25, 1, 14]), _run(model, fresh, ids, [25, 1, 14]))
+    for (k0, v0), (k1, v1) in zip(_decoded(fresh), _decoded(cache), strict=True):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of every tensor reachable from ``value``, walking attrs fields, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, EncodedBlock):
+        return sum(_tensor_bytes(getattr(value, f.name)) for f in attrs.fields(type(value)))
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    return 0
+
+
+def test_nbytes_counts_every_tensor(make_model: ModelFactory, make_ids: IdsFactory) -> None:
+    _, cache = _filled(make_model, make_ids)
+    manual = 0
+    for layer in cache.quantized_layers():
+        for stream in (layer.k, layer.v):
+            manual += _tensor_bytes([stream.sinks, stream.window, stream.blocks])
+            manual += stream.method.state_nbytes(layer.layer_idx)
+        manual += _tensor_bytes(layer.sq_attention)
+    assert cache.nbytes() == manual
+    parts = cache.nbytes_by_part()
+    assert sum(sum(p.values()) for p in parts.values()) == manual
+
+    # From first principles, per layer: batch 3 x 2 KV heads of 16 channels, 45 tokens, float32 model.
+    rows, d, tokens, sinks, window = 3 * 2, 16, 45, 2, 5
+    enc_k = (tokens - sinks - window) // 16 * 16  # keys leave the window in groups of 16
+    enc_v = tokens - sinks - window  # values one by one
+    # keys: 2-bit codes along tokens, fp16 scale and minimum per 16 tokens, the rest float32
+    keys = rows * d * (enc_k * 2 // 8 + enc_k // 16 * 4 + (tokens - enc_k) * 4)
+    # values: 4-bit codes along channels, fp16 scale and minimum per token (group = head_dim)
+    values = rows * (enc_v * d * 4 // 8 + enc_v * 4 + (tokens - enc_v) * d * 4)
+    layers = len(cache.quantized_layers())
+    assert sum(parts["keys"].values()) == layers * keys
+    assert sum(parts["values"].values()) == layers * values
+    assert parts["keys"]["exact"] == layers * rows * d * (tokens - enc_k) * 4
+    assert parts["keys"]["payload"] == layers * rows * d * enc_k * 2 // 8
+
+
+def _one_pass(cache: QuantizedKVCache, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor) -> None:
+    """Layer 0 of ``cache`` takes the tokens ``k, v`` (b, h, n, d) and attends with queries ``q``."""
+    start = cache.get_seq_length()
+    n = k.shape[-2]
+    positions = torch.arange(start + n)
+    mask = (positions[None, :] <= positions[start:, None]).expand(k.shape[0], 1, n, start + n)
+    k_tagged, v_new = cache.update(k, v, 0)
+    headq_attention(torch.nn.Module().eval(), q, k_tagged, v_new, mask)
+
+
+@pytest.mark.parametrize(
+    ("window", "group", "sinks"), [(0, 16, 0), (5, 16, 0), (16, 8, 3), (3, 32, 4), (40, 16, 2)]
+)
+def test_exact_keys_follow_the_window_rule(window: int, group: int, sinks: int) -> None:
+    cache = QuantizedKVCache(f"kivi:bits=4,group={group}", "kivi:bits=4", window=window, sinks=sinks)
+    shape = (1, 2, 70, 32)
+    k, v, q = (outlier_data(shape, seed=s) for s in (1, 2, 3))
+    done = 0
+    for n in (1, 1, 2, 9, 1, 1, 1, 17, 1, 3, 1, 1, 30, 1):
+        sl = slice(done, done + n)
+        _one_pass(cache, k[..., sl, :], v[..., sl, :], q[..., sl, :])
+        done += n
+        layer = cache.quantized_layers()[0]
+        exact_k = layer.k.sink_len() + (0 if layer.k.window is None else layer.k.window.shape[-2])
+        exact_v = layer.v.sink_len() + (0 if layer.v.window is None else layer.v.window.shape[-2])
+        held_sinks = min(done, sinks)
+        assert layer.k.sink_len() == layer.v.sink_len() == held_sinks
+        if done >= sinks + window:
+            # the newest `window` tokens stay exact; older ones leave in whole groups (values: singly)
+            assert window <= exact_k - held_sinks < window + group
+            assert (done - exact_k) % group == 0
+            assert exact_v == held_sinks + window
+        else:
+            assert exact_k == exact_v == done
+        assert exact_k == done - (layer.encoded_end(layer.k, done) - held_sinks)
+        assert layer.k.encoded + exact_k == layer.v.encoded + exact_v == done
+    assert done == 70
+
+
+def test_sinks_and_window_hold_the_exact_keys(make_model: ModelFactory, make_ids: IdsFactory) -> None:
+    model = make_model("llama")
+    model.set_attn_implementation("headq")
+    ids = make_ids(2, 41, seed=14)
+    exact = QuantizedKVCache("fp16", "fp16", config=model.config)
+    quant = QuantizedKVCache(KEYS, VALUES, window=5, sinks=3, config=model.config)
+    _run(model, exact, ids, [20, *[1] * 21])
+    _run(model, quant, ids, [20, *[1] * 21])
+    # layer 0's keys and values depend on the tokens only, so both caches saw the same ones
+    k_exact, v_exact = exact.quantized_layers()[0].decoded()
+    layer = quant.quantized_layers()[0]
+    k_q, v_q = layer.decoded()
+    end_k = layer.encoded_end(layer.k, 41)
+    end_v = layer.encoded_end(layer.v, 41)
+    assert (end_k, end_v) == (35, 36)
+    for got, want, end in ((k_q, k_exact, end_k), (v_q, v_exact, end_v)):
+        assert torch.equal(got[:, :, :3], want[:, :, :3])  # sinks
+        assert torch.equal(got[:, :, end:], want[:, :, end:])  # window
+        err = (got[:, :, 3:end] - want[:, :, 3:end]).abs()
+        assert err.amax() > 0  # encoded for real
+    # within half a quantization step: keys 2-bit per channel, values 4-bit per token
+    key_range = k_exact[:, :, 3:end_k].amax(dim=2, keepdim=True) - k_exact[:, :, 3:end_k].amin(
+        dim=2, keepdim=True
+    )
+    val_range = v_exact[:, :, 3:end_v].amax(dim=3, keepdim=True) - v_exact[:, :, 3:end_v].amin(
+        dim=3, keepdim=True
+    )
+    slack = 1e-3 * max(k_exact.abs().amax(), v_exact.abs().amax())  # fp16 scale and minimum
+    assert ((k_q - k_exact)[:, :, 3:end_k].abs() <= key_range / 3 / 2 * 1.01 + slack).all()
+    assert ((v_q - v_exact)[:, :, 3:end_v].abs() <= val_range / 15 / 2 * 1.01 + slack).all()
+
+
+# --- streaming emulation ---------------------------------------------------------------------
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize(("window", "sinks"), [(0, 0), (6, 0), (0, 3), (7, 2)])
+def test_emulated_streaming_equals_true_streaming(
+    arch: str, window: int, sinks: int, make_model: ModelFactory, make_ids: IdsFactory
+) -> None:
+    model = make_model(arch, dtype=torch.float64)
+    model.set_attn_implementation("headq")
+    prefix, scored = 10, 38
+    ids = make_ids(2, prefix + scored, seed=15)
+
+    def cache() -> QuantizedKVCache:
+        return QuantizedKVCache(
+            "kivi:bits=2,group=16", "kivi:bits=2", window=window, sinks=sinks, config=model.config
+        )
+
+    streaming = cache()
+    want = _run(model, streaming, ids, [prefix, *[1] * scored])[:, prefix:]
+    emulated = cache()
+    _run(model, emulated, ids, [prefix])
+    emulated.emulate_streaming = True
+    got = _run(model, emulated, ids[:, prefix:], [scored])
+    assert _rel(got, want) < 1e-4
+    # Both end in the same state. Layer 0 sees the tokens only; later layers see float32 attention
+    # arithmetic done in another order, which may move an fp16 scale by one unit, never a code.
+    for i, ((k0, v0), (k1, v1)) in enumerate(zip(_decoded(streaming), _decoded(emulated), strict=True)):
+        tolerance = 1e-6 if i == 0 else 2e-3
+        assert _rel(k1, k0) < tolerance and _rel(v1, v0) < tolerance
+
+    # the emulation is what makes them equal: a plain multi-token pass reads its own tokens exact
+    plain = cache()
+    _run(model, plain, ids, [prefix])
+    assert _rel(_run(model, plain, ids[:, prefix:], [scored]), want) > 1e-3
+
+
+@pytest.mark.parametrize(("window", "sinks"), [(0, 0), (5, 2)])
+def test_emulated_streaming_from_the_first_token(
+    window: int, sinks: int, make_model: ModelFactory, make_ids: IdsFactory
+) -> None:
+    model = make_model("qwen2", dtype=torch.float64)
+    model.set_attn_implementation("headq")
+    ids = make_ids(1, 40, seed=16)
+    settings: dict[str, Any] = {"window": window, "sinks": sinks, "config": model.config}
+    streaming = QuantizedKVCache("kivi:bits=2,group=16", "kivi:bits=4", **settings)
+    want = _run(model, streaming, ids, [1] * 40)
+    emulated = QuantizedKVCache("kivi:bits=2,group=16", "kivi:bits=4", emulate_streaming=True, **settings)
+    got = _run(model, emulated, ids, [40])
+    assert _rel(got, want) < 1e-4
