@@ -53,7 +53,9 @@ class MethodConfig:
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as err:
-            raise SpecError(f"invalid parameters for {method!r}: {err}") from err
+            # attrs validators raise (message, attribute, bound, value): show the message only
+            reason = err.args[0] if len(err.args) > 1 and isinstance(err.args[0], str) else err
+            raise SpecError(f"invalid parameters for {method!r}: {reason}") from err
 
     def to_params(self, *, all_fields: bool = False) -> tuple[tuple[str, str | Spec], ...]:
         """Spec parameters of this config: those differing from the default, or all of them."""

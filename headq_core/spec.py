@@ -46,9 +46,8 @@ class Spec:
 
 
 def _format_value(value: Value) -> str:
-    if isinstance(value, Spec):
-        return f"({value})" if value.params else value.name
-    return value
+    # Always parenthesized: a bare "base=kivi" would parse back as the string "kivi", not a Spec.
+    return f"({value})" if isinstance(value, Spec) else value
 
 
 def parse_spec(text: str | Spec) -> Spec:
