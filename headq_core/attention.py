@@ -2,7 +2,7 @@
 
 It computes attention over ``[sinks | encoded blocks | window]`` of a :class:`QuantizedLayer`,
 block by block, so that a key method can correct its own logits and a value policy can read out
-its own blocks; it feeds squared attention to policies that want it, then lets the layer encode
+its own blocks; it feeds (squared) attention to policies that want it, then lets the layer encode
 the values that leave the window. On keys that do not come from a quantized cache (no cache, or
 another cache class) it is plain exact attention.
 
@@ -103,7 +103,10 @@ def attend_quantized(
     window = layer.v.window
     state = layer.quantized_state(layer.v, queries, positions[first:], inflight.start).repeat(g, 1)
     if layer.sq_attention is not None:
-        layer.sq_attention = layer.sq_attention + (probs[..., first:] * ~state).square().sum(dim=-2)
+        seen = probs[..., first:] * ~state
+        if layer.cache.value_statistic == "sq_attention":
+            seen = seen.square()
+        layer.sq_attention = layer.sq_attention + seen.sum(dim=-2)
     layer._flush(layer.v)
 
     # Readout: encoded-state weight through the storage, exact-state weight on the old window.

@@ -84,7 +84,8 @@ class QuantizedLayer(CacheLayerMixin):
         self.length = 0
         self.k = _Stream(cache.key_method)
         self.v = _Stream(cache.value_method)
-        self.sq_attention: torch.Tensor | None = None  # (b, h, value window) running sum of p^2
+        # (b, h, value window) running sum of p^2 (or of p: the policy's attention_statistic)
+        self.sq_attention: torch.Tensor | None = None
         self.pending: _InFlight | None = None
 
     # --- the flush rule ----------------------------------------------------------------------
@@ -134,7 +135,7 @@ class QuantizedLayer(CacheLayerMixin):
                 stream.sinks = _cat(stream.sinks, new[..., :take, :])
             if n > take:
                 stream.window = _cat(stream.window, new[..., take:, :])
-        if self.cache.value_method.wants_attention_stats and n > take:
+        if self.cache.value_statistic is not None and n > take:
             zeros = value_states.new_zeros((*value_states.shape[:2], n - take), dtype=torch.float32)
             self.sq_attention = _cat(self.sq_attention, zeros, dim=-1)
         self.length += n
@@ -312,6 +313,7 @@ class QuantizedKVCache(Cache):
             raise ValueError(f"sinks must be a non-negative int, got {sinks!r}")
         self.key_method = registry.key_quantizer(keys)
         self.value_method = registry.value_policy(values)
+        self.value_statistic = self.value_method.attention_statistic
         self.window, self.sinks = window, sinks
         self.emulate_streaming = emulate_streaming
         text_config = config.get_text_config(decoder=True) if config is not None else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import attrs
 import torch
@@ -20,6 +20,8 @@ import torch
 from headq_core.errors import SpecError, suggest
 from headq_core.layouts import EncodedBlock
 from headq_core.spec import Spec, parse_spec
+
+AttentionStatistic = Literal["sq_attention", "attention"]
 
 
 @attrs.frozen
@@ -187,16 +189,27 @@ class ValuePolicy(Method):
     """Encodes value blocks and reads them out with attention weights.
 
     A policy that sets ``wants_attention_stats`` receives, at encode time, the running sum of
-    squared attention of each token over the queries that saw it while it sat in the window.
+    squared attention of each token over the queries that saw it while it sat in the window
+    (summed over the query heads of its KV group). A policy may name another statistic with
+    :attr:`attention_statistic`: ``"attention"`` gives the running sum of attention itself.
     """
 
     wants_attention_stats: ClassVar[bool] = False
+
+    @property
+    def attention_statistic(self) -> AttentionStatistic | None:
+        """The running sum the cache keeps per window token and hands to :meth:`encode`.
+
+        ``"sq_attention"`` sums ``p^2``, ``"attention"`` sums ``p``; None keeps nothing (no cost).
+        """
+        return "sq_attention" if self.wants_attention_stats else None
 
     @abstractmethod
     def encode(
         self, values: torch.Tensor, layer_idx: int, sq_attention: torch.Tensor | None = None
     ) -> EncodedBlock:
-        """values: (batch, kv_heads, tokens, head_dim); sq_attention: (batch, kv_heads, tokens)."""
+        """values: (batch, kv_heads, tokens, head_dim); sq_attention: (batch, kv_heads, tokens), the
+        statistic named by :attr:`attention_statistic` (None when it names none)."""
 
     def readout(self, probs: torch.Tensor, block: EncodedBlock, layer_idx: int) -> torch.Tensor:
         """probs: (batch, kv_heads, rows, tokens). Returns (batch, kv_heads, rows, head_dim)."""
