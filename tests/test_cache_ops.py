@@ -12,9 +12,11 @@ import torch
 
 from headq_core import QuantizedKVCache, get_registry
 from headq_core.attention import headq_attention
+from headq_core.builtin import ExactKeys, ExactValues
 from headq_core.cache import QuantizedLayer
 from headq_core.layouts import EncodedBlock, iter_stored
-from headq_core.testing import outlier_data
+from headq_core.registry import Registry
+from headq_core.testing import feed, outlier_data
 
 ModelFactory = Callable[..., Any]
 IdsFactory = Callable[..., torch.Tensor]
@@ -346,3 +348,73 @@ def test_emulated_streaming_from_the_first_token(
     emulated = QuantizedKVCache("kivi:bits=2,group=16", "kivi:bits=4", emulate_streaming=True, **settings)
     got = _run(model, emulated, ids, [40])
     assert _rel(got, want) < 1e-4
+
+
+# --- attention statistics for value policies ---------------------------------------------------
+
+
+class _RecordingValues(ExactValues):
+    """Exact values that keep the squared attention each encoded token arrived with."""
+
+    name = "recording"
+    wants_attention_stats = True
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self.seen: list[torch.Tensor] = []
+
+    def encode(self, values: torch.Tensor, layer_idx: int, sq_attention: torch.Tensor | None = None) -> Any:
+        assert sq_attention is not None and sq_attention.shape == values.shape[:3]
+        self.seen.append(sq_attention.clone())
+        return super().encode(values, layer_idx, sq_attention)
+
+
+def _stats_cache(window: int, *, emulate: bool = False) -> QuantizedKVCache:
+    registry = Registry()
+    registry.add_key_quantizer(ExactKeys)
+    registry.add_value_policy(_RecordingValues)
+    return QuantizedKVCache("fp16", "recording", window=window, registry=registry, emulate_streaming=emulate)
+
+
+@pytest.mark.parametrize("window", [0, 1, 4])
+def test_value_policies_get_the_squared_attention_of_their_window(window: int) -> None:
+    b, kv_heads, group, tokens, prefill, d = 2, 2, 3, 24, 9, 8
+    k, v = outlier_data((b, kv_heads, tokens, d), seed=1), outlier_data((b, kv_heads, tokens, d), seed=2)
+    q = outlier_data((b, kv_heads * group, tokens, d), seed=3)
+    cache = _stats_cache(window)
+    feed(cache, k, v, q, [prefill, *[1] * (tokens - prefill)])
+
+    # exact attention (keys are exact), then who read value j unquantized: the prefill reads
+    # everything in flight; decode step i reads exact the last max(window, 1) tokens
+    logits = q.reshape(b, kv_heads, group, tokens, d) @ k.unsqueeze(2).transpose(-1, -2) / d**0.5
+    causal = torch.ones(tokens, tokens, dtype=torch.bool).tril()
+    probs = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)  # (b, kv, g, i, j)
+    i, j = torch.arange(tokens)[:, None], torch.arange(tokens)[None, :]
+    exact = causal & ((i < prefill) | (j >= i + 1 - max(window, 1)))
+    want = (probs * exact).square().sum(dim=(2, 3))  # (b, kv, j)
+
+    layer = cache.quantized_layers()[0]
+    method = cache.value_method
+    assert isinstance(method, _RecordingValues)
+    flushed = torch.cat(method.seen, dim=-1)
+    assert flushed.shape[-1] == layer.v.encoded == tokens - window
+    torch.testing.assert_close(flushed, want[..., : tokens - window], rtol=1e-5, atol=1e-6)
+    assert layer.sq_attention is not None
+    torch.testing.assert_close(layer.sq_attention, want[..., tokens - window :], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_emulated_streaming_gives_value_policies_the_same_statistics(window: int) -> None:
+    tokens, prefill = 30, 6
+    k, v = outlier_data((1, 2, tokens, 8), seed=4), outlier_data((1, 2, tokens, 8), seed=5)
+    q = outlier_data((1, 4, tokens, 8), seed=6)
+    streaming = _stats_cache(window)
+    feed(streaming, k, v, q, [prefill, *[1] * (tokens - prefill)])
+    emulated = _stats_cache(window)
+    feed(emulated, k[..., :prefill, :], v[..., :prefill, :], q[..., :prefill, :], [prefill])
+    emulated.emulate_streaming = True
+    _one_pass(emulated, k[..., prefill:, :], v[..., prefill:, :], q[..., prefill:, :])
+    seen = [torch.cat(c.value_method.seen, dim=-1) for c in (streaming, emulated)]  # type: ignore[attr-defined]
+    torch.testing.assert_close(seen[1], seen[0], rtol=1e-5, atol=1e-6)
+    windows = [c.quantized_layers()[0].sq_attention for c in (streaming, emulated)]
+    torch.testing.assert_close(windows[1], windows[0], rtol=1e-5, atol=1e-6)
