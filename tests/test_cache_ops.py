@@ -152,6 +152,8 @@ def test_crop_then_continue_matches_the_cropped_sequence(
 def test_crop_keeps_what_attention_read(remove: int, make_model: ModelFactory, make_ids: IdsFactory) -> None:
     model, cache = _filled(make_model, make_ids)
     before = _decoded(cache)
+    for layer in cache.quantized_layers():
+        assert (layer.k.encoded, layer.v.encoded) == (32, 38)
     cache.crop(-remove)
     kept = 45 - remove
     for layer, (k0, v0) in zip(cache.quantized_layers(), before, strict=True):
@@ -160,10 +162,17 @@ def test_crop_keeps_what_attention_read(remove: int, make_model: ModelFactory, m
         # nothing exact is invented: the kept tokens read exactly as they did before the cut
         assert torch.equal(k1, k0[:, :, :kept]) and torch.equal(v1, v0[:, :, :kept])
     _run(model, cache, make_ids(3, 20, seed=13), [4, *[1] * 16])
-    for layer in cache.quantized_layers():
+    for layer, (k0, v0) in zip(cache.quantized_layers(), before, strict=True):
         assert layer.get_seq_length() == kept + 20
         for stream in (layer.k, layer.v):
             assert stream.sink_len() + stream.encoded == layer.encoded_end(stream, kept + 20)
+        # Tokens that were encoded before the cut and went back to the window decoded are encoded
+        # again in the same groups; affine quantization of its own reconstruction is exact, so they
+        # still read the same. (Tokens that were exact then are encoded now, for the first time.)
+        k1, v1 = layer.decoded()
+        lossy_k, lossy_v = min(kept, 2 + 32), min(kept, 2 + 38)  # sinks + encoded before the cut
+        assert torch.equal(k1[:, :, :lossy_k], k0[:, :, :lossy_k])
+        assert torch.equal(v1[:, :, :lossy_v], v0[:, :, :lossy_v])
 
 
 def test_crop_edge_cases(make_model: ModelFactory, make_ids: IdsFactory) -> None:
