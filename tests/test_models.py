@@ -145,7 +145,10 @@ def test_kivi_generate(
     # The first step's scores come from the prefill, which attends in flight at full precision;
     # later steps read the quantized past, so they must differ from the plain model's.
     torch.testing.assert_close(out.scores[0], plain.scores[0], rtol=0, atol=1e-4)
-    assert any(not torch.allclose(a, b, rtol=0, atol=1e-4) for a, b in zip(out.scores[1:], plain.scores[1:]))
+    assert any(
+        not torch.allclose(a, b, rtol=0, atol=1e-4)
+        for a, b in zip(out.scores[1:], plain.scores[1:], strict=True)
+    )
 
 
 @needs_kivi
