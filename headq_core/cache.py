@@ -28,7 +28,15 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from headq_core.errors import CacheStateError
 from headq_core.interfaces import KeyQuantizer, ValuePolicy
-from headq_core.layouts import PARTS, EncodedBlock, Part, block_nbytes, concat_blocks, map_batched
+from headq_core.layouts import (
+    PARTS,
+    EncodedBlock,
+    Part,
+    block_nbytes,
+    concat_blocks,
+    iter_stored,
+    map_batched,
+)
 from headq_core.registry import Registry, get_registry
 from headq_core.spec import Spec
 
@@ -62,6 +70,25 @@ class _Stream:
         self.window = None if self.window is None else fn(self.window)
         self.blocks = [map_batched(b, fn) for b in self.blocks]
 
+    def copy(self) -> _Stream:
+        """A snapshot: the same tensors (never written in place), its own list of blocks."""
+        return attrs.evolve(self, blocks=list(self.blocks))
+
+    def exact_reference(self) -> torch.Tensor | None:
+        """An exact tensor of this stream, (b, h, *, d), to compare new tokens' geometry with."""
+        return self.window if self.window is not None else self.sinks
+
+
+@attrs.frozen
+class _LayerState:
+    """What a failed update or value flush restores: the layer as it was before the pass."""
+
+    length: int
+    k: _Stream
+    v: _Stream
+    sq_attention: torch.Tensor | None
+    initialized: bool
+
 
 @attrs.define
 class _InFlight:
@@ -87,6 +114,7 @@ class QuantizedLayer(CacheLayerMixin):
         # (b, h, value window) running sum of p^2 (or of p: the policy's attention_statistic)
         self.sq_attention: torch.Tensor | None = None
         self.pending: _InFlight | None = None
+        self.before_pass: _LayerState | None = None  # until the values of the pass are flushed
 
     # --- the flush rule ----------------------------------------------------------------------
 
@@ -119,48 +147,127 @@ class QuantizedLayer(CacheLayerMixin):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.pending is not None:
-            self.pending = None
+            self.pending = self.before_pass = None
             raise CacheStateError(
                 f"layer {self.layer_idx}: the attention of the previous forward pass did not go through "
                 "the 'headq' attention function, so it never saw the quantized past. Load the model "
                 "with attn_implementation='headq' or call headq_core.use_headq_attention(model)."
             )
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        start = self.length
-        n = key_states.shape[-2]
-        take = max(0, min(n, self.cache.sinks - start))
-        for stream, new in ((self.k, key_states), (self.v, value_states)):
-            if take:
-                stream.sinks = _cat(stream.sinks, new[..., :take, :])
-            if n > take:
-                stream.window = _cat(stream.window, new[..., take:, :])
-        if self.cache.value_statistic is not None and n > take:
-            zeros = value_states.new_zeros((*value_states.shape[:2], n - take), dtype=torch.float32)
-            self.sq_attention = _cat(self.sq_attention, zeros, dim=-1)
-        self.length += n
-        self.pending = _InFlight(start, self.k.sink_len() + self.k.encoded, self.k.window)
-        self._flush(self.k)
+        self._check_input(key_states, value_states)
+        before = self._snapshot()
+        try:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            start = self.length
+            n = key_states.shape[-2]
+            take = max(0, min(n, self.cache.sinks - start))
+            for stream, new in ((self.k, key_states), (self.v, value_states)):
+                if take:
+                    stream.sinks = _cat(stream.sinks, new[..., :take, :])
+                if n > take:
+                    stream.window = _cat(stream.window, new[..., take:, :])
+            if self.cache.value_statistic is not None and n > take:
+                zeros = value_states.new_zeros((*value_states.shape[:2], n - take), dtype=torch.float32)
+                self.sq_attention = _cat(self.sq_attention, zeros, dim=-1)
+            self.length += n
+            self.pending = _InFlight(start, self.k.sink_len() + self.k.encoded, self.k.window)
+            self._flush(self.k)
+        except BaseException:
+            self._restore(before)
+            raise
+        self.before_pass = before
         tagged = key_states.view_as(key_states)
         setattr(tagged, LAYER_ATTR, self)
         return tagged, value_states
 
+    # --- validation and roll-back --------------------------------------------------------------
+
+    def _check_input(self, keys: Any, values: Any) -> None:
+        """Refuse what would corrupt the stored state, before anything is stored.
+
+        One ``isfinite`` reduction per update: a NaN or Inf token would otherwise spoil the
+        scale and minimum of every token in its quantization group without a trace.
+        """
+        where = f"layer {self.layer_idx}"
+        for name, t in (("keys", keys), ("values", values)):
+            if not isinstance(t, torch.Tensor):
+                raise CacheStateError(f"{where}: {name} must be a tensor, got {type(t).__name__}")
+            if t.ndim != 4:
+                raise CacheStateError(
+                    f"{where}: {name} must be (batch, kv_heads, tokens, head_dim), got shape {tuple(t.shape)}"
+                )
+            if not t.is_floating_point():
+                raise CacheStateError(f"{where}: {name} must be floating point, got {t.dtype}")
+        if keys.shape[:3] != values.shape[:3] or keys.dtype != values.dtype or keys.device != values.device:
+            raise CacheStateError(
+                f"{where}: keys {keys.dtype} {tuple(keys.shape)} on {keys.device} and values {values.dtype} "
+                f"{tuple(values.shape)} on {values.device} must share dtype, device, batch, heads and tokens"
+            )
+        if self.is_initialized:
+            if keys.dtype != self.dtype or keys.device != self.device:
+                raise CacheStateError(
+                    f"{where}: holds {self.dtype} tokens on {self.device}, was given {keys.dtype} on "
+                    f"{keys.device}; one cache serves one model dtype and device"
+                )
+            for name, new, stream in (("keys", keys, self.k), ("values", values, self.v)):
+                ref = stream.exact_reference()
+                if ref is not None and (ref.shape[:2] != new.shape[:2] or ref.shape[-1] != new.shape[-1]):
+                    raise CacheStateError(
+                        f"{where}: holds {name} of batch {ref.shape[0]}, {ref.shape[1]} heads of "
+                        f"{ref.shape[-1]} channels; was given {tuple(new.shape)} (batch, kv_heads, tokens, head_dim)"
+                    )
+        if keys.device.type != "meta" and not bool(torch.isfinite(keys).all() & torch.isfinite(values).all()):
+            name, bad = ("keys", keys) if not bool(torch.isfinite(keys).all()) else ("values", values)
+            b, h, t, c = (~torch.isfinite(bad)).nonzero()[0].tolist()
+            raise CacheStateError(
+                f"{where}: {name} hold {bad[b, h, t, c].item()} at batch {b}, kv head {h}, position "
+                f"{self.length + t} (token {t} of the {bad.shape[-2]} of this pass), channel {c}; nothing "
+                "of this pass was stored (a non-finite token would spoil the scales of its whole group)"
+            )
+
+    def _snapshot(self) -> _LayerState:
+        return _LayerState(self.length, self.k.copy(), self.v.copy(), self.sq_attention, self.is_initialized)
+
+    def _restore(self, state: _LayerState) -> None:
+        self.length, self.k, self.v = state.length, state.k.copy(), state.v.copy()
+        self.sq_attention, self.is_initialized = state.sq_attention, state.initialized
+        self.pending = self.before_pass = None
+
     def _flush(self, stream: _Stream, sq_attention: torch.Tensor | None = None) -> None:
+        """Encode the tokens that leave the window; on failure leave the layer as before the pass."""
+        try:
+            self._flush_stream(stream)
+        except Exception as err:
+            if stream is self.v and self.before_pass is not None:
+                self._restore(self.before_pass)  # the value flush runs in attention, after update
+            if hasattr(err, "add_note"):
+                err.add_note(
+                    f"while layer {self.layer_idx} encoded with {stream.method!r}; nothing was stored"
+                )
+            raise
+        if stream is self.v:
+            self.before_pass = None  # the pass is complete
+
+    def _flush_stream(self, stream: _Stream) -> None:
         end = self.encoded_end(stream, self.length)
         count = end - stream.sink_len() - stream.encoded
         if count <= 0:
             return
         assert stream.window is not None
-        chunk, stream.window = stream.window[..., :count, :], stream.window[..., count:, :]
+        chunk = stream.window[..., :count, :]
+        stats = None
         if isinstance(stream.method, KeyQuantizer):
             block = stream.method.encode(chunk, self.layer_idx)
         else:
-            stats = None
             if self.sq_attention is not None:
-                stats, self.sq_attention = self.sq_attention[..., :count], self.sq_attention[..., count:]
+                stats = self.sq_attention[..., :count]
             block = stream.method.encode(chunk, self.layer_idx, stats)
         if block.tokens != count:
             raise CacheStateError(f"{stream.method!r} encoded {block.tokens} tokens, was given {count}")
+        _check_block(block, stream, self.layer_idx, stream.sink_len() + stream.encoded)
+        stream.window = stream.window[..., count:, :]
+        if stats is not None and self.sq_attention is not None:
+            self.sq_attention = self.sq_attention[..., count:]
         stream.append_block(block)
         stream.encoded += count
 
@@ -221,7 +328,7 @@ class QuantizedLayer(CacheLayerMixin):
             assert self.v.window is not None
             self.sq_attention = self.sq_attention.new_zeros(self.v.window.shape[:3])
         self.length = new_length
-        self.pending = None
+        self.pending = self.before_pass = None
 
     def _block_ends(self, stream: _Stream) -> list[int]:
         ends, pos = [], stream.sink_len()
@@ -268,6 +375,21 @@ class QuantizedLayer(CacheLayerMixin):
             return 0
         b, h, _, d = ref.shape
         return b * h * self.length * d
+
+
+def _check_block(block: EncodedBlock, stream: _Stream, layer_idx: int, first: int) -> None:
+    """A block whose float tensors are not finite would decode to NaN: refuse it, with where and why."""
+    floats = [(name, t) for name, t, *_ in iter_stored(block) if t.is_floating_point() and t.numel()]
+    if not floats or floats[0][1].device.type == "meta":
+        return
+    if bool(torch.stack([torch.isfinite(t).all() for _, t in floats]).all()):
+        return
+    name = next(name for name, t in floats if not bool(torch.isfinite(t).all()))
+    raise CacheStateError(
+        f"layer {layer_idx}: {stream.method!r} stored non-finite {name!r} for positions {first} to "
+        f"{first + block.tokens - 1}; their values exceed what its storage holds (float16 scales and "
+        "minima stop at 65504)"
+    )
 
 
 def _cat(old: torch.Tensor | None, new: torch.Tensor, dim: int = -2) -> torch.Tensor:
@@ -332,6 +454,8 @@ class QuantizedKVCache(Cache):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+            raise CacheStateError(f"layer_idx must be a non-negative int, got {layer_idx!r}")
         while len(self.layers) <= layer_idx:
             self.layers.append(QuantizedLayer(self, len(self.layers)))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
