@@ -186,6 +186,8 @@ def run_bench(
 
             def say(stage: str, label: str = label) -> None:
                 progress.update(task, description=f"{label}: {stage}")
+                if not console.is_terminal:  # a log file gets one line per stage instead of a live bar
+                    console.log(f"{label}: {stage}", highlight=False)
 
             row = measure(
                 loaded.model,
