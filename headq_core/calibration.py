@@ -10,6 +10,7 @@ model of other shapes is a :class:`~headq_core.errors.CalibrationError`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -82,8 +83,13 @@ class Calibration:
         return found
 
     def check_model(self, config: Any) -> None:
-        expected = self.metadata.get("model_shape", {})
+        expected = self.metadata.get("model_shape")
         actual = model_shape(config)
+        if not isinstance(expected, dict):
+            raise CalibrationError(
+                f"calibration for model {self.metadata.get('model')!r} records no model shape "
+                f"(got {expected!r}); it cannot be checked against this model"
+            )
         if expected != actual:
             diff = ", ".join(
                 f"{k}: artifact {expected.get(k)} vs model {v}"
@@ -99,7 +105,8 @@ class Calibration:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
-        save_file(tensors, str(tmp), metadata={"headq": json.dumps(self.metadata)})
+        metadata = {**self.metadata, "tensors_sha256": tensors_sha256(tensors)}
+        save_file(tensors, str(tmp), metadata={"headq": json.dumps(metadata)})
         tmp.replace(path)
         return path
 
@@ -123,12 +130,30 @@ class Calibration:
             metadata = json.loads(raw)
         except json.JSONDecodeError as err:
             raise CalibrationError(f"{path}: corrupted calibration metadata: {err}") from err
+        if not isinstance(metadata, dict):
+            raise CalibrationError(f"{path}: corrupted calibration metadata: not a JSON object")
         if metadata.get("format") != FORMAT:
             raise CalibrationError(f"{path}: unknown calibration format {metadata.get('format')!r}")
+        recorded = metadata.get("tensors_sha256")  # absent from artifacts older than the checksum
+        if recorded is not None and recorded != tensors_sha256(tensors):
+            raise CalibrationError(f"{path}: corrupted calibration: the tensors do not match their checksum")
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise CalibrationError(f"{path}: corrupted calibration: tensor {name!r} holds NaN or Inf")
         calibration = cls(tensors, metadata)
         if config is not None:
             calibration.check_model(config)
         return calibration
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @torch.no_grad()

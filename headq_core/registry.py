@@ -21,7 +21,7 @@ import pluggy
 
 from headq_core import hookspecs
 from headq_core.errors import PluginError, SpecError, suggest
-from headq_core.interfaces import DistortionMetric, KeyQuantizer, Method, ValuePolicy
+from headq_core.interfaces import DistortionMetric, KeyQuantizer, Method, MethodConfig, ValuePolicy
 from headq_core.spec import Spec, parse_spec
 
 ENTRY_POINT_GROUP = "headq"
@@ -84,6 +84,14 @@ class Registry:
             if not hasattr(cls, attr):
                 raise TypeError(f"{cls.__name__} must set the class attribute {attr!r}")
         method: Any = cls
+        if not _is_spec_name(method.name):
+            raise TypeError(
+                f"{cls.__name__}.name must be a name a spec can use, like 'kivi'; got {method.name!r}"
+            )
+        if not (isinstance(method.config_class, type) and issubclass(method.config_class, MethodConfig)):
+            raise TypeError(
+                f"{cls.__name__}.config_class must subclass MethodConfig, got {method.config_class!r}"
+            )
         try:
             method.config_class()
         except (TypeError, ValueError) as err:
@@ -156,7 +164,10 @@ class Registry:
     def _build(self, kind: str, spec: Any, base: Any) -> Any:
         if isinstance(spec, base):
             return spec
-        spec = parse_spec(spec)
+        try:
+            spec = parse_spec(spec)
+        except RecursionError:
+            raise SpecError("invalid method spec: nested too deeply") from None
         cls = self.entry(kind, spec.name).obj
         params = _hoist_nested(self, kind, spec)
         config = cls.config_class.from_params(params, method=spec.name)
@@ -164,6 +175,16 @@ class Registry:
 
 
 _KIND_NAMES = {"key": "key quantizer", "value": "value policy", "metric": "distortion metric"}
+
+
+def _is_spec_name(name: object) -> bool:
+    """True for a name that parses back to itself as a spec (``kivi``, not ``my method``)."""
+    if not isinstance(name, str):
+        return False
+    try:
+        return parse_spec(name) == Spec(name)
+    except SpecError:
+        return False
 
 
 def _hoist_nested(registry: Registry, kind: str, spec: Spec) -> dict[str, Any]:
