@@ -78,7 +78,7 @@ class Calibration:
             have = sorted({k.split("/", 1)[0] for k in self.tensors})
             raise CalibrationError(
                 f"this calibration holds nothing for {kind} method {method.spec}; it was made for: "
-                f"{', '.join(have) or 'nothing'}. Run `headq calibrate --method {method.spec}`."
+                f"{', '.join(have) or 'nothing'}. Run `headq calibrate --{kind}s '{method.spec}' --out FILE`."
             )
         return found
 

@@ -11,6 +11,7 @@ A plugin's test suite can check its methods with::
 
 from __future__ import annotations
 
+from headq_core.testing.calibration import synthetic_calibration, synthetic_stats
 from headq_core.testing.conformance import (
     check_key_quantizer,
     check_value_policy,
@@ -31,4 +32,6 @@ __all__ = [
     "outlier_data",
     "snr_db",
     "snr_floor_db",
+    "synthetic_calibration",
+    "synthetic_stats",
 ]

@@ -508,6 +508,12 @@ def _check(
 ) -> None:
     registry = registry or get_registry()
     config = model_config if model_config is not None else model_config_for(head_dim)
+    if calibration is None:  # methods that learn from data are fitted on synthetic statistics
+        unbound = registry.key_quantizer(spec) if kind == "key" else registry.value_policy(spec)
+        if unbound.calibration_needs:
+            from headq_core.testing.calibration import synthetic_calibration
+
+            calibration = synthetic_calibration([(kind, unbound)], config)
     subject = _Subject(kind, parse_spec(spec), registry, config, calibration)
     method = subject.build()
     expected = KeyQuantizer if kind == "key" else ValuePolicy
@@ -547,7 +553,8 @@ def check_key_quantizer(
 
     registry: where to look the name up (default: the process registry). snr_floor: override the
     dB floor otherwise set from the payload bits stored. model_config / calibration: what the
-    method binds to (default: a small Llama config with 2 KV heads of ``head_dim``). windows:
+    method binds to (default: a small Llama config with 2 KV heads of ``head_dim``; a method with
+    ``calibration_needs`` is fitted on :func:`~headq_core.testing.calibration.synthetic_stats`). windows:
     (window, sinks) pairs to drive the cache with.
     """
     _check(

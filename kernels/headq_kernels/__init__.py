@@ -13,12 +13,20 @@ from headq_kernels.affine_reference import (
     quantize_affine,
     unpack_codes,
 )
+from headq_kernels.symmetric_reference import (
+    dequantize_symmetric,
+    quantize_symmetric,
+    symmetric_step,
+)
 
 __all__ = [
     "SUPPORTED_BITS",
     "codes_per_word",
     "dequantize_affine",
+    "dequantize_symmetric",
     "pack_codes",
     "quantize_affine",
+    "quantize_symmetric",
+    "symmetric_step",
     "unpack_codes",
 ]

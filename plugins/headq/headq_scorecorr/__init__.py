@@ -1,0 +1,32 @@
+"""HeadQ (arXiv 2605.03562) for headq: a low-rank logit correction of key quantization error in a
+basis learned from calibration queries (``headq``), and its null-space control (``nullspace``).
+
+Spec grammar (both forms of a nested base resolve to the same method)::
+
+    headq:base=kivi:bits=2,rank=8,zbits=4
+    headq:base=(kivi:bits=2,group=32),rank=16,zbits=2,scale=static,basis=joint
+    nullspace:mode=orthogonal,mse=0.5,energy=0.999
+"""
+
+from __future__ import annotations
+
+from headq_core import hookimpl
+from headq_core.registry import Registry
+from headq_scorecorr.block import LayerBasis, LowRankBlock
+from headq_scorecorr.headq import HeadQConfig, HeadQKeys
+from headq_scorecorr.nullspace import NullSpaceConfig, NullSpaceKeys
+
+__all__ = [
+    "HeadQConfig",
+    "HeadQKeys",
+    "LayerBasis",
+    "LowRankBlock",
+    "NullSpaceConfig",
+    "NullSpaceKeys",
+]
+
+
+@hookimpl
+def register_key_quantizers(registry: Registry) -> None:
+    registry.add_key_quantizer(HeadQKeys)
+    registry.add_key_quantizer(NullSpaceKeys)

@@ -1,0 +1,135 @@
+"""HeadQ's encoded block: a base key block plus a low-rank side code (arXiv 2605.03562).
+
+Shapes: ``b`` batch, ``h`` KV heads, ``t`` tokens, ``d`` head_dim, ``r`` rank.
+
+- ``base``: the base quantizer's own block (nested; its tensors keep their own parts);
+- ``codes``: the side code ``z`` of ``c = W^T (k - k_hat)``: packed mid-rise integer codes
+  (b, h, r, t * zbits / 32) int32 along tokens, or (b, h, r, t) float16 / float32 for
+  ``zbits`` 16 / 32 (a test and ablation mode, unquantized);
+- ``step``: (b, h, t) float16 per-token step when ``scale="token"``, else None.
+
+The per-layer basis and static steps live in :class:`LayerBasis`, shared by every block of a
+layer and counted once per layer by the method's ``state_nbytes``; a block holds a reference
+to it, not a copy.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+import torch
+
+from headq_core.layouts import AffineBlock, EncodedBlock, LowRankLogit, stored
+from headq_kernels import dequantize_symmetric
+
+Scale = Literal["token", "static", "base"]
+FLOAT_BITS = {16: torch.float16, 32: torch.float32}
+
+
+@attrs.define(eq=False)
+class LayerBasis:
+    """One layer's fitted state. decode ``U`` and encode ``W``: (h, d, r); steps: (h, r) or None.
+
+    ``decode`` and ``steps`` are stored float16 (counted); ``encode`` is float32, derived at bind
+    from the stored bases (``W (U^T W)^-1``) so that ``U W^T`` is an exact projector.
+    """
+
+    decode: torch.Tensor
+    encode: torch.Tensor
+    stored_encode: torch.Tensor | None = None  # (h, d, r) float16 where W is not U's own dual
+    steps: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        held = [self.decode, self.stored_encode, self.steps]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    def to(self, device: torch.device) -> LayerBasis:
+        if self.decode.device == device:
+            return self
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return LayerBasis(
+            decode=self.decode.to(device),
+            encode=self.encode.to(device),
+            stored_encode=move(self.stored_encode),
+            steps=move(self.steps),
+        )
+
+
+def base_deviation(block: EncodedBlock) -> torch.Tensor | None:
+    """Predicted std of the base residual per channel and token: (b, h, d, t), or None if unknown.
+
+    A min/max affine code with step ``s`` leaves an error of about ``U(-s/2, s/2)``, variance
+    ``s^2 / 12``; the decoder reads ``s`` from the base block, so this costs no bits.
+    """
+    if not isinstance(block, AffineBlock):
+        return None
+    scale = block.scale.float()
+    per = scale.repeat_interleave(block.group, dim=-1)
+    if block.axis == "channels":  # (b, h, t, d) -> (b, h, d, t)
+        per = per.transpose(-1, -2)
+    return per * (12.0**-0.5)
+
+
+def shared_step(scale: Scale, base: EncodedBlock, basis: LayerBasis) -> torch.Tensor:
+    """The float16 step of a static or base-derived side code, broadcastable to (b, h, r, t).
+
+    ``static``: the calibrated step per (head, coordinate), (1, h, r, 1). ``base``: the calibrated
+    multiplier times the std each coordinate is predicted to have from the base block's scales,
+    ``sqrt(sum_d W_dr^2 dev_dt^2)``, (b, h, r, t). Encoder and decoder both call this.
+    """
+    if basis.steps is None:
+        raise ValueError(f"scale={scale!r} needs calibrated steps, and this basis has none")
+    steps = basis.steps[None, :, :, None]
+    if scale == "static":
+        return steps
+    dev = base_deviation(base)
+    if dev is None:
+        raise TypeError(
+            f"scale='base' needs a base whose blocks carry affine scales (kivi); got {type(base).__name__}"
+        )
+    var = torch.einsum("hdr,bhdt->bhrt", basis.encode.square(), dev.square())
+    return (steps.float() * var.sqrt()).to(torch.float16)
+
+
+@attrs.define(kw_only=True)
+class LowRankBlock(EncodedBlock):
+    """A base key block with HeadQ's side code; see the module docstring for shapes."""
+
+    base: EncodedBlock
+    codes: torch.Tensor = stored("side")
+    step: torch.Tensor | None = stored("side")
+    rank: int
+    zbits: int
+    scale: Scale
+    sign: int
+    basis: LayerBasis = attrs.field(repr=False)
+
+    @property
+    def layout(self) -> LowRankLogit:
+        return LowRankLogit(self.rank, self.zbits)
+
+    def token_axis(self, name: str) -> int:
+        return 2 if name == "step" else 3
+
+    def side(self) -> torch.Tensor:
+        """The decoded side code ``z_hat``: (b, h, r, t) float32."""
+        if self.zbits in FLOAT_BITS:
+            return self.codes.float()
+        if self.scale == "token":
+            assert self.step is not None
+            step = self.step.unsqueeze(-2)  # (b, h, 1, t)
+        else:
+            step = shared_step(self.scale, self.base, self.basis)
+        return dequantize_symmetric(self.codes, step, self.zbits, self.tokens)
+
+    def correction(self) -> torch.Tensor:
+        """``sign * U z_hat`` per token: (b, h, t, d) float32, the key the logits effectively read."""
+        decode = self.basis.decode.float()
+        return self.sign * torch.einsum("hdr,bhrt->bhtd", decode, self.side())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.base.dequantize(torch.float32) + self.correction()).to(dtype)
