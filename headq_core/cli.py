@@ -15,7 +15,8 @@ from headq_core.registry import Registry, get_registry
 from headq_core.spec import parse_spec
 
 app = typer.Typer(
-    help="KV-cache quantization methods: list, describe, benchmark, compare.", no_args_is_help=True
+    help="KV-cache quantization methods: list, describe, benchmark, compare, new-plugin.",
+    no_args_is_help=True,
 )
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -230,6 +231,37 @@ def compare(files: Annotated[list[Path], typer.Argument(help="bench JSON files")
     out = files[0].parent / "compare.png"
     plot(results, out)
     console.print(f"plot: {out}")
+
+
+@app.command("new-plugin")
+def new_plugin(
+    name: Annotated[str, typer.Argument(help="the method's name in specs, e.g. rtn")],
+    kind: Annotated[str, typer.Option(help="key (a key quantizer) or value (a value policy)")] = "key",
+    out: Annotated[Path, typer.Option(help="folder to write headq-NAME/ into")] = Path("."),
+) -> None:
+    """Write a complete plugin distribution for a new method: pyproject, method, conformance tests."""
+    from headq_core import __version__
+    from headq_core.scaffold import write_plugin
+
+    try:
+        if kind not in ("key", "value"):
+            raise typer.BadParameter(f"--kind must be key or value, got {kind!r}")
+        registry = get_registry()
+        if name in registry.names(kind):
+            owner = registry.entry(kind, name).source.distribution
+            raise typer.BadParameter(
+                f"a {kind} method named {name!r} is already installed (from {owner}); two plugins "
+                "claiming one name make it unusable, so choose another"
+            )
+        root = write_plugin(name, "key" if kind == "key" else "value", out, core_version=__version__)
+    except HeadqError as err:
+        _fail(err)
+    console.print(f"wrote {root}", highlight=False)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        console.print(f"  {path.relative_to(root)}", highlight=False)
+    console.print(
+        f"next: pip install -e {root}; headq describe {name} --kind {kind}; pytest {root}", highlight=False
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry
