@@ -25,7 +25,7 @@ from headq_core.harness.bench import (
     finish,
     measure,
 )
-from headq_core.harness.perplexity import Windowing
+from headq_core.harness.perplexity import CacheSettings, Windowing
 from headq_core.harness.report import print_table, write_outputs
 from headq_core.registry import get_registry
 
@@ -170,6 +170,10 @@ def run_bench(
         from headq_core.calibration import Calibration
 
         calibration = Calibration.load(options.calibration, loaded.model.config)
+
+    # Build every cache once before measuring anything: a missing calibration or a bad spec fails now.
+    for combo in combos:
+        CacheSettings(combo.keys, combo.values, options.window, options.sinks, calibration).build(loaded.model.config)
 
     rows: list[dict[str, Any]] = []
     with Progress(
