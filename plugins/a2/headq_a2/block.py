@@ -82,17 +82,17 @@ class MixedAffineBlock(EncodedBlock):
         b, h, _, n_groups = self.scale.shape
         d, rows = n_groups * self.group, self.codes.shape[1]
         widths = to_rows(self.token_widths(), rows, self.chunk)  # (R, n)
-        stream = self.codes.reshape(-1, self.row_words)  # (R, row_words)
-        offsets = row_offsets(widths, d)
-        out = torch.zeros((*widths.shape, d), dtype=torch.uint8, device=stream.device)
+        shape = widths.shape
+        starts = row_offsets(widths, d)
+        starts += torch.arange(shape[0], device=starts.device).unsqueeze(-1) * self.row_words
+        stream, starts, widths = self.codes.reshape(-1), starts.reshape(-1), widths.reshape(-1)
+        out = torch.empty((widths.shape[0], d), dtype=torch.uint8, device=stream.device)
         for bits in self.widths:
-            span = words_per_token(d, bits)
-            index = (offsets.unsqueeze(-1) + torch.arange(span, device=stream.device)).clamp_(
-                max=self.row_words - 1
-            )
-            words = stream.gather(1, index.reshape(index.shape[0], -1)).reshape(index.shape)
-            out = torch.where((widths == bits).unsqueeze(-1), unpack_codes(words, bits, d), out)
-        return from_rows(out, b, h, rows, self.chunk)
+            # this width's tokens only: each is one run of words from its start
+            chosen = (widths == bits).nonzero().squeeze(-1)
+            span = torch.arange(words_per_token(d, bits), device=stream.device)
+            out[chosen] = unpack_codes(stream[starts[chosen].unsqueeze(-1) + span], bits, d)
+        return from_rows(out.reshape(*shape, d), b, h, rows, self.chunk)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(b, kv_heads, T, d) in ``dtype``: ``code * scale + zero`` per group, as in KIVI."""

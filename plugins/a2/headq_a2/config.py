@@ -105,6 +105,15 @@ class A2Config(MethodConfig):
         default = {f.name: f.default for f in attrs.fields(A2Config)}
         if self.mode == "tiers" and self.avg != default["avg"]:
             raise ValueError("avg applies to mode=greedy; tiers take bits, hi and frac")
+        if self.mode == "tiers":
+            # whole tokens per chunk at hi bits: refuse a frac that rounding would miss by > 0.05 bits
+            miss = abs(round(self.frac * self.chunk) - self.frac * self.chunk) * (self.hi - self.bits)
+            if miss / self.chunk > 0.05:
+                raise ValueError(
+                    f"frac={self.frac} is {self.frac * self.chunk:g} of {self.chunk} tokens per chunk; "
+                    f"rounding to whole tokens would miss its bits by {miss / self.chunk:.3f}. Use a "
+                    f"multiple of 1/{self.chunk} or a larger chunk"
+                )
         if self.mode == "greedy":
             if self.frac != default["frac"]:
                 raise ValueError("frac applies to mode=tiers; greedy takes avg, bits and hi")
