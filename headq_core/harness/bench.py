@@ -72,10 +72,16 @@ def default_suite(*, calibrated: bool = False) -> list[Combination]:
         Combination("kivi:bits=2", "kivi:bits=2"),
     ]
     registry = get_registry()
-    rows += [Combination(name, "fp16") for name in registry.names("key") if name not in ("fp16", "kivi")]
-    rows += [
-        Combination("kivi:bits=2", name) for name in registry.names("value") if name not in ("fp16", "kivi")
-    ]
+
+    def wanted(kind: str) -> list[str]:
+        return [
+            e.name
+            for e in registry.entries(kind)
+            if e.name not in ("fp16", "kivi") and (calibrated or not e.obj().calibration_needs)
+        ]
+
+    rows += [Combination(name, "fp16") for name in wanted("key")]
+    rows += [Combination("kivi:bits=2", name) for name in wanted("value")]
     return rows
 
 
