@@ -156,7 +156,8 @@ def test_no_statistic_allocates_by_range() -> None:
     ("spec", "message"),
     [
         ("a2:avg=3", "avg applies to mode=greedy"),
-        ("a2:mode=greedy,frac=0.2", "frac applies to mode=tiers"),
+        ("a2:mode=greedy,avg=2.5,frac=0.2", "frac applies to mode=tiers"),
+        ("a2:mode=greedy", "needs avg"),
         ("a2:bits=4,hi=2", "narrower"),
         ("a2:mode=greedy,bits=2,hi=8,avg=9", "between"),
         ("a2:bits=3", "bits"),

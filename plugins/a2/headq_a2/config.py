@@ -79,8 +79,8 @@ class A2Config(MethodConfig):
         default=0.1, validator=_fraction, metadata={"help": "tiers: fraction of tokens at hi bits"}
     )
     avg: float = attrs.field(
-        default=2.5,
-        metadata={"help": "greedy: average code bits per element, width bookkeeping included"},
+        default=0.0,
+        metadata={"help": "greedy (required): average code bits per element, width index included"},
     )
     group: int = attrs.field(
         default=32, validator=_positive, metadata={"help": "channels sharing one scale and minimum"}
@@ -115,6 +115,8 @@ class A2Config(MethodConfig):
                     f"multiple of 1/{self.chunk} or a larger chunk"
                 )
         if self.mode == "greedy":
+            if self.avg == default["avg"]:
+                raise ValueError("mode=greedy needs avg, the average bits per element (e.g. avg=2.5)")
             if self.frac != default["frac"]:
                 raise ValueError("frac applies to mode=tiers; greedy takes avg, bits and hi")
             if not self.bits <= self.avg <= self.hi:
