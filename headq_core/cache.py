@@ -392,6 +392,19 @@ def _check_block(block: EncodedBlock, stream: _Stream, layer_idx: int, first: in
     )
 
 
+def _ranges(lengths: dict[int, int]) -> str:
+    """'layers 0-3: 15 tokens, layers 4-29: 10 tokens' from {layer: length}."""
+    runs: list[list[int]] = []  # [first, last, length]
+    for idx, n in sorted(lengths.items()):
+        if runs and runs[-1][2] == n and runs[-1][1] == idx - 1:
+            runs[-1][1] = idx
+        else:
+            runs.append([idx, idx, n])
+    return ", ".join(
+        f"layer{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''}: {n} tokens" for a, b, n in runs
+    )
+
+
 def _cat(old: torch.Tensor | None, new: torch.Tensor, dim: int = -2) -> torch.Tensor:
     return new if old is None or old.shape[dim] == 0 else torch.cat([old, new], dim=dim)
 
@@ -456,6 +469,15 @@ class QuantizedKVCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
             raise CacheStateError(f"layer_idx must be a non-negative int, got {layer_idx!r}")
+        if layer_idx == 0:  # a new forward pass: every layer must hold what the others hold
+            lengths = {
+                layer.layer_idx: layer.length for layer in self.quantized_layers() if layer.is_initialized
+            }
+            if len(set(lengths.values())) > 1:
+                raise CacheStateError(
+                    f"the layers hold different numbers of tokens ({_ranges(lengths)}): an earlier forward "
+                    "pass failed part-way through the model; this cache cannot continue, start a new one"
+                )
         while len(self.layers) <= layer_idx:
             self.layers.append(QuantizedLayer(self, len(self.layers)))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)

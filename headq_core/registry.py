@@ -20,7 +20,7 @@ import attrs
 import pluggy
 
 from headq_core import hookspecs
-from headq_core.errors import PluginError, SpecError, suggest
+from headq_core.errors import HeadqError, PluginError, SpecError, suggest
 from headq_core.interfaces import DistortionMetric, KeyQuantizer, Method, MethodConfig, ValuePolicy
 from headq_core.spec import Spec, parse_spec
 
@@ -170,8 +170,13 @@ class Registry:
             raise SpecError("invalid method spec: nested too deeply") from None
         cls = self.entry(kind, spec.name).obj
         params = _hoist_nested(self, kind, spec)
-        config = cls.config_class.from_params(params, method=spec.name)
-        return cls(config)
+        try:  # a plugin's validators may raise other types than the ValueError the base class maps
+            config = cls.config_class.from_params(params, method=spec.name)
+            return cls(config)
+        except HeadqError:
+            raise
+        except (ValueError, TypeError, ArithmeticError) as err:
+            raise SpecError(f"invalid parameters for {spec.name!r}: {type(err).__name__}: {err}") from err
 
 
 _KIND_NAMES = {"key": "key quantizer", "value": "value policy", "metric": "distortion metric"}
