@@ -32,7 +32,10 @@ STATISTICS = {
     "key_moments": "uncentred second moment E[k k^T] of post-RoPE keys per KV head",
     "key_samples": "a uniform subsample of post-RoPE keys per (layer, KV head)",
     "value_samples": "a uniform subsample of values per (layer, KV head)",
+    "key_fisher": "squared gradient of the calibration LM loss per key channel, aligned with key_samples",
+    "value_fisher": "squared gradient of the calibration LM loss per value channel, aligned with value_samples",
 }
+_SAMPLES_OF = {"key_fisher": "key_samples", "value_fisher": "value_samples"}  # subsampled alike
 
 
 def model_shape(config: Any) -> dict[str, int]:
@@ -57,6 +60,8 @@ class CalibrationStats:
     key_moments: list[torch.Tensor] = attrs.Factory(list)
     key_samples: list[torch.Tensor] = attrs.Factory(list)  # (kv_heads, n, d) float32
     value_samples: list[torch.Tensor] = attrs.Factory(list)
+    key_fisher: list[torch.Tensor] = attrs.Factory(list)  # (kv_heads, n, d) float32, d loss/d k squared
+    value_fisher: list[torch.Tensor] = attrs.Factory(list)
 
 
 @attrs.define
@@ -176,10 +181,13 @@ def collect_statistics(
         )
     stats = CalibrationStats(model_shape(model.config))
     generator = torch.Generator().manual_seed(seed)
-    samples: dict[str, list[list[torch.Tensor]]] = {"key_samples": [], "value_samples": []}
+    wanted = needs | {_SAMPLES_OF[name] for name in needs & _SAMPLES_OF.keys()}
+    samples: dict[str, list[list[torch.Tensor]]] = {
+        name: [] for name in ("key_samples", "value_samples", *_SAMPLES_OF)
+    }
     seen = 0
     for ids in windows:
-        captured = capture_window(model, ids)
+        captured = capture_window(model, ids, grads=bool(needs & _SAMPLES_OF.keys()))
         for layer_idx, cap in sorted(captured.items()):
             hkv, d = cap.keys.shape[1], cap.keys.shape[-1]
             if "query_moments" in needs:
@@ -188,11 +196,18 @@ def collect_statistics(
             if "key_moments" in needs:
                 k = cap.keys[0].double()
                 _accumulate(stats.key_moments, layer_idx, k.transpose(-1, -2) @ k / k.shape[1])
-            for name, tensor in (("key_samples", cap.keys), ("value_samples", cap.values)):
-                if name in needs:
+            for name, tensor in (
+                ("key_samples", cap.keys),
+                ("value_samples", cap.values),
+                ("key_fisher", cap.key_grad),
+                ("value_fisher", cap.value_grad),
+            ):
+                if name in wanted and tensor is not None:
                     while len(samples[name]) <= layer_idx:
                         samples[name].append([])
-                    samples[name][layer_idx].append(tensor[0].cpu())
+                    samples[name][layer_idx].append(
+                        tensor[0].cpu() if name in _SAMPLES_OF.values() else tensor[0].cpu().square()
+                    )
         stats.tokens += ids.shape[-1]
         seen += 1
         if progress is not None:
@@ -200,13 +215,18 @@ def collect_statistics(
     for moments in (stats.query_moments, stats.key_moments):
         for i, m in enumerate(moments):
             moments[i] = m / max(seen, 1)  # each window added its own mean
-    for name, per_layer in samples.items():
+    keeps: dict[tuple[str, int], torch.Tensor] = {}
+    for name, per_layer in samples.items():  # samples before their Fisher, which keeps the same tokens
         out = getattr(stats, name)
-        for chunks in per_layer:
+        for layer_idx, chunks in enumerate(per_layer):
             full = torch.cat(chunks, dim=1)
             if full.shape[1] > max_samples:
-                keep = torch.randperm(full.shape[1], generator=generator)[:max_samples].sort().values
-                full = full[:, keep]
+                key = (_SAMPLES_OF.get(name, name), layer_idx)
+                if key not in keeps:
+                    keeps[key] = (
+                        torch.randperm(full.shape[1], generator=generator)[:max_samples].sort().values
+                    )
+                full = full[:, keeps[key]]
             out.append(full)
     return stats
 

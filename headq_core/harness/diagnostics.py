@@ -36,23 +36,31 @@ class Captured:
     keys: torch.Tensor
     values: torch.Tensor
     scaling: float
+    key_grad: torch.Tensor | None = None  # d loss / d keys (b, hkv, T, d), with capture_window(grads=True)
+    value_grad: torch.Tensor | None = None
 
 
 _CAPTURED: dict[int, Captured] | None = None
+_LEAVES: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # (keys, values) leaves to differentiate
 
 
 def _capture_attention(
     module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any
 ) -> Any:
     if _CAPTURED is not None:
+        if _LEAVES is not None:  # the loss's gradient w.r.t. this layer's keys and values, nothing upstream
+            key, value = key.detach().requires_grad_(), value.detach().requires_grad_()
+            _LEAVES[module.layer_idx] = (key, value)
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        _CAPTURED[module.layer_idx] = Captured(query.float(), key.float(), value.float(), float(scaling))
+        _CAPTURED[module.layer_idx] = Captured(
+            query.detach().float(), key.detach().float(), value.detach().float(), float(scaling)
+        )
     return headq_attention(module, query, key, value, *args, **kwargs)
 
 
 @contextmanager
-def _capturing(model: Any) -> Iterator[dict[int, Captured]]:
-    global _CAPTURED
+def _capturing(model: Any, grads: bool = False) -> Iterator[dict[int, Captured]]:
+    global _CAPTURED, _LEAVES
     from transformers.masking_utils import AttentionMaskInterface
 
     from headq_core.attention import _headq_mask
@@ -60,21 +68,40 @@ def _capturing(model: Any) -> Iterator[dict[int, Captured]]:
     AttentionInterface.register(CAPTURE_NAME, _capture_attention)
     AttentionMaskInterface.register(CAPTURE_NAME, _headq_mask)
     previous = model.config._attn_implementation
-    _CAPTURED = {}
+    _CAPTURED, _LEAVES = {}, ({} if grads else None)
     model.set_attn_implementation(CAPTURE_NAME)
     try:
         yield _CAPTURED
     finally:
         model.set_attn_implementation(previous if previous != CAPTURE_NAME else ATTN_NAME)
-        _CAPTURED = None
+        _CAPTURED, _LEAVES = None, None
 
 
 @torch.no_grad()
-def capture_window(model: Any, ids: torch.Tensor) -> dict[int, Captured]:
-    """Exact attention inputs of every layer for ids (b, T), from one forward without a cache."""
-    with _capturing(model) as captured:
-        model(ids.to(model.device), use_cache=False)
-        return dict(captured)
+def capture_window(model: Any, ids: torch.Tensor, *, grads: bool = False) -> dict[int, Captured]:
+    """Exact attention inputs of every layer for ids (b, T), from one forward without a cache.
+
+    With ``grads``, also the gradients of the window's summed next-token NLL with respect to each
+    layer's keys and values (one backward pass), in ``key_grad`` / ``value_grad``.
+    """
+    with _capturing(model, grads) as captured:
+        ids = ids.to(model.device)
+        if not grads:
+            model(ids, use_cache=False)
+            return dict(captured)
+        leaves = _LEAVES if _LEAVES is not None else {}
+        with torch.enable_grad():
+            logits = model(ids, use_cache=False).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"
+            )
+            inputs = [t for i in sorted(leaves) for t in leaves[i]]
+            found = torch.autograd.grad(loss, inputs, allow_unused=True)
+        grad = [torch.zeros_like(t) if g is None else g.float() for g, t in zip(found, inputs, strict=True)]
+        out = dict(captured)
+        for j, i in enumerate(sorted(leaves)):
+            out[i] = attrs.evolve(out[i], key_grad=grad[2 * j], value_grad=grad[2 * j + 1])
+        return out
 
 
 @attrs.define

@@ -1,0 +1,105 @@
+"""The residual-VQ block: bit-packed per-token codeword indices, decoded through shared codebooks.
+
+A head vector of ``d`` channels is ``P = d / dim`` sub-vectors; sub-vector ``p`` is the sum of one
+codeword from each stage's codebook ``C_m[p]`` (``K_m`` codewords of ``dim`` channels). A token
+stores, per KV head, its ``P x M`` indices bit-packed in position-major, stage-minor order, least
+significant bit first, into ``ceil(P * sum_m log2 K_m / 8)`` bytes. The codebooks are the method's
+per-layer state (counted once per layer by ``state_nbytes``); blocks only refer to them.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from headq_core.layouts import Codebook, EncodedBlock, stored
+
+
+@attrs.define(eq=False)
+class LayerCodebooks:
+    """Codebooks of one layer and kind: ``stages[m]`` is (P, K_m, dim) float16, shared by all blocks.
+
+    Compared by identity, so blocks of one layer merge and blocks of different layers do not.
+    """
+
+    stages: tuple[torch.Tensor, ...]
+
+    @property
+    def positions(self) -> int:
+        return int(self.stages[0].shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.stages[0].shape[-1])
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(int(c.shape[1]).bit_length() - 1 for c in self.stages)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.numel() * c.element_size() for c in self.stages)
+
+    def on(self, device: torch.device) -> list[torch.Tensor]:
+        """The codebooks as float32 on ``device``: [(P, K_m, dim)]."""
+        return [c.to(device=device, dtype=torch.float32) for c in self.stages]
+
+
+def pack_indices(codes: torch.Tensor, widths: tuple[int, ...]) -> torch.Tensor:
+    """codes (..., P, M) int64, stage m below 2**widths[m] -> (..., ceil(P * sum(widths) / 8)) uint8."""
+    if all(w == 8 for w in widths):
+        return codes.to(torch.uint8).flatten(-2)
+    bits = [(codes[..., m : m + 1] >> torch.arange(w, device=codes.device)) & 1 for m, w in enumerate(widths)]
+    stream = torch.cat(bits, dim=-1).flatten(-2)  # (..., P * sum(widths)) in p-major, m-minor order
+    pad = -stream.shape[-1] % 8
+    stream = torch.nn.functional.pad(stream, (0, pad)).unflatten(-1, (-1, 8))
+    return (stream << torch.arange(8, device=codes.device)).sum(-1).to(torch.uint8)
+
+
+def unpack_indices(packed: torch.Tensor, positions: int, widths: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_indices`: (..., bytes) uint8 -> (..., P, M) int64."""
+    if all(w == 8 for w in widths):
+        return packed.long().unflatten(-1, (positions, len(widths)))
+    shifts = torch.arange(8, device=packed.device)
+    stream = ((packed.long().unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., : positions * sum(widths)]
+    per_position = stream.unflatten(-1, (positions, sum(widths)))
+    codes, start = [], 0
+    for w in widths:
+        part = per_position[..., start : start + w]
+        codes.append((part << torch.arange(w, device=packed.device)).sum(-1))
+        start += w
+    return torch.stack(codes, dim=-1)
+
+
+@attrs.define(kw_only=True)
+class CodebookBlock(EncodedBlock):
+    """Residual-VQ tokens (the :class:`~headq_core.layouts.Codebook` layout).
+
+    indices: (b, kv_heads, tokens, ceil(P * sum(widths) / 8)) uint8, see :func:`pack_indices`;
+    books: the layer's codebooks (method state, not counted here).
+    """
+
+    indices: torch.Tensor = stored("payload")
+    books: LayerCodebooks
+
+    @property
+    def layout(self) -> Codebook:
+        return Codebook(self.books.dim, tuple(int(c.shape[1]) for c in self.books.stages))
+
+    def codes(self) -> torch.Tensor:
+        """Codeword indices (b, kv_heads, tokens, P, M) int64."""
+        return unpack_indices(self.indices, self.books.positions, self.books.widths)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        codes = self.codes()
+        out = decode(codes, self.books.on(codes.device))
+        return out.flatten(-2).to(dtype)
+
+
+def decode(codes: torch.Tensor, books: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of each stage's codewords: codes (..., P, M), books [(P, K_m, dim)] -> (..., P, dim)."""
+    positions = torch.arange(codes.shape[-2], device=codes.device)
+    out = torch.zeros((*codes.shape[:-1], books[0].shape[-1]), device=codes.device)
+    for m, book in enumerate(books):
+        out = out + book[positions, codes[..., m]]
+    return out

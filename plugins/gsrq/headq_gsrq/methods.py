@@ -1,0 +1,210 @@
+"""GSRQ key quantizer and value policy (arXiv 2607.01065): gain-shape residual vector quantization.
+
+Both split each head vector into sub-vectors of ``dim`` channels and store, per token, one index
+per residual stage and sub-vector, bit-packed (:mod:`headq_gsrq.block`). Codebooks are learned
+per (layer, keys or values, sub-vector position) by ``headq calibrate`` (:mod:`headq_gsrq.fitting`)
+and are per-layer state, amortized over the cache. Keys read logits through per-step lookup tables,
+values read out through per-codeword attention histograms (:mod:`headq_gsrq.lookup`). Sinks and
+the full-precision window are the cache's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from headq_core import KeyQuantizer, ValuePolicy
+from headq_core.calibration import model_shape
+from headq_core.errors import CalibrationError
+from headq_gsrq.block import CodebookBlock, LayerCodebooks, pack_indices
+from headq_gsrq.config import GsrqConfig
+from headq_gsrq.fitting import encode_residual, fisher_weights, fit_layer
+from headq_gsrq.lookup import lut_logits, lut_readout
+
+Kind = Literal["key", "value"]
+
+
+class Codebooks:
+    """What the key and value methods share: fitting, binding and encoding with per-layer codebooks."""
+
+    def __init__(self, kind: Kind, config: GsrqConfig) -> None:
+        self.kind, self.config = kind, config
+        self.layers: list[LayerCodebooks] = []
+
+    @property
+    def needs(self) -> frozenset[str]:
+        names = {f"{self.kind}_samples"} | ({f"{self.kind}_fisher"} if self.config.weighted else set())
+        return frozenset(names)
+
+    def fit(self, stats: Any) -> dict[str, torch.Tensor]:
+        """Stage codebooks per layer: ``layer{i}.stage{m}`` -> (P, K_m, dim) float16."""
+        samples: list[torch.Tensor] = getattr(stats, f"{self.kind}_samples")
+        fisher: list[torch.Tensor] = getattr(stats, f"{self.kind}_fisher", []) if self.config.weighted else []
+        if self.config.weighted and len(fisher) != len(samples):
+            raise CalibrationError(f"weighted gsrq needs the {self.kind}_fisher statistic for every layer")
+        out = {}
+        for layer, x in enumerate(samples):
+            self.config.positions(x.shape[-1])
+            weights = fisher_weights(fisher[layer].cpu(), self.config.dim) if fisher else None
+            books = fit_layer(x, weights, self.config, seed=self.config.seed + 1009 * layer)
+            for m, book in enumerate(books):
+                out[f"layer{layer}.stage{m}"] = book.half()
+        return out
+
+    def bind(self, spec: str, model_config: Any, tensors: dict[str, torch.Tensor]) -> None:
+        """Read the codebooks back, checking every stage's shape against the spec and the model."""
+        sizes = self.config.sizes
+        count = len({name.split(".")[0] for name in tensors})
+        shape = model_shape(model_config) if model_config is not None else None
+        if shape is not None and count < shape["layers"]:
+            raise CalibrationError(
+                f"{spec}: the calibration has codebooks for {count} layers, the model {shape['layers']}"
+            )
+        layers = []
+        for layer in range(count):
+            stages = []
+            for m, size in enumerate(sizes):
+                book = tensors.get(f"layer{layer}.stage{m}")
+                want_p = None if shape is None else self.config.positions(shape["head_dim"])
+                if (
+                    book is None
+                    or book.shape[1:] != (size, self.config.dim)
+                    or want_p not in (None, book.shape[0])
+                ):
+                    got = None if book is None else tuple(book.shape)
+                    raise CalibrationError(
+                        f"{spec}: layer {layer} stage {m} codebook is {got}, expected ({want_p or 'P'}, {size}, "
+                        f"{self.config.dim}); recalibrate with `headq calibrate --{self.kind}s {spec}`"
+                    )
+                stages.append(book.to(torch.float16).contiguous())
+            layers.append(LayerCodebooks(tuple(stages)))
+        self.layers = layers
+
+    def books(self, spec: str, layer_idx: int) -> LayerCodebooks:
+        if not self.layers:
+            raise CalibrationError(f"{spec} was used before bind(); give the cache a calibration")
+        if layer_idx >= len(self.layers):
+            raise CalibrationError(
+                f"{spec}: the calibration has {len(self.layers)} layers; asked for {layer_idx}"
+            )
+        return self.layers[layer_idx]
+
+    def encode(self, spec: str, x: torch.Tensor, layer_idx: int) -> CodebookBlock:
+        """x: (batch, kv_heads, tokens, head_dim) -> a block of bit-packed indices."""
+        books = self.books(spec, layer_idx)
+        if books.positions * books.dim != x.shape[-1]:
+            raise CalibrationError(
+                f"{spec}: codebooks cover {books.positions * books.dim} channels, keys have {x.shape[-1]}"
+            )
+        sub = x.float().unflatten(-1, (books.positions, books.dim))  # (b, h, T, P, dim)
+        codes = encode_residual(sub, books.on(x.device))
+        return CodebookBlock(tokens=x.shape[-2], indices=pack_indices(codes, books.widths), books=books)
+
+    def state_nbytes(self, layer_idx: int) -> int:
+        return self.layers[layer_idx].nbytes if layer_idx < len(self.layers) else 0
+
+
+def _bind(method: GsrqKeys | GsrqValues, model_config: Any, calibration: Any) -> None:
+    spec, flag = str(method.spec), f"--{method.books.kind}s"
+    if calibration is None:
+        raise CalibrationError(
+            f"{spec} needs codebooks: run `headq calibrate {flag} {spec} --out FILE`, "
+            "then pass the file (--calibration FILE, or QuantizedKVCache(calibration=...))"
+        )
+    try:
+        tensors = calibration.tensors_for(method.books.kind, method)
+    except CalibrationError as err:
+        raise CalibrationError(f"{err} (the command: `headq calibrate {flag} {spec} --out FILE`)") from None
+    method.books.bind(spec, model_config, tensors)
+
+
+class GsrqKeys(KeyQuantizer):
+    """Residual-VQ keys; logits through per-step lookup tables ``q . C`` and a gather-add."""
+
+    name = "gsrq"
+    config_class = GsrqConfig
+    summary = "residual VQ indices per sub-vector (gain-shape k-means codebooks), LUT logits"
+    config: GsrqConfig
+
+    def __init__(self, config: GsrqConfig | None = None) -> None:
+        super().__init__(config)
+        self.books = Codebooks("key", self.config)
+
+    @property  # the Fisher statistic only when weighted
+    def calibration_needs(self) -> frozenset[str]:  # type: ignore[override]
+        return self.books.needs
+
+    def fit(self, stats: Any) -> dict[str, torch.Tensor]:
+        return self.books.fit(stats)
+
+    def bind(self, model_config: Any, calibration: Any = None) -> None:
+        _bind(self, model_config, calibration)
+
+    def encode(self, keys: torch.Tensor, layer_idx: int) -> CodebookBlock:
+        return self.books.encode(str(self.spec), keys, layer_idx)
+
+    def logits(self, query: torch.Tensor, block: Any, layer_idx: int) -> torch.Tensor:
+        if not isinstance(block, CodebookBlock):
+            return super().logits(query, block, layer_idx)
+        return lut_logits(query.float(), block)
+
+    def state_nbytes(self, layer_idx: int) -> int:
+        return self.books.state_nbytes(layer_idx)
+
+    def nominal_bits(self, head_dim: int) -> dict[str, float]:
+        return self.config.nominal_bits(head_dim)
+
+    def stores(self) -> str:
+        return _stores(self.config)
+
+
+class GsrqValues(ValuePolicy):
+    """Residual-VQ values; readout through per-codeword attention histograms times the codebooks."""
+
+    name = "gsrq"
+    config_class = GsrqConfig
+    summary = "residual VQ indices per sub-vector (gain-shape k-means codebooks), histogram readout"
+    config: GsrqConfig
+
+    def __init__(self, config: GsrqConfig | None = None) -> None:
+        super().__init__(config)
+        self.books = Codebooks("value", self.config)
+
+    @property  # the Fisher statistic only when weighted
+    def calibration_needs(self) -> frozenset[str]:  # type: ignore[override]
+        return self.books.needs
+
+    def fit(self, stats: Any) -> dict[str, torch.Tensor]:
+        return self.books.fit(stats)
+
+    def bind(self, model_config: Any, calibration: Any = None) -> None:
+        _bind(self, model_config, calibration)
+
+    def encode(
+        self, values: torch.Tensor, layer_idx: int, sq_attention: torch.Tensor | None = None
+    ) -> CodebookBlock:
+        return self.books.encode(str(self.spec), values, layer_idx)
+
+    def readout(self, probs: torch.Tensor, block: Any, layer_idx: int) -> torch.Tensor:
+        if not isinstance(block, CodebookBlock):
+            return super().readout(probs, block, layer_idx)
+        return lut_readout(probs, block)
+
+    def state_nbytes(self, layer_idx: int) -> int:
+        return self.books.state_nbytes(layer_idx)
+
+    def nominal_bits(self, head_dim: int) -> dict[str, float]:
+        return self.config.nominal_bits(head_dim)
+
+    def stores(self) -> str:
+        return _stores(self.config)
+
+
+def _stores(config: GsrqConfig) -> str:
+    sizes = "x".join(map(str, config.sizes))
+    return (
+        f"per token and sub-vector of {config.dim} channels, one index per stage ({sizes} codewords), "
+        f"bit-packed; float16 codebooks per (layer, sub-vector position), learned by {config.learner}"
+        f"{' with Fisher weights' if config.weighted else ''}, amortized over the cache"
+    )
