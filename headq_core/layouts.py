@@ -57,7 +57,12 @@ class AffinePacked:
 
 @attrs.frozen
 class MixedAffine:
-    """Per-token bit widths: a set of channel-grouped affine blocks, one per width."""
+    """Per-token bit widths: each token's channel-grouped affine codes packed at its own width.
+
+    The codes of an allocation row (a chunk of tokens) follow one another in token order, so a
+    token's word offset is the running sum of the widths before it (a packed per-token width
+    index); float16 scale and zero per token and group, as in ``AffinePacked`` along channels.
+    """
 
     widths: tuple[int, ...]
     group: int
