@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from headq_core.cli import app
 from headq_core.scaffold import ScaffoldError, plugin_files, write_plugin
+from headq_core.testing.pytest_plugin import Conformance
 
 KEY_NAME, VALUE_NAME = "scafk", "scafv"
 
@@ -97,3 +98,12 @@ def test_scaffolded_plugins_install_are_found_by_name_and_conform(tmp_path: Path
     report = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env, tmp_path)
     summary = report.strip().splitlines()[-1]
     assert re.fullmatch(r"\d+ passed in [\d.]+s.*", summary), report
+
+
+def test_the_conformance_fixture_checks_every_side_and_names_what_is_missing(
+    headq_conformance: Conformance,
+) -> None:
+    assert headq_conformance("fp16:dtype=float16") == ["key", "value"]
+    assert headq_conformance("fp16", kind="value") == ["value"]
+    with pytest.raises(pytest.fail.Exception, match="no key quantizer or value policy named 'nosuch'"):
+        headq_conformance("nosuch:bits=2")
