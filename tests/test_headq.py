@@ -262,8 +262,8 @@ def test_artifact_round_trip(tmp_path: Path) -> None:
     assert loaded.tensors.keys() == calibration.tensors.keys()
     for name, tensor in calibration.tensors.items():
         assert loaded.tensors[name].dtype == tensor.dtype and torch.equal(loaded.tensors[name], tensor)
-    assert "key:headq/decode" in loaded.tensors
-    assert loaded.tensors["key:headq/decode"].dtype == torch.float16
+    assert "key:headq/decode.0" in loaded.tensors
+    assert loaded.tensors["key:headq/decode.1"].dtype == torch.float16
     for _, method in methods:
         fresh = registry.key_quantizer(method.spec)
         fresh.bind(model_config(), loaded)

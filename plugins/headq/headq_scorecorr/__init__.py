@@ -1,5 +1,6 @@
 """HeadQ (arXiv 2605.03562) for headq: a low-rank logit correction of key quantization error in a
-basis learned from calibration queries (``headq``), and its null-space control (``nullspace``).
+basis learned from calibration queries (``headq``), its null-space control (``nullspace``), and
+3-bit KIVI keys (``kivi3``), the same-budget rival that spends HeadQ's extra bits on the base.
 
 Spec grammar (both forms of a nested base resolve to the same method)::
 
@@ -15,6 +16,7 @@ from headq_core.registry import Registry
 from headq_scorecorr.block import LayerBasis, LowRankBlock
 from headq_scorecorr.headq import HeadQConfig, HeadQKeys
 from headq_scorecorr.nullspace import NullSpaceConfig, NullSpaceKeys
+from headq_scorecorr.threebit import ThreeBitBlock, ThreeBitConfig, ThreeBitKeys
 
 __all__ = [
     "HeadQConfig",
@@ -23,6 +25,9 @@ __all__ = [
     "LowRankBlock",
     "NullSpaceConfig",
     "NullSpaceKeys",
+    "ThreeBitBlock",
+    "ThreeBitConfig",
+    "ThreeBitKeys",
 ]
 
 
@@ -30,3 +35,4 @@ __all__ = [
 def register_key_quantizers(registry: Registry) -> None:
     registry.add_key_quantizer(HeadQKeys)
     registry.add_key_quantizer(NullSpaceKeys)
+    registry.add_key_quantizer(ThreeBitKeys)

@@ -14,6 +14,8 @@ Bases offered (``d`` = head_dim, ``r`` = rank, per KV head):
   as well: whiten queries with ``A = S^(1/2)``, take the top-r eigenvectors ``V`` of ``A R A``, then
   ``M = A^-1 V V^T A``: ``U`` an orthonormal basis of ``span(A^-1 V)`` and ``W`` its dual in the
   metric ``S``. It equals ``query`` when ``R`` is isotropic.
+
+Every decode basis is stored orthonormal; the encode side is its dual (:func:`dual_basis`).
 """
 
 from __future__ import annotations
@@ -30,28 +32,70 @@ def top_eigenvectors(moment: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.gather(vectors, -1, order.unsqueeze(-2).expand(*vectors.shape[:-1], rank))
 
 
-def random_basis(heads: int, dim: int, rank: int, seed: int) -> torch.Tensor:
-    """A seeded orthonormal (heads, dim, rank) basis."""
-    gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(heads, dim, rank, generator=gen, dtype=torch.float64))
+def ranked_directions(
+    kind: str,
+    query_moment: torch.Tensor,
+    key_moment: torch.Tensor | None = None,
+    residual_moment: torch.Tensor | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate directions of a basis, best first, and the logit-error energy each would capture.
+
+    Moments: (h, d, d). Returns directions (h, d, d) (the rank-r basis spans the first r) and
+    energy (h, d): for ``joint`` the eigenvalues of ``A R A``; otherwise ``(u^T S u)(u^T R u)``,
+    or ``u^T S u`` without ``R``.
+    """
+    s = query_moment.double()
+    h, d, _ = s.shape
+    if kind == "joint":
+        if residual_moment is None:
+            raise ValueError("the joint basis needs the residual moment")
+        values, vectors = torch.linalg.eigh(s)
+        values = values.clamp_min(
+            values.amax(dim=-1, keepdim=True) * 1e-8
+        )  # never invert an unseen direction
+        sqrt = vectors @ torch.diag_embed(values.sqrt()) @ vectors.transpose(-1, -2)
+        inv_sqrt = vectors @ torch.diag_embed(values.rsqrt()) @ vectors.transpose(-1, -2)
+        energy, whitened = torch.linalg.eigh(sqrt @ residual_moment.double() @ sqrt)
+        return (inv_sqrt @ whitened).flip(-1), energy.flip(-1)
+    if kind == "query":
+        u = top_eigenvectors(s, d)
+    elif kind == "key":
+        if key_moment is None:
+            raise ValueError("the key basis needs the key moment")
+        u = top_eigenvectors(key_moment, d)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        u, _ = torch.linalg.qr(torch.randn(h, d, d, generator=gen, dtype=torch.float64))
+    energy = torch.einsum("hdi,hde,hei->hi", u, s, u)
+    if residual_moment is not None:
+        energy = energy * torch.einsum("hdi,hde,hei->hi", u, residual_moment.double(), u)
+    return u, energy
+
+
+def basis_of(directions: torch.Tensor, rank: int) -> torch.Tensor:
+    """An orthonormal (h, d, rank) basis of the span of the first ``rank`` directions (h, d, d).
+
+    Orthonormal decode bases are float16-safe and well conditioned; the encode side (its dual in
+    the query metric, :func:`dual_basis`) carries the rest.
+    """
+    q, _ = torch.linalg.qr(directions[..., :rank].double())
     return q
 
 
-def joint_basis(query_moment: torch.Tensor, residual_moment: torch.Tensor, rank: int) -> torch.Tensor:
-    """Orthonormal decode basis ``U`` (h, d, r) spanning the logit-error-optimal rank-r correction.
+def allocate_ranks(energy: list[torch.Tensor], mean_rank: int) -> list[int]:
+    """Per-layer ranks summing to ``layers * mean_rank``, greedily by captured energy.
 
-    query_moment ``S`` and residual_moment ``R``: (h, d, d). The dual encode basis follows from
-    ``U`` and ``S`` by :func:`dual_basis`.
+    energy: per layer (h, d), each head's directions best first. A layer's k-th direction is
+    worth the sum over its heads (heads of a layer share a rank); every layer keeps at least one.
     """
-    s = query_moment.double()
-    values, vectors = torch.linalg.eigh(s)
-    floor = values.amax(dim=-1, keepdim=True) * 1e-8  # a query direction never seen is not inverted
-    values = values.clamp_min(floor)
-    sqrt = vectors @ torch.diag_embed(values.sqrt()) @ vectors.transpose(-1, -2)
-    inv_sqrt = vectors @ torch.diag_embed(values.rsqrt()) @ vectors.transpose(-1, -2)
-    whitened = sqrt @ residual_moment.double() @ sqrt
-    q, _ = torch.linalg.qr(inv_sqrt @ top_eigenvectors(whitened, rank))
-    return q  # an orthonormal basis of the optimal span: float16-safe and well conditioned
+    per_layer = [e.clamp_min(0).sum(0) for e in energy]  # (d,) each, non-increasing
+    ranks = [1] * len(per_layer)
+    for _ in range(len(per_layer) * (mean_rank - 1)):
+        gains = [e[r] if r < e.numel() else -1.0 for e, r in zip(per_layer, ranks, strict=True)]
+        best = max(range(len(gains)), key=lambda i: float(gains[i]))
+        ranks[best] += 1
+    return ranks
 
 
 def dual_basis(decode: torch.Tensor, metric: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch
 
 from headq_core.layouts import AffineBlock, EncodedBlock, LowRankLogit, stored
 from headq_kernels import dequantize_symmetric
+from headq_scorecorr.threebit import ThreeBitBlock
 
 Scale = Literal["token", "static", "base"]
 FLOAT_BITS = {16: torch.float16, 32: torch.float32}
@@ -65,11 +66,11 @@ def base_deviation(block: EncodedBlock) -> torch.Tensor | None:
     A min/max affine code with step ``s`` leaves an error of about ``U(-s/2, s/2)``, variance
     ``s^2 / 12``; the decoder reads ``s`` from the base block, so this costs no bits.
     """
-    if not isinstance(block, AffineBlock):
+    if not isinstance(block, (AffineBlock, ThreeBitBlock)):
         return None
     scale = block.scale.float()
     per = scale.repeat_interleave(block.group, dim=-1)
-    if block.axis == "channels":  # (b, h, t, d) -> (b, h, d, t)
+    if isinstance(block, AffineBlock) and block.axis == "channels":  # (b, h, t, d) -> (b, h, d, t)
         per = per.transpose(-1, -2)
     return per * (12.0**-0.5)
 
@@ -89,7 +90,7 @@ def shared_step(scale: Scale, base: EncodedBlock, basis: LayerBasis) -> torch.Te
     dev = base_deviation(base)
     if dev is None:
         raise TypeError(
-            f"scale='base' needs a base whose blocks carry affine scales (kivi); got {type(base).__name__}"
+            f"scale='base' needs a base whose blocks carry affine scales (kivi, kivi3); got {type(base).__name__}"
         )
     var = torch.einsum("hdr,bhdt->bhrt", basis.encode.square(), dev.square())
     return (steps.float() * var.sqrt()).to(torch.float16)

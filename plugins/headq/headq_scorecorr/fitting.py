@@ -1,13 +1,16 @@
 """HeadQ calibration: what ``fit`` computes per layer and how ``bind`` reads it back.
 
-Saved tensors (``L`` layers, ``h`` KV heads, ``d`` head_dim, ``r`` rank), all float16:
+Saved tensors per layer ``l`` (``h`` KV heads, ``d`` head_dim, ``r_l`` the layer's rank), float16:
 
-- ``decode``: (L, h, d, r) the basis ``U`` the query is projected on at decode;
-- ``encode``: (L, h, d, r) the encode basis ``W``, only where it is not ``U``'s own dual
-  (``basis="joint"``);
-- ``steps``: (L, h, r) static side-code steps (``scale="static"``) or step multipliers of the
+- ``decode.l``: (h, d, r_l) the orthonormal basis ``U`` the query is projected on at decode;
+- ``encode.l``: (h, d, r_l) the encode basis ``W``, only where it is not ``U``'s own dual
+  (``basis="joint"``: the dual in the query metric);
+- ``steps.l``: (h, r_l) static side-code steps (``scale="static"``) or step multipliers of the
   predicted coordinate std (``scale="base"``), fitted on the base quantizer's residual of the
   calibration keys (``key_samples``; consecutive tokens, so the base's token groups are real).
+
+Ranks are ``rank`` in every layer, or with ``alloc="energy"`` [ours] spread over layers (same
+total) by the logit-error energy each direction captures on calibration data.
 
 From the float16 tensors, ``bind`` derives the float32 encoder ``W (U^T W)^-1`` (``W = U`` when
 not stored), so that ``U W^T`` is an exact projector: with ``r = d`` the correction is exact.
@@ -20,7 +23,7 @@ from typing import Any
 import torch
 
 from headq_core.errors import CalibrationError
-from headq_scorecorr.basis import dual_basis, fit_steps, joint_basis, random_basis, top_eigenvectors
+from headq_scorecorr.basis import allocate_ranks, basis_of, dual_basis, fit_steps, ranked_directions
 from headq_scorecorr.block import FLOAT_BITS, LayerBasis, shared_step
 
 
@@ -52,67 +55,77 @@ def fit_layers(method: Any, stats: Any) -> dict[str, torch.Tensor]:
     if cfg.rank > d:
         raise CalibrationError(f"rank {cfg.rank} exceeds head_dim {d}")
     integer_side = cfg.zbits not in FLOAT_BITS and cfg.scale != "token"
-    needs_residual = cfg.basis == "joint" or integer_side
-    decode, encode, steps = [], [], []
+    needs_residual = cfg.basis == "joint" or integer_side or cfg.alloc == "energy"
+    layers = []
     for layer_idx in range(stats.shape["layers"]):
-        moment = stats.query_moments[layer_idx]
-        heads = moment.shape[0]
+        block, residual, moment = None, None, None
         if needs_residual:
             block, residual = _residual(method, stats.key_samples[layer_idx], layer_idx)
-            flat = residual[0]  # (h, n, d)
-        if cfg.basis == "query":
-            u = top_eigenvectors(moment, cfg.rank)
-        elif cfg.basis == "key":
-            u = top_eigenvectors(stats.key_moments[layer_idx], cfg.rank)
-        elif cfg.basis == "random":
-            u = random_basis(heads, d, cfg.rank, cfg.seed * 100003 + layer_idx)
-        else:
-            u = joint_basis(moment, flat.transpose(-1, -2).double() @ flat.double() / flat.shape[1], cfg.rank)
-        u16 = u.to(torch.float16)
-        w16 = dual_basis(u16, moment).to(torch.float16) if cfg.basis == "joint" else None
-        basis = layer_basis(u16, w16, None)
+            flat = residual[0].double()  # (h, n, d)
+            moment = flat.transpose(-1, -2) @ flat / flat.shape[1]
+        directions, energy = ranked_directions(
+            cfg.basis,
+            stats.query_moments[layer_idx],
+            stats.key_moments[layer_idx] if cfg.basis == "key" else None,
+            moment,
+            seed=cfg.seed * 100003 + layer_idx,
+        )
+        layers.append((block, residual, directions, energy))
+    ranks = [cfg.rank] * len(layers)
+    if cfg.alloc == "energy":
+        ranks = allocate_ranks([energy for *_, energy in layers], cfg.rank)
+    out: dict[str, torch.Tensor] = {}
+    for layer_idx, ((block, residual, directions, _), rank) in enumerate(zip(layers, ranks, strict=True)):
+        u16 = basis_of(directions, rank).to(torch.float16)
+        w16 = None
+        if cfg.basis == "joint":
+            w16 = dual_basis(u16, stats.query_moments[layer_idx]).to(torch.float16)
+            out[f"encode.{layer_idx}"] = w16
+        out[f"decode.{layer_idx}"] = u16
         if integer_side:
-            coords = torch.einsum("bhtd,hdr->hrt", residual, basis.encode)  # (h, r, n)
-            if cfg.scale == "static":
-                fitted = fit_steps(coords.transpose(1, 2), cfg.zbits)
-            else:
-                unit = LayerBasis(basis.decode, basis.encode, steps=torch.ones(heads, cfg.rank).half())
-                dev = shared_step("base", block, unit)[0].float()  # (h, r, n) predicted std
-                unit_coords = torch.where(dev > 0, coords / dev.clamp_min(1e-30), 0.0)
-                fitted = fit_steps(unit_coords.transpose(1, 2), cfg.zbits, dev.square().transpose(1, 2))
-            steps.append(fitted.to(torch.float16))
-        decode.append(u16)
-        if w16 is not None:
-            encode.append(w16)
-    out = {"decode": torch.stack(decode)}
-    if encode:
-        out["encode"] = torch.stack(encode)
-    if steps:
-        out["steps"] = torch.stack(steps)
+            assert residual is not None and block is not None
+            out[f"steps.{layer_idx}"] = _fit_steps(cfg, block, residual, layer_basis(u16, w16, None))
     return out
+
+
+def _fit_steps(cfg: Any, block: Any, residual: torch.Tensor, basis: LayerBasis) -> torch.Tensor:
+    """Static steps (h, r), or multipliers of the base-predicted std, float16."""
+    coords = torch.einsum("bhtd,hdr->hrt", residual, basis.encode)  # (h, r, n)
+    if cfg.scale == "static":
+        return fit_steps(coords.transpose(1, 2), cfg.zbits).to(torch.float16)
+    h, r = basis.decode.shape[0], basis.decode.shape[-1]
+    unit = LayerBasis(basis.decode, basis.encode, steps=torch.ones(h, r, dtype=torch.float16))
+    dev = shared_step("base", block, unit)[0].float()  # (h, r, n) predicted std
+    unit_coords = torch.where(dev > 0, coords / dev.clamp_min(1e-30), 0.0)
+    return fit_steps(unit_coords.transpose(1, 2), cfg.zbits, dev.square().transpose(1, 2)).to(torch.float16)
 
 
 def load_layers(method: Any, tensors: dict[str, torch.Tensor]) -> list[LayerBasis]:
     """Per-layer state from the tensors :func:`fit_layers` saved; clear errors if they do not fit."""
     cfg = method.config
-    if "decode" not in tensors:
+    count = sum(1 for name in tensors if name.startswith("decode."))
+    if count == 0:
         raise CalibrationError(f"the calibration entry of {method.spec} has no basis; recalibrate")
-    decode = tensors["decode"]
-    if decode.dim() != 4 or decode.shape[-1] != cfg.rank:
-        raise CalibrationError(f"{method.spec}: calibrated basis has shape {tuple(decode.shape)}")
-    encode = tensors.get("encode")
-    if (encode is None) != (cfg.basis != "joint"):
-        raise CalibrationError(
-            f"{method.spec}: the calibration's encode basis does not match basis={cfg.basis}"
+    layers = []
+    for i in range(count):
+        decode = tensors.get(f"decode.{i}")
+        encode = tensors.get(f"encode.{i}")
+        steps = tensors.get(f"steps.{i}")
+        if decode is None or decode.dim() != 3:
+            raise CalibrationError(f"{method.spec}: layer {i} has no (heads, head_dim, rank) basis")
+        if (encode is None) != (cfg.basis != "joint"):
+            raise CalibrationError(
+                f"{method.spec}: layer {i}'s encode basis does not match basis={cfg.basis}"
+            )
+        if steps is None and cfg.zbits not in FLOAT_BITS and cfg.scale != "token":
+            raise CalibrationError(f"{method.spec}: layer {i} holds no side-code steps; recalibrate")
+        layers.append(
+            layer_basis(
+                decode.to(torch.float16),
+                None if encode is None else encode.to(torch.float16),
+                None if steps is None else steps.to(torch.float16),
+            )
         )
-    steps = tensors.get("steps")
-    if steps is None and cfg.zbits not in FLOAT_BITS and cfg.scale != "token":
-        raise CalibrationError(f"{method.spec}: the calibration holds no side-code steps; recalibrate")
-    return [
-        layer_basis(
-            decode[i].to(torch.float16),
-            None if encode is None else encode[i].to(torch.float16),
-            None if steps is None else steps[i].to(torch.float16),
-        )
-        for i in range(decode.shape[0])
-    ]
+    if cfg.alloc == "uniform" and any(b.decode.shape[-1] != cfg.rank for b in layers):
+        raise CalibrationError(f"{method.spec}: calibrated ranks differ from rank={cfg.rank}")
+    return layers

@@ -56,6 +56,11 @@ class HeadQConfig(MethodConfig):
         validator=attrs.validators.in_(("query", "key", "random", "joint")),
         metadata={"help": "query (the method), key or random (controls), joint (query-whitened residual)"},
     )
+    alloc: Literal["uniform", "energy"] = attrs.field(
+        default="uniform",
+        validator=attrs.validators.in_(("uniform", "energy")),
+        metadata={"help": "rank in every layer, or spread over layers by captured logit-error energy"},
+    )
     sign: int = attrs.field(
         default=1, validator=attrs.validators.in_((1, -1)), metadata={"help": "-1: wrong-sign control"}
     )
@@ -159,7 +164,7 @@ class HeadQKeys(KeyQuantizer):
             base=base,
             codes=codes,
             step=step,
-            rank=self.config.rank,
+            rank=basis.decode.shape[-1],
             zbits=zbits,
             scale=self.config.scale,
             sign=self.config.sign,
