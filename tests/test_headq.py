@@ -61,7 +61,17 @@ def test_specs_resolve(text: str, canonical: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["headq:zbits=3", "headq:sign=0", "headq:scale=group", "headq:rank=0", "nullspace:mse=-1"]
+    "text",
+    [
+        "headq:zbits=3",
+        "headq:sign=0",
+        "headq:scale=group",
+        "headq:rank=0",
+        "headq:lead=2",  # lead needs a static or base-derived step
+        "headq:rank=4,lead=4,scale=static",
+        "headq:zbits=8,lead=1,scale=static",
+        "nullspace:mse=-1",
+    ],
 )
 def test_bad_parameters_are_refused(text: str) -> None:
     from headq_core import SpecError
@@ -164,6 +174,7 @@ def test_the_window_is_never_corrected() -> None:
         ("headq:rank=8,zbits=4,scale=static", 8 * 4 / D),
         ("headq:rank=16,zbits=2,scale=base,basis=joint", 16 * 2 / D),
         ("headq:rank=4,zbits=8,base=(kivi:group=16)", 4 * 8 / D + 16 / D),
+        ("headq:rank=14,zbits=2,lead=2,scale=base,basis=joint", 16 * 2 / D),
     ],
 )
 def test_side_code_is_packed_and_counted_as_side(spec: str, side_bits: float) -> None:
@@ -208,10 +219,21 @@ def test_blocks_merge_along_tokens() -> None:
         "headq:rank=8,zbits=4,sign=-1",
         "headq:rank=64,zbits=32",
         "headq:rank=8,zbits=4,base=fp16",
+        "headq:rank=15,zbits=2,lead=1,scale=base,basis=joint",
     ],
 )
 def test_configurations_conform(spec: str) -> None:
     check_key_quantizer(spec)
+
+
+def test_energy_allocation_keeps_the_mean_rank() -> None:
+    config = model_config(layers=4)
+    method = bound("headq:rank=8,zbits=2,scale=base,basis=joint,alloc=energy", config)
+    ranks = [layer.decode.shape[-1] for layer in method.layers]
+    assert sum(ranks) == 4 * 8 and min(ranks) >= 1
+    keys = outlier_data((1, 2, 64, D), seed=8)
+    side = [block_nbytes(method.encode(keys, i))["side"] for i in range(4)]
+    assert 8 * sum(side) / (4 * keys.numel()) == pytest.approx(method.nominal_bits(D)["side"])
 
 
 # --- calibration ---------------------------------------------------------------------------------

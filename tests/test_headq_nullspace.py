@@ -49,7 +49,7 @@ def test_injected_key_mse_is_the_one_asked_for(mode: str) -> None:
 
 
 def test_shift_moves_every_logit_of_a_query_by_one_constant() -> None:
-    method = _bound("nullspace:mode=shift,mse=4")
+    method = _bound("nullspace:mode=shift,mse=4,energy=1")
     keys = outlier_data((2, 2, 48, D), seed=2)
     query = torch.randn(2, 2, 5, D)
     got = method.logits(query, method.encode(keys, 1), 1)  # type: ignore[attr-defined]
@@ -72,6 +72,17 @@ def test_orthogonal_error_is_invisible_to_calibrated_queries() -> None:
     assert logit_error < 1e-2 * visible
     tokens = error / error.norm(dim=-1, keepdim=True)
     assert (tokens @ tokens.transpose(-1, -2)).triu(1).abs().mean() < 0.5  # a different error per token
+
+
+def test_a_constrained_shift_is_invisible_to_calibrated_queries() -> None:
+    free, anywhere = _bound("nullspace:mode=shift,mse=4"), _bound("nullspace:mode=shift,mse=4,energy=1")
+    query = _calibrated_queries(1)
+    keys = outlier_data((1, 2, 8, D), seed=5)
+    seen = [
+        (query @ (m.encode(keys, 1).dequantize() - keys).transpose(-1, -2)).square().mean()  # type: ignore[attr-defined]
+        for m in (free, anywhere)
+    ]
+    assert seen[0] < 1e-2 * seen[1]
 
 
 def test_no_injection_by_default() -> None:

@@ -12,10 +12,8 @@ Bases offered (``d`` = head_dim, ``r`` = rank, per KV head):
 - ``joint`` [ours]: the rank-r ``M`` that minimizes the expected squared logit error
   ``E[(q^T (I - M) e)^2]`` given the residual second moment ``R = E[e e^T]`` of the base quantizer
   as well: whiten queries with ``A = S^(1/2)``, take the top-r eigenvectors ``V`` of ``A R A``, then
-  ``M = A^-1 V V^T A``: ``U`` an orthonormal basis of ``span(A^-1 V)`` and ``W`` its dual in the
+  ``M = A^-1 V V^T A``: ``U = A^-1 V`` (columns scaled to unit norm) and ``W`` its dual in the
   metric ``S``. It equals ``query`` when ``R`` is isotropic.
-
-Every decode basis is stored orthonormal; the encode side is its dual (:func:`dual_basis`).
 """
 
 from __future__ import annotations
@@ -74,13 +72,14 @@ def ranked_directions(
 
 
 def basis_of(directions: torch.Tensor, rank: int) -> torch.Tensor:
-    """An orthonormal (h, d, rank) basis of the span of the first ``rank`` directions (h, d, d).
+    """The first ``rank`` directions (h, d, d), each scaled to unit norm: (h, d, rank).
 
-    Orthonormal decode bases are float16-safe and well conditioned; the encode side (its dual in
-    the query metric, :func:`dual_basis`) carries the rest.
+    Query, key and random directions are orthonormal already; joint ones are ``S``-orthogonal,
+    so their side numbers are uncorrelated on calibration data and come best first (``lead``).
+    Unit columns keep float16 storage safe; the encode side is the dual (:func:`dual_basis`).
     """
-    q, _ = torch.linalg.qr(directions[..., :rank].double())
-    return q
+    u = directions[..., :rank].double()
+    return u / u.norm(dim=-2, keepdim=True).clamp_min(1e-30)
 
 
 def allocate_ranks(energy: list[torch.Tensor], mean_rank: int) -> list[int]:

@@ -4,8 +4,10 @@ Shapes: ``b`` batch, ``h`` KV heads, ``t`` tokens, ``d`` head_dim, ``r`` rank.
 
 - ``base``: the base quantizer's own block (nested; its tensors keep their own parts);
 - ``codes``: the side code ``z`` of ``c = W^T (k - k_hat)``: packed mid-rise integer codes
-  (b, h, r, t * zbits / 32) int32 along tokens, or (b, h, r, t) float16 / float32 for
+  (b, h, r - lead, t * zbits / 32) int32 along tokens, or (b, h, r, t) float16 / float32 for
   ``zbits`` 16 / 32 (a test and ablation mode, unquantized);
+- ``lead_codes``: the first ``lead`` coordinates (the ones that carry the most logit-error energy)
+  at twice the bits, (b, h, lead, t * 2 * zbits / 32) int32, or None;
 - ``step``: (b, h, t) float16 per-token step when ``scale="token"``, else None.
 
 The per-layer basis and static steps live in :class:`LayerBasis`, shared by every block of a
@@ -21,7 +23,7 @@ import attrs
 import torch
 
 from headq_core.layouts import AffineBlock, EncodedBlock, LowRankLogit, stored
-from headq_kernels import dequantize_symmetric
+from headq_kernels import dequantize_symmetric, quantize_symmetric
 from headq_scorecorr.threebit import ThreeBitBlock
 
 Scale = Literal["token", "static", "base"]
@@ -96,12 +98,38 @@ def shared_step(scale: Scale, base: EncodedBlock, basis: LayerBasis) -> torch.Te
     return (steps.float() * var.sqrt()).to(torch.float16)
 
 
+def encode_side(
+    coords: torch.Tensor, step: torch.Tensor, zbits: int, lead: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Packed codes of coords (b, h, r, t) at ``step`` (broadcastable); the first ``lead`` at 2 zbits."""
+    rest = quantize_symmetric(coords[:, :, lead:], _rows(step, lead, None), zbits)
+    if not lead:
+        return rest, None
+    return rest, quantize_symmetric(coords[:, :, :lead], _rows(step, 0, lead), 2 * zbits)
+
+
+def decode_side(
+    codes: torch.Tensor, lead_codes: torch.Tensor | None, step: torch.Tensor, zbits: int, n: int
+) -> torch.Tensor:
+    """Inverse of :func:`encode_side`: (b, h, r, n) float32."""
+    lead = 0 if lead_codes is None else lead_codes.shape[2]
+    rest = dequantize_symmetric(codes, _rows(step, lead, None), zbits, n)
+    if lead_codes is None:
+        return rest
+    return torch.cat([dequantize_symmetric(lead_codes, _rows(step, 0, lead), 2 * zbits, n), rest], dim=2)
+
+
+def _rows(step: torch.Tensor, start: int, stop: int | None) -> torch.Tensor:
+    return step if step.shape[2] == 1 else step[:, :, start:stop]
+
+
 @attrs.define(kw_only=True)
 class LowRankBlock(EncodedBlock):
     """A base key block with HeadQ's side code; see the module docstring for shapes."""
 
     base: EncodedBlock
     codes: torch.Tensor = stored("side")
+    lead_codes: torch.Tensor | None = stored("side")
     step: torch.Tensor | None = stored("side")
     rank: int
     zbits: int
@@ -125,7 +153,7 @@ class LowRankBlock(EncodedBlock):
             step = self.step.unsqueeze(-2)  # (b, h, 1, t)
         else:
             step = shared_step(self.scale, self.base, self.basis)
-        return dequantize_symmetric(self.codes, step, self.zbits, self.tokens)
+        return decode_side(self.codes, self.lead_codes, step, self.zbits, self.tokens)
 
     def correction(self) -> torch.Tensor:
         """``sign * U z_hat`` per token: (b, h, t, d) float32, the key the logits effectively read."""

@@ -2,7 +2,7 @@
 
 Saved tensors per layer ``l`` (``h`` KV heads, ``d`` head_dim, ``r_l`` the layer's rank), float16:
 
-- ``decode.l``: (h, d, r_l) the orthonormal basis ``U`` the query is projected on at decode;
+- ``decode.l``: (h, d, r_l) the basis ``U`` (unit columns) the query is projected on at decode;
 - ``encode.l``: (h, d, r_l) the encode basis ``W``, only where it is not ``U``'s own dual
   (``basis="joint"``: the dual in the query metric);
 - ``steps.l``: (h, r_l) static side-code steps (``scale="static"``) or step multipliers of the
@@ -89,15 +89,22 @@ def fit_layers(method: Any, stats: Any) -> dict[str, torch.Tensor]:
 
 
 def _fit_steps(cfg: Any, block: Any, residual: torch.Tensor, basis: LayerBasis) -> torch.Tensor:
-    """Static steps (h, r), or multipliers of the base-predicted std, float16."""
-    coords = torch.einsum("bhtd,hdr->hrt", residual, basis.encode)  # (h, r, n)
-    if cfg.scale == "static":
-        return fit_steps(coords.transpose(1, 2), cfg.zbits).to(torch.float16)
-    h, r = basis.decode.shape[0], basis.decode.shape[-1]
-    unit = LayerBasis(basis.decode, basis.encode, steps=torch.ones(h, r, dtype=torch.float16))
-    dev = shared_step("base", block, unit)[0].float()  # (h, r, n) predicted std
-    unit_coords = torch.where(dev > 0, coords / dev.clamp_min(1e-30), 0.0)
-    return fit_steps(unit_coords.transpose(1, 2), cfg.zbits, dev.square().transpose(1, 2)).to(torch.float16)
+    """Static steps (h, r), or multipliers of the base-predicted std, float16; ``lead`` at 2 zbits."""
+    coords = torch.einsum("bhtd,hdr->htr", residual, basis.encode)  # (h, n, r)
+    weight = None
+    if cfg.scale == "base":
+        h, r = basis.decode.shape[0], basis.decode.shape[-1]
+        unit = LayerBasis(basis.decode, basis.encode, steps=torch.ones(h, r, dtype=torch.float16))
+        dev = shared_step("base", block, unit)[0].float().transpose(1, 2)  # (h, n, r) predicted std
+        coords = torch.where(dev > 0, coords / dev.clamp_min(1e-30), 0.0)
+        weight = dev.square()
+    lead = cfg.lead
+    parts = [fit_steps(coords[..., lead:], cfg.zbits, None if weight is None else weight[..., lead:])]
+    if lead:
+        parts.insert(
+            0, fit_steps(coords[..., :lead], 2 * cfg.zbits, None if weight is None else weight[..., :lead])
+        )
+    return torch.cat(parts, dim=-1).to(torch.float16)
 
 
 def load_layers(method: Any, tensors: dict[str, torch.Tensor]) -> list[LayerBasis]:

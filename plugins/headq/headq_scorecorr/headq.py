@@ -25,7 +25,7 @@ from headq_core.errors import CalibrationError, SpecError
 from headq_core.registry import get_registry
 from headq_core.spec import Spec
 from headq_kernels import codes_per_word, quantize_symmetric, symmetric_step
-from headq_scorecorr.block import FLOAT_BITS, LayerBasis, LowRankBlock, Scale, shared_step
+from headq_scorecorr.block import FLOAT_BITS, LayerBasis, LowRankBlock, Scale, encode_side, shared_step
 from headq_scorecorr.fitting import fit_layers, load_layers
 
 Basis = Literal["query", "key", "random", "joint"]
@@ -46,6 +46,11 @@ class HeadQConfig(MethodConfig):
         validator=attrs.validators.in_(ZBITS),
         metadata={"help": "bits per side number; 16/32 keep unquantized floats"},
     )
+    lead: int = attrs.field(
+        default=0,
+        validator=attrs.validators.ge(0),
+        metadata={"help": "leading (most energetic) side numbers coded at 2*zbits [ours]"},
+    )
     scale: Scale = attrs.field(
         default="token",
         validator=attrs.validators.in_(("token", "static", "base")),
@@ -65,6 +70,14 @@ class HeadQConfig(MethodConfig):
         default=1, validator=attrs.validators.in_((1, -1)), metadata={"help": "-1: wrong-sign control"}
     )
     seed: int = attrs.field(default=0, metadata={"help": "seed of the random basis"})
+
+    def __attrs_post_init__(self) -> None:
+        if self.lead and (self.lead >= self.rank or self.zbits > 4 or self.scale == "token"):
+            raise ValueError(
+                "lead needs lead < rank, zbits <= 4 (its numbers take 2*zbits) and a static or "
+                f"base-derived scale; got lead={self.lead}, rank={self.rank}, zbits={self.zbits}, "
+                f"scale={self.scale}"
+            )
 
 
 class HeadQKeys(KeyQuantizer):
@@ -88,18 +101,22 @@ class HeadQKeys(KeyQuantizer):
         g = self.base.block_tokens
         if self.config.zbits in FLOAT_BITS:
             return g
-        return math.lcm(g, codes_per_word(self.config.zbits))  # side codes fill whole words
+        units = [g, codes_per_word(self.config.zbits)]
+        if self.config.lead:
+            units.append(codes_per_word(2 * self.config.zbits))
+        return math.lcm(*units)  # side codes fill whole words
 
     def stores(self) -> str:
         step = {"token": "+ fp16 step per token", "static": "static steps", "base": "steps from base"}
         return (
-            f"{self.base.stores()}; side code: {self.config.rank} x {self.config.zbits}-bit numbers "
-            f"per token, {step[self.config.scale]}, {self.config.basis} basis"
+            f"{self.base.stores()}; side code: {self.config.rank} numbers per token at "
+            f"{self.config.zbits} bits ({self.config.lead} of them at {2 * self.config.zbits}), "
+            f"{step[self.config.scale]}, {self.config.basis} basis"
         )
 
     def nominal_bits(self, head_dim: int) -> dict[str, float]:
         bits = dict(self.base.nominal_bits(head_dim))
-        side = self.config.rank * self.config.zbits / head_dim
+        side = (self.config.rank + self.config.lead) * self.config.zbits / head_dim
         if self.config.scale == "token" and self.config.zbits not in FLOAT_BITS:
             side += 16 / head_dim
         bits["side"] = bits.get("side", 0.0) + side
@@ -150,19 +167,20 @@ class HeadQKeys(KeyQuantizer):
         base = self.base.encode(keys, layer_idx)
         residual = keys.float() - base.dequantize(torch.float32)
         coords = torch.einsum("bhtd,hdr->bhrt", residual, basis.encode)  # (b, h, r, t)
-        zbits, step = self.config.zbits, None
+        zbits, step, lead_codes = self.config.zbits, None, None
         if zbits in FLOAT_BITS:
             codes = coords.to(FLOAT_BITS[zbits])
+        elif self.config.scale == "token":
+            step = symmetric_step(coords.abs().amax(dim=-2), zbits)  # (b, h, t)
+            codes = quantize_symmetric(coords, step.unsqueeze(-2), zbits)
         else:
-            if self.config.scale == "token":
-                step = symmetric_step(coords.abs().amax(dim=-2), zbits)  # (b, h, t)
-                codes = quantize_symmetric(coords, step.unsqueeze(-2), zbits)
-            else:
-                codes = quantize_symmetric(coords, shared_step(self.config.scale, base, basis), zbits)
+            shared = shared_step(self.config.scale, base, basis)
+            codes, lead_codes = encode_side(coords, shared, zbits, self.config.lead)
         return LowRankBlock(
             tokens=keys.shape[-2],
             base=base,
             codes=codes,
+            lead_codes=lead_codes,
             step=step,
             rank=basis.decode.shape[-1],
             zbits=zbits,

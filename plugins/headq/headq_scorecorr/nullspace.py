@@ -4,13 +4,18 @@ It adds to every encoded key an error the attention cannot see, at a chosen key 
 element, ``|e|^2 / d``), then stores the result with its base method (default ``fp16``), so key
 MSE is large while perplexity barely moves:
 
-- ``shift``: one random vector ``mu`` per (layer, KV head) added to every key. Logits of a query
-  move by the one constant ``q . mu``, which softmax ignores when every key moves; the cache keeps
-  the in-flight token and the window exact, so those are the tokens where it can show.
-- ``orthogonal``: per token a random direction in the orthogonal complement of the calibrated
-  query subspace (the eigenvectors of ``E[q q^T]`` beyond those that carry the fraction ``energy``
-  of the query energy), scaled to norm ``sqrt(mse * d)``. The direction is ``P G k / |P G k|``
-  for a seeded Gaussian ``G``: deterministic, and different for every key.
+- ``shift``: one random vector ``mu`` per (layer, KV head) added to every encoded key. Logits of a
+  query move by the one constant ``q . mu``, which softmax ignores when every key moves; the cache
+  keeps the in-flight token and the window exact, so the shift shows against those. With
+  ``energy=1`` ``mu`` is unconstrained; below 1 it is drawn in the free space below.
+- ``orthogonal``: per token a random direction in the free space: the orthogonal complement of
+  the calibrated query subspace (the eigenvectors of ``E[q q^T]`` beyond those that carry the
+  fraction ``energy`` of the query energy; at least the weakest one), scaled to norm
+  ``sqrt(mse * d)``. The direction is ``P G k / |P G k|`` for a seeded Gaussian ``G``:
+  deterministic, and different for every key.
+
+How invisible the injection can be depends on the model: the visible part of an error ``e`` is
+``e^T S e``, at least ``|e|^2`` times the smallest query eigenvalue.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ class NullSpaceConfig(MethodConfig):
     energy: float = attrs.field(
         default=0.999,
         validator=[attrs.validators.gt(0.0), attrs.validators.le(1.0)],
-        metadata={"help": "query energy fraction kept clear of the error (orthogonal mode)"},
+        metadata={"help": "query energy fraction kept clear of the error (1: no constraint)"},
     )
     seed: int = attrs.field(default=0, metadata={"help": "seed of the random error"})
 
@@ -84,17 +89,28 @@ class NullSpaceKeys(KeyQuantizer):
         d = stats.shape["head_dim"]
         out = []
         for moment in stats.query_moments:
+            projector = self._free_space(moment.double())
             if self.config.mode == "shift":
-                mu = torch.randn(moment.shape[0], d, generator=gen, dtype=torch.float64)
-                out.append(mu / mu.norm(dim=-1, keepdim=True) * (self.config.mse * d) ** 0.5)
-                continue
-            values, vectors = torch.linalg.eigh(moment.double())  # ascending
-            share = values.flip(-1).clamp_min(0).cumsum(-1) / values.clamp_min(0).sum(-1, keepdim=True)
-            keep = (share < self.config.energy).sum(-1) + 1  # top eigenvectors to stay clear of
-            free = torch.arange(d)[None, :] < (d - keep)[:, None]  # ascending order: the low ones
-            basis = vectors * free[:, None, :]
-            out.append(basis @ basis.transpose(-1, -2))
+                mu = projector @ torch.randn(moment.shape[0], d, 1, generator=gen, dtype=torch.float64)
+                mu = mu[..., 0] / mu[..., 0].norm(dim=-1, keepdim=True).clamp_min(1e-30)
+                out.append(mu * (self.config.mse * d) ** 0.5)
+            else:
+                out.append(projector)
         return {self.config.mode: torch.stack(out).float()}
+
+    def _free_space(self, moment: torch.Tensor) -> torch.Tensor:
+        """Projector (h, d, d) on the directions left once ``energy`` of the query energy is kept clear.
+
+        ``energy=1`` sets no constraint (the identity); otherwise at least the weakest direction.
+        """
+        h, d, _ = moment.shape
+        if self.config.energy >= 1.0:
+            return torch.eye(d, dtype=moment.dtype).expand(h, d, d).clone()
+        values, vectors = torch.linalg.eigh(moment)  # ascending
+        share = values.flip(-1).clamp_min(0).cumsum(-1) / values.clamp_min(0).sum(-1, keepdim=True)
+        keep = ((share < self.config.energy).sum(-1) + 1).clamp_max(d - 1)  # strongest to avoid
+        free = vectors * (torch.arange(d)[None, :] < (d - keep)[:, None])[:, None, :]
+        return free @ free.transpose(-1, -2)
 
     def bind(self, model_config: Any, calibration: Any = None) -> None:
         if calibration is None:
