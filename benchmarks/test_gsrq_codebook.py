@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("headq_gsrq", reason="headq-gsrq not installed")
 
-from headq_gsrq.kmeans import gskm, kmeans
+from headq_gsrq.learners import gskm, kmeans
 
 SAMPLES, DIM, CODEWORDS = 100_000, 8, 256
 

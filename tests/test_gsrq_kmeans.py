@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("headq_gsrq", reason="headq-gsrq not installed")
 
-from headq_gsrq.kmeans import assign, gskm, kmeans, reseed
+from headq_gsrq.learners import assign, gskm, kmeans, reseed
 
 
 def _data(b: int = 2, n: int = 2000, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

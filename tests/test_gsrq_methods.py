@@ -28,7 +28,10 @@ def _bound(kind: str, spec: str):
     return method
 
 
-@pytest.mark.parametrize("spec", ["gsrq:dim=8,stages=16x4", "gsrq:bits=1,dim=4", "gsrq:bits=0.5,dim=16"])
+@pytest.mark.parametrize(
+    "spec",
+    ["gsrq:dim=8,stages=16x4", "gsrq:bits=1,dim=4,scale=fisher", "gsrq:bits=0.5,dim=16,learner=kmeans"],
+)
 def test_lut_logits_and_readout_equal_dequantize_then_attend(spec: str) -> None:
     x = outlier_data((2, 2, 37, 32), seed=1)
     gen = torch.Generator().manual_seed(0)
@@ -94,10 +97,8 @@ def test_bad_specs_are_clear_errors(spec: str) -> None:
 
 def test_bits_report_index_payload_and_amortized_codebooks() -> None:
     registry = get_registry()
-    keys, values = (
-        registry.key_quantizer("gsrq:bits=1,dim=8"),
-        registry.value_policy("gsrq:dim=8,stages=16x4"),
-    )
+    keys = registry.key_quantizer("gsrq:bits=1,dim=8,scale=fisher")
+    values = registry.value_policy("gsrq:dim=8,stages=16x4,scale=fisher")
     calibration = synthetic_calibration([("key", keys), ("value", values)], CONFIG, tokens=512)
     cache = QuantizedKVCache(keys, values, window=3, sinks=2, config=CONFIG, calibration=calibration)
     b, h, t, d = 2, 2, 41, 32
@@ -111,8 +112,9 @@ def test_bits_report_index_payload_and_amortized_codebooks() -> None:
     assert bits["keys"]["payload"] == pytest.approx(1.0 * encoded)  # 8 bits per 8-channel sub-vector
     assert bits["values"]["payload"] == pytest.approx(0.75 * encoded)  # (4 + 2) bits per sub-vector
     assert bits["keys"]["exact"] == pytest.approx(16 * (3 + 2) / t)
-    key_books = 4 * 256 * 8 * 2  # bytes per layer: (P=4, 256, 8) float16
-    value_books = 4 * (16 + 4) * 8 * 2
+    scale = 2 * 32 * 2  # (kv_heads, head_dim) float16 channel scale per layer
+    key_books = 4 * 256 * 8 * 2 + scale  # bytes per layer: (P=4, 256, 8) float16, and the scale
+    value_books = 4 * (16 + 4) * 8 * 2 + scale
     assert bits["keys"]["other"] == pytest.approx(8 * key_books / elements)
     assert bits["values"]["other"] == pytest.approx(8 * value_books / elements)
     assert keys.state_nbytes(0) == key_books and values.state_nbytes(1) == value_books
@@ -140,7 +142,7 @@ def test_calibrate_fits_codebooks_saves_and_binds(tmp_path: Path) -> None:
     model = _tiny_lm()
     registry = get_registry()
     methods = [
-        ("key", registry.key_quantizer("gsrq:bits=1,dim=8")),
+        ("key", registry.key_quantizer("gsrq:bits=1,dim=8,scale=fisher")),
         ("value", registry.value_policy("gsrq:bits=0.5,dim=8,weighted=false")),
     ]
     windows = [torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(i)) for i in range(3)]
@@ -150,19 +152,22 @@ def test_calibrate_fits_codebooks_saves_and_binds(tmp_path: Path) -> None:
     assert set(artifact.metadata["statistics"]) == {"key_samples", "key_fisher", "value_samples"}
     names = sorted(artifact.tensors)
     assert names == [
-        "key:gsrq:bits=1.0/layer0.stage0",
-        "key:gsrq:bits=1.0/layer1.stage0",
+        "key:gsrq:bits=1.0,scale=fisher/layer0.scale",
+        "key:gsrq:bits=1.0,scale=fisher/layer0.stage0",
+        "key:gsrq:bits=1.0,scale=fisher/layer1.scale",
+        "key:gsrq:bits=1.0,scale=fisher/layer1.stage0",
         "value:gsrq:bits=0.5,weighted=false/layer0.stage0",
         "value:gsrq:bits=0.5,weighted=false/layer1.stage0",
     ]
     assert (
-        artifact.tensors[names[0]].shape == (4, 256, 8) and artifact.tensors[names[0]].dtype == torch.float16
+        artifact.tensors[names[1]].shape == (4, 256, 8) and artifact.tensors[names[1]].dtype == torch.float16
     )
+    assert artifact.tensors[names[0]].shape == (2, 32)
     loaded = Calibration.load(artifact.save(tmp_path / "gsrq.safetensors"), CONFIG)
     for name in names:
         assert torch.equal(loaded.tensors[name], artifact.tensors[name])
     cache = QuantizedKVCache(
-        "gsrq:bits=1,dim=8", "gsrq:bits=0.5,weighted=false", config=CONFIG, calibration=loaded
+        "gsrq:bits=1,dim=8,scale=fisher", "gsrq:bits=0.5,weighted=false", config=CONFIG, calibration=loaded
     )
     with torch.no_grad():
         model(torch.randint(0, 128, (2, 24)), past_key_values=cache, use_cache=True)
@@ -197,7 +202,7 @@ def test_missing_calibration_names_the_command() -> None:
         method = (
             registry.key_quantizer("gsrq:bits=2") if kind == "key" else registry.value_policy("gsrq:bits=2")
         )
-        with pytest.raises(CalibrationError, match=f"headq calibrate --{kind}s gsrq:bits=2.0"):
+        with pytest.raises(CalibrationError, match=f"headq calibrate --{kind}s 'gsrq:bits=2.0'"):
             method.bind(CONFIG, None)
         other = synthetic_calibration(
             [(kind, registry.key_quantizer("gsrq") if kind == "key" else registry.value_policy("gsrq"))],

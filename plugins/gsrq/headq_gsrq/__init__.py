@@ -12,7 +12,7 @@ from headq_core import hookimpl
 from headq_core.registry import Registry
 from headq_gsrq.block import CodebookBlock, LayerCodebooks
 from headq_gsrq.config import GsrqConfig
-from headq_gsrq.kmeans import Fitted, gskm, kmeans
+from headq_gsrq.learners import Fitted, gskm, kmeans
 from headq_gsrq.methods import GsrqKeys, GsrqValues
 
 __all__ = [

@@ -3,8 +3,10 @@
 A head vector of ``d`` channels is ``P = d / dim`` sub-vectors; sub-vector ``p`` is the sum of one
 codeword from each stage's codebook ``C_m[p]`` (``K_m`` codewords of ``dim`` channels). A token
 stores, per KV head, its ``P x M`` indices bit-packed in position-major, stage-minor order, least
-significant bit first, into ``ceil(P * sum_m log2 K_m / 8)`` bytes. The codebooks are the method's
-per-layer state (counted once per layer by ``state_nbytes``); blocks only refer to them.
+significant bit first, into ``ceil(P * sum_m log2 K_m / 8)`` bytes. With a channel scale ``s``
+(per KV head, from the Fisher statistic) the codewords approximate ``s * x`` and decode divides by
+``s``. The codebooks and scales are the method's per-layer state (counted once per layer by
+``state_nbytes``); blocks only refer to them.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from headq_core.layouts import Codebook, EncodedBlock, stored
 
 @attrs.define(eq=False)
 class LayerCodebooks:
-    """Codebooks of one layer and kind: ``stages[m]`` is (P, K_m, dim) float16, shared by all blocks.
+    """Codebooks of one layer and kind: ``stages[m]`` is (P, K_m, dim) float16, shared by all blocks;
+    ``scale`` (kv_heads, head_dim) float16 or None: the channel scale codewords live in.
 
     Compared by identity, so blocks of one layer merge and blocks of different layers do not.
     """
 
     stages: tuple[torch.Tensor, ...]
+    scale: torch.Tensor | None = None
 
     @property
     def positions(self) -> int:
@@ -38,11 +42,16 @@ class LayerCodebooks:
 
     @property
     def nbytes(self) -> int:
-        return sum(c.numel() * c.element_size() for c in self.stages)
+        held = [*self.stages, *([] if self.scale is None else [self.scale])]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def on(self, device: torch.device) -> list[torch.Tensor]:
         """The codebooks as float32 on ``device``: [(P, K_m, dim)]."""
         return [c.to(device=device, dtype=torch.float32) for c in self.stages]
+
+    def channel_scale(self, device: torch.device) -> torch.Tensor | None:
+        """(kv_heads, 1, head_dim) float32 on ``device``, to broadcast over (b, h, tokens, d); or None."""
+        return None if self.scale is None else self.scale.to(device=device, dtype=torch.float32)[:, None]
 
 
 def pack_indices(codes: torch.Tensor, widths: tuple[int, ...]) -> torch.Tensor:
@@ -92,8 +101,9 @@ class CodebookBlock(EncodedBlock):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes = self.codes()
-        out = decode(codes, self.books.on(codes.device))
-        return out.flatten(-2).to(dtype)
+        out = decode(codes, self.books.on(codes.device)).flatten(-2)
+        scale = self.books.channel_scale(codes.device)
+        return (out if scale is None else out / scale).to(dtype)
 
 
 def decode(codes: torch.Tensor, books: list[torch.Tensor]) -> torch.Tensor:

@@ -17,6 +17,7 @@ import attrs
 from headq_core import MethodConfig
 
 Learner = Literal["gskm", "kmeans"]
+Scale = Literal["fisher", "none"]
 MAX_STAGE_BITS = 8  # codewords per stage up to 256: indices fit a byte
 AUTO = "auto"
 
@@ -75,6 +76,13 @@ class GsrqConfig(MethodConfig):
     weighted: bool = attrs.field(
         default=True,
         metadata={"help": "weight samples by log(1 + F / median F), F the Fisher of the sub-vector"},
+    )
+    scale: Scale = attrs.field(
+        default="none",
+        validator=attrs.validators.in_(("fisher", "none")),
+        metadata={
+            "help": "quantize channels scaled by the root of their mean Fisher per KV head (none: as they are)"
+        },
     )
     iters: int = attrs.field(default=20, validator=_positive, metadata={"help": "learner passes per stage"})
     seed: int = attrs.field(default=0, metadata={"help": "seed of the learner"})

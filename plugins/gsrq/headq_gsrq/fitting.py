@@ -4,7 +4,9 @@ Per layer and kind (keys or values), every sub-vector position ``p`` gets its ow
 codebooks, learned on the sub-vectors at ``p`` of every KV head's calibration samples: stage 1 on
 the samples, stage ``m`` on what the earlier stages left (greedy residuals). Samples may be
 weighted by a log-smoothed Fisher weight ``log(1 + F / median F)``, ``F`` the squared gradient
-norm of the LM loss with respect to the sub-vector.
+norm of the LM loss with respect to the sub-vector. With ``scale=fisher`` the codebooks are learned
+on ``s * x``, ``s`` the root of each channel's mean Fisher per KV head (normalized to mean 1), so
+that squared error counts each channel by its effect on the loss (a diagonal Fisher metric).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from headq_gsrq.config import GsrqConfig
-from headq_gsrq.kmeans import Fitted, assign, gskm, kmeans
+from headq_gsrq.learners import Fitted, assign, gskm, kmeans
 
 
 def by_position(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -34,6 +36,13 @@ def fisher_weights(fisher: torch.Tensor, dim: int) -> torch.Tensor:
     scale = torch.where(scale > 0, scale, f.mean(dim=-1, keepdim=True))
     weights = torch.log1p(f / scale.clamp_min(torch.finfo(torch.float32).tiny))
     return torch.where(scale > 0, weights, torch.ones_like(weights))
+
+
+def channel_scale(fisher: torch.Tensor) -> torch.Tensor:
+    """Root mean Fisher per channel, (heads, n, d) -> (heads, d), mean 1 per head, floored at 1e-2."""
+    root = fisher.float().mean(dim=1).sqrt()
+    root = root / root.mean(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.where(root.mean(dim=-1, keepdim=True) > 0, root.clamp_min(1e-2), torch.ones_like(root))
 
 
 def nearest(residual: torch.Tensor, book: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ Keys: once per step, a table ``LUT[p, m, k] = q_p . C_m[p, k]`` per query row (`
 dot products of ``dim`` channels), then each token's logit is the sum of its ``P x M`` table
 entries, a gather-add. Values: attention is added into a per-codeword histogram
 ``H[p, m, k] = sum_t p_t [idx_t[p, m] = k]`` (a scatter-add over indices), then one product with
-each codebook gives the output. Both equal dequantize-then-attend up to float rounding.
+each codebook gives the output. Both equal dequantize-then-attend up to float rounding. A channel
+scale ``s`` moves to the query (``q / s``, once per step) and to the output (``o / s``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def lut_logits(query: torch.Tensor, block: CodebookBlock) -> torch.Tensor:
     codes = block.codes()  # (b, h, T, P, M)
     t, positions = codes.shape[2], codes.shape[3]
     books = block.books.on(query.device)
-    q = query.unflatten(-1, (positions, -1))  # (b, h, rows, P, dim)
+    scale = block.books.channel_scale(query.device)
+    q = (query if scale is None else query / scale).unflatten(-1, (positions, -1))  # (b, h, rows, P, dim)
     out = query.new_zeros((b, h, rows, t))
     for m, book in enumerate(books):
         size = book.shape[1]
@@ -64,4 +66,5 @@ def lut_readout(probs: torch.Tensor, block: CodebookBlock) -> torch.Tensor:
             source = weights.unsqueeze(-1).expand(-1, -1, -1, -1, positions).flatten(-2)
             hist.scatter_add_(-1, ids.expand(-1, -1, n, -1), source)
             out[:, :, part] += torch.einsum("bhrpk,pkc->bhrpc", hist.unflatten(-1, (positions, size)), book)
-    return out.flatten(-2)
+    scale = block.books.channel_scale(probs.device)
+    return out.flatten(-2) if scale is None else out.flatten(-2) / scale

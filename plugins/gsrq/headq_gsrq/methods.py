@@ -19,7 +19,7 @@ from headq_core.calibration import model_shape
 from headq_core.errors import CalibrationError
 from headq_gsrq.block import CodebookBlock, LayerCodebooks, pack_indices
 from headq_gsrq.config import GsrqConfig
-from headq_gsrq.fitting import encode_residual, fisher_weights, fit_layer
+from headq_gsrq.fitting import channel_scale, encode_residual, fisher_weights, fit_layer
 from headq_gsrq.lookup import lut_logits, lut_readout
 
 Kind = Literal["key", "value"]
@@ -34,20 +34,26 @@ class Codebooks:
 
     @property
     def needs(self) -> frozenset[str]:
-        names = {f"{self.kind}_samples"} | ({f"{self.kind}_fisher"} if self.config.weighted else set())
-        return frozenset(names)
+        fisher = self.config.weighted or self.config.scale == "fisher"
+        return frozenset({f"{self.kind}_samples", *([f"{self.kind}_fisher"] if fisher else [])})
 
     def fit(self, stats: Any) -> dict[str, torch.Tensor]:
-        """Stage codebooks per layer: ``layer{i}.stage{m}`` -> (P, K_m, dim) float16."""
+        """Per layer, ``layer{i}.stage{m}``: (P, K_m, dim) float16 codebooks; ``layer{i}.scale``:
+        (kv_heads, head_dim) float16 channel scales (``scale=fisher``)."""
+        cfg = self.config
         samples: list[torch.Tensor] = getattr(stats, f"{self.kind}_samples")
-        fisher: list[torch.Tensor] = getattr(stats, f"{self.kind}_fisher", []) if self.config.weighted else []
-        if self.config.weighted and len(fisher) != len(samples):
-            raise CalibrationError(f"weighted gsrq needs the {self.kind}_fisher statistic for every layer")
+        fisher: list[torch.Tensor] = getattr(stats, f"{self.kind}_fisher", [])
+        if f"{self.kind}_fisher" in self.needs and len(fisher) != len(samples):
+            raise CalibrationError(f"gsrq needs the {self.kind}_fisher statistic for every layer")
         out = {}
         for layer, x in enumerate(samples):
-            self.config.positions(x.shape[-1])
-            weights = fisher_weights(fisher[layer].cpu(), self.config.dim) if fisher else None
-            books = fit_layer(x, weights, self.config, seed=self.config.seed + 1009 * layer)
+            cfg.positions(x.shape[-1])
+            weights = fisher_weights(fisher[layer].cpu(), cfg.dim) if cfg.weighted else None
+            if cfg.scale == "fisher":
+                scale = channel_scale(fisher[layer].cpu()).half()
+                out[f"layer{layer}.scale"] = scale
+                x = x.cpu().float() * scale.float()[:, None]
+            books = fit_layer(x, weights, cfg, seed=cfg.seed + 1009 * layer)
             for m, book in enumerate(books):
                 out[f"layer{layer}.stage{m}"] = book.half()
         return out
@@ -56,6 +62,7 @@ class Codebooks:
         """Read the codebooks back, checking every stage's shape against the spec and the model."""
         sizes = self.config.sizes
         count = len({name.split(".")[0] for name in tensors})
+        scaled = self.config.scale == "fisher"
         shape = model_shape(model_config) if model_config is not None else None
         if shape is not None and count < shape["layers"]:
             raise CalibrationError(
@@ -75,10 +82,14 @@ class Codebooks:
                     got = None if book is None else tuple(book.shape)
                     raise CalibrationError(
                         f"{spec}: layer {layer} stage {m} codebook is {got}, expected ({want_p or 'P'}, {size}, "
-                        f"{self.config.dim}); recalibrate with `headq calibrate --{self.kind}s {spec}`"
+                        f"{self.config.dim}); recalibrate with `headq calibrate --{self.kind}s '{spec}'`"
                     )
                 stages.append(book.to(torch.float16).contiguous())
-            layers.append(LayerCodebooks(tuple(stages)))
+            scale = tensors.get(f"layer{layer}.scale") if scaled else None
+            if scaled and (scale is None or scale.shape[-1] != self.config.dim * stages[0].shape[0]):
+                got = None if scale is None else tuple(scale.shape)
+                raise CalibrationError(f"{spec}: layer {layer} channel scale is {got}; recalibrate")
+            layers.append(LayerCodebooks(tuple(stages), None if scale is None else scale.half().contiguous()))
         self.layers = layers
 
     def books(self, spec: str, layer_idx: int) -> LayerCodebooks:
@@ -97,7 +108,9 @@ class Codebooks:
             raise CalibrationError(
                 f"{spec}: codebooks cover {books.positions * books.dim} channels, keys have {x.shape[-1]}"
             )
-        sub = x.float().unflatten(-1, (books.positions, books.dim))  # (b, h, T, P, dim)
+        scale = books.channel_scale(x.device)
+        scaled = x.float() if scale is None else x.float() * scale
+        sub = scaled.unflatten(-1, (books.positions, books.dim))  # (b, h, T, P, dim)
         codes = encode_residual(sub, books.on(x.device))
         return CodebookBlock(tokens=x.shape[-2], indices=pack_indices(codes, books.widths), books=books)
 
@@ -106,17 +119,13 @@ class Codebooks:
 
 
 def _bind(method: GsrqKeys | GsrqValues, model_config: Any, calibration: Any) -> None:
-    spec, flag = str(method.spec), f"--{method.books.kind}s"
+    spec = str(method.spec)
     if calibration is None:
         raise CalibrationError(
-            f"{spec} needs codebooks: run `headq calibrate {flag} {spec} --out FILE`, "
+            f"{spec} needs codebooks: run `headq calibrate --{method.books.kind}s '{spec}' --out FILE`, "
             "then pass the file (--calibration FILE, or QuantizedKVCache(calibration=...))"
         )
-    try:
-        tensors = calibration.tensors_for(method.books.kind, method)
-    except CalibrationError as err:
-        raise CalibrationError(f"{err} (the command: `headq calibrate {flag} {spec} --out FILE`)") from None
-    method.books.bind(spec, model_config, tensors)
+    method.books.bind(spec, model_config, calibration.tensors_for(method.books.kind, method))
 
 
 class GsrqKeys(KeyQuantizer):
