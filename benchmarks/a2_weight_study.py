@@ -36,6 +36,7 @@ ENCODINGS = {
     "uniform 2-bit, group 64 (2.5 bits)": ("a2:frac=0,group=64", None),
     "A² greedy, w = sum p^2 (3.0 bits)": (A2, "sq"),
     "A² greedy, w = sum p (3.0 bits)": (A2 + ",weight=abs", "abs"),
+    "A² greedy down to 1 bit, w = sum p^2 (3.0 bits)": (A2 + ",bits=1", "sq"),
     "range only (3.0 bits)": (A2 + ",weight=none", None),
     "oracle: w = F (3.0 bits)": (A2, "future"),
 }

@@ -129,6 +129,10 @@ def bench(
     calibration: Annotated[Path | None, typer.Option(help="calibration artifact (headq calibrate)")] = None,
     out: Annotated[Path, typer.Option(help="output folder for JSON, Markdown and PNG")] = Path("results"),
     name: Annotated[str, typer.Option(help="file stem of the outputs")] = "bench",
+    skip: Annotated[
+        list[str] | None,
+        typer.Option("--skip", help="leave out a secondary stage: prefill, distortion or speed (repeatable)"),
+    ] = None,
 ) -> None:
     """Run a grid of key x value methods on one model and text and write the results table."""
     from headq_core.harness.run import BenchOptions, run_bench
@@ -149,6 +153,7 @@ def bench(
             diag_windows=diag_windows,
             baseline=(baseline_keys, baseline_values),
             calibration=calibration,
+            skip=skip,
         )
         run_bench(options, out_dir=out, stem=name, console=console)
     except HeadqError as err:

@@ -119,3 +119,30 @@ def test_suite_files_and_flag_precedence(tmp_path: Path) -> None:
     suite.write_text('[[rows]]\nkeys = "kivi"\n')
     with pytest.raises(HeadqError, match="needs 'keys' and 'values'"):
         read_suite(suite)
+
+
+def test_skipped_stages_leave_their_columns_empty(result, tmp_path: Path) -> None:
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, attn_implementation="headq",
+        )
+    ).eval()  # fmt: skip
+    windows = [torch.randint(0, 128, (96,), generator=torch.Generator().manual_seed(2))]
+    windowing = Windowing(prefix=64, scored=32, windows=1, batch=1)
+    skip = frozenset({"prefill", "distortion", "speed"})
+    row = measure(model, windows, Combination("kivi:bits=2", "fp16"), windowing, skip=skip)
+    assert math.isfinite(row["decode_ppl"]) and row["bits"]["keys"]["total"] < 16
+    assert row["prefill_ppl"] is None and row["decode_tokens_per_s"] is None and row["metrics"] == {}
+    table = markdown({**result, "rows": [row]})
+    (line,) = [line for line in table.splitlines() if line.startswith("| kivi")]
+    assert line.count("–") >= 3  # prefill PPL, attention KL, tok/s
+
+    suite = tmp_path / "suite.toml"
+    suite.write_text('[bench]\nskip = ["speed"]\n\n[[rows]]\nkeys = "kivi"\nvalues = "fp16"\n')
+    flags = dict(model=None, text=None, keys=[], values=[], suite=suite, prefix=None, scored=None,
+                 windows=None, batch=1, window=None, sinks=None, diag_windows=1, baseline=("kivi", "fp16"))  # fmt: skip
+    assert BenchOptions.from_cli(**flags).skip == {"speed"}
+    assert BenchOptions.from_cli(**flags, skip=["prefill"]).skip == {"prefill"}
+    with pytest.raises(HeadqError, match="optional stages are prefill, distortion, speed"):
+        BenchOptions.from_cli(**flags, skip=["perplexity"])

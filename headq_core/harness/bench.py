@@ -121,36 +121,43 @@ def measure(
     positions_per_window: int = 16,
     captured: list[Any] | None = None,
     speed_steps: int = 32,
+    skip: frozenset[str] = frozenset(),
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Every number of one row of the table."""
+    """Every number of one row of the table; stages named in `skip` (see OPTIONAL_STAGES) are left out."""
     settings = CacheSettings(combo.keys, combo.values, window=window, sinks=sinks, calibration=calibration)
     start = time.perf_counter()
     say = progress or (lambda _: None)
     say("decode perplexity")
     decode = perplexity(model, windows, settings, windowing, mode="decode")
-    say("prefill perplexity")
-    prefill = perplexity(model, windows, settings, windowing, mode="prefill")
+    prefill_ppl = None
+    if "prefill" not in skip:
+        say("prefill perplexity")
+        prefill_ppl = perplexity(model, windows, settings, windowing, mode="prefill").ppl
     cache = decode.caches[0]
     bits = cache.bits_per_element()
-    say("distortion")
-    table = distortion(
-        model,
-        windows[:diag_windows],
-        settings,
-        windowing.prefix,
-        positions_per_window=positions_per_window,
-        captured=captured,
-    )
-    means = table.means()
-    say("decode speed")
-    speed = decode_speed(model, windows[0][None, : windowing.prefix], settings, steps=speed_steps)
+    means: dict[str, torch.Tensor] = {}
+    if "distortion" not in skip:
+        say("distortion")
+        table = distortion(
+            model,
+            windows[:diag_windows],
+            settings,
+            windowing.prefix,
+            positions_per_window=positions_per_window,
+            captured=captured,
+        )
+        means = table.means()
+    speed = None
+    if "speed" not in skip:
+        say("decode speed")
+        speed = decode_speed(model, windows[0][None, : windowing.prefix], settings, steps=speed_steps)
     exact_tokens = _exact_tokens(cache)
     return {
         "keys": combo.keys,
         "values": combo.values,
         "decode_ppl": decode.ppl,
-        "prefill_ppl": prefill.ppl,
+        "prefill_ppl": prefill_ppl,
         "scored_tokens": decode.tokens,
         "bits": bits,
         "cache_bytes": cache.nbytes(),
@@ -189,7 +196,7 @@ def finish(rows: list[dict[str, Any]], baseline: Combination | None) -> dict[str
 
 def correlations(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Spearman correlation of each metric with attention KL across (layer, head, row) cells."""
-    cells = [r for r in rows if (r["keys"], r["values"]) != EXACT]
+    cells = [r for r in rows if (r["keys"], r["values"]) != EXACT and r["metrics_per_layer_head"]]
     if not cells:
         return {}
     names = cells[0]["metrics_per_layer_head"].keys()
@@ -199,6 +206,9 @@ def correlations(rows: list[dict[str, Any]]) -> dict[str, float]:
         for name in names
         if name != "attn_kl"
     }
+
+
+OPTIONAL_STAGES = ("prefill", "distortion", "speed")
 
 
 def capture_all(model: Any, windows: list[torch.Tensor]) -> list[Any]:

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from headq_core.errors import HeadqError, SpecError
 from headq_core.harness.bench import (
     EXACT,
+    OPTIONAL_STAGES,
     Combination,
     canonical,
     capture_all,
@@ -46,6 +47,7 @@ class BenchOptions:
     diag_windows: int = 2
     baseline: Combination | None = Combination("kivi:bits=2", "fp16")
     calibration: Path | None = None
+    skip: frozenset[str] = frozenset()
 
     @classmethod
     def from_cli(
@@ -65,6 +67,7 @@ class BenchOptions:
         diag_windows: int,
         baseline: tuple[str, str],
         calibration: Path | None = None,
+        skip: list[str] | None = None,
     ) -> BenchOptions:
         """Flags override the suite file's [bench] table, which overrides the defaults."""
         settings: dict[str, Any] = {}
@@ -95,7 +98,17 @@ class BenchOptions:
             diag_windows=diag_windows,
             baseline=Combination(*baseline),
             calibration=calibration,
+            skip=_stages(skip if skip is not None else settings.get("skip", [])),
         )
+
+
+def _stages(names: list[str]) -> frozenset[str]:
+    unknown = sorted(set(names) - set(OPTIONAL_STAGES))
+    if unknown:
+        raise HeadqError(
+            f"cannot skip {', '.join(unknown)}: the optional stages are {', '.join(OPTIONAL_STAGES)}"
+        )
+    return frozenset(names)
 
 
 def read_suite(path: Path) -> tuple[dict[str, Any], list[Combination]]:
@@ -173,7 +186,8 @@ def run_bench(
 
     # Build every cache once before measuring anything: a missing calibration or a bad spec fails now.
     for combo in combos:
-        CacheSettings(combo.keys, combo.values, options.window, options.sinks, calibration).build(loaded.model.config)
+        settings = CacheSettings(combo.keys, combo.values, options.window, options.sinks, calibration)
+        settings.build(loaded.model.config)
 
     rows: list[dict[str, Any]] = []
     with Progress(
@@ -184,7 +198,8 @@ def run_bench(
         console=console,
     ) as progress:
         task = progress.add_task("capturing exact attention", total=len(combos))
-        captured = capture_all(loaded.model, windows[: options.diag_windows])
+        diagnosed = [] if "distortion" in options.skip else windows[: options.diag_windows]
+        captured = capture_all(loaded.model, diagnosed)
         for combo in combos:
             label = combo.label
 
@@ -203,6 +218,7 @@ def run_bench(
                 calibration=calibration,
                 diag_windows=options.diag_windows,
                 captured=captured,
+                skip=options.skip,
                 progress=say,
             )
             rows.append(row)
@@ -223,6 +239,7 @@ def run_bench(
         "baseline": attrs.asdict(baseline) if baseline else None,
         "calibration": calibration.metadata if calibration is not None else None,
         "diagnostics": {"windows": options.diag_windows, "positions_per_window": 16},
+        "skipped": sorted(options.skip),
         "environment": environment(),
         "rows": rows,
         **extra,

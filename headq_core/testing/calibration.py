@@ -45,7 +45,9 @@ def synthetic_stats(
             stats.value_samples.append(values)
         for name in ("key_fisher", "value_fisher"):  # squared gradients, aligned with the samples
             if name in needs:
-                grads = torch.randn(h, tokens, d, generator=torch.Generator().manual_seed(seed + 97 * layer + 5))
+                grads = torch.randn(
+                    h, tokens, d, generator=torch.Generator().manual_seed(seed + 97 * layer + 5)
+                )
                 getattr(stats, name).append(grads.square())
     return stats
 

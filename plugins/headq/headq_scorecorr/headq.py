@@ -107,11 +107,17 @@ class HeadQKeys(KeyQuantizer):
         return math.lcm(*units)  # side codes fill whole words
 
     def stores(self) -> str:
-        step = {"token": "+ fp16 step per token", "static": "static steps", "base": "steps from base"}
+        cfg = self.config
+        step = {
+            "token": "an fp16 step per token",
+            "static": "static steps",
+            "base": "steps from the base's scales",
+        }
+        lead = f", the first {cfg.lead} at {2 * cfg.zbits}" if cfg.lead else ""
+        width = "float" if cfg.zbits in FLOAT_BITS else "bit"
         return (
-            f"{self.base.stores()}; side code: {self.config.rank} numbers per token at "
-            f"{self.config.zbits} bits ({self.config.lead} of them at {2 * self.config.zbits}), "
-            f"{step[self.config.scale]}, {self.config.basis} basis"
+            f"{self.base.stores()}; side code: {cfg.rank} numbers per token at {cfg.zbits} {width}s{lead}, "
+            f"{step[cfg.scale]}, {cfg.basis} basis"
         )
 
     def nominal_bits(self, head_dim: int) -> dict[str, float]:
