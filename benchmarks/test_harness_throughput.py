@@ -26,7 +26,9 @@ def setup():
 
     loaded = load_model()
     ids = tokenize(loaded.tokenizer, load_text(None).text)
-    return loaded.model, [row[0] for row in token_windows(ids, WINDOWING.prefix, WINDOWING.scored, WINDOWING.windows)]
+    return loaded.model, [
+        row[0] for row in token_windows(ids, WINDOWING.prefix, WINDOWING.scored, WINDOWING.windows)
+    ]
 
 
 @pytest.mark.parametrize("mode", ["decode", "stream"])
