@@ -19,6 +19,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from headq_core.cache import LAYER_ATTR, QuantizedLayer
+from headq_core.fused import fused_decode
 
 ATTN_NAME = "headq"
 
@@ -40,6 +41,10 @@ def headq_attention(
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     layer = getattr(key, LAYER_ATTR, None)
     b, hq, n, d = query.shape
+    if isinstance(layer, QuantizedLayer) and n == 1 and query.is_cuda:
+        fused = fused_decode(layer, query, attention_mask, scaling, softcap)
+        if fused is not None:
+            return fused.transpose(1, 2).contiguous(), None
     hkv = key.shape[1]
     if hq % hkv:
         raise ValueError(f"{hq} query heads cannot share {hkv} key/value heads")

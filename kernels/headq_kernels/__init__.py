@@ -1,16 +1,22 @@
 """Kernels for the quantized KV cache. Every kernel sits beside its torch reference.
 
-On machines without CUDA (and for layouts no kernel knows) the references are the code path.
+On machines without CUDA or Triton (and for layouts no kernel knows) the references are the
+code path; :func:`quantize_affine` picks the Triton kernel for CUDA tensors by itself.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
+import torch
+
+from headq_kernels import affine_reference
 from headq_kernels.affine_reference import (
     SUPPORTED_BITS,
     codes_per_word,
     dequantize_affine,
     pack_codes,
-    quantize_affine,
     unpack_codes,
 )
 from headq_kernels.symmetric_reference import (
@@ -18,6 +24,30 @@ from headq_kernels.symmetric_reference import (
     quantize_symmetric,
     symmetric_step,
 )
+
+
+@functools.cache
+def _triton_affine() -> Any:
+    try:
+        from headq_kernels import triton_affine
+    except ImportError:  # no Triton on this machine
+        return None
+    return triton_affine
+
+
+def quantize_affine(
+    x: torch.Tensor, bits: int, group: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Affine quantize-and-pack; see :func:`headq_kernels.affine_reference.quantize_affine`.
+
+    CUDA tensors run the Triton kernel (bit for bit the same codes, scales and minima) where it
+    supports the group; everything else runs the torch reference.
+    """
+    kernel = _triton_affine() if x.is_cuda else None
+    if kernel is not None and kernel.supports(x, bits, group):
+        return kernel.quantize_affine(x, bits, group)  # type: ignore[no-any-return]
+    return affine_reference.quantize_affine(x, bits, group)
+
 
 __all__ = [
     "SUPPORTED_BITS",

@@ -1,0 +1,261 @@
+"""GPU benchmark: fused decode attention over the quantized cache against fp16 SDPA and dequantize+SDPA.
+
+One layer at Llama-3-8B shapes (32 query heads, 8 KV heads, head_dim 128), one query token per
+sequence, for each batch and context. Providers:
+
+- ``fp16-sdpa``: PyTorch SDPA over an fp16 cache (GQA folded into the query rows, so the flash
+  kernel reads each KV head once);
+- ``dequant-sdpa``: dequantize the whole KIVI-2 cache to fp16 with the torch reference, then SDPA
+  (what a cache that stores quantized tensors but attends in fp16 does each step);
+- ours: the fused Triton kernel over KIVI-2 (G=32), KIVI-4, and HeadQ rank 8 on KIVI-2, each with
+  a full-precision window of 128 tokens, cache held as 8,192-token blocks.
+
+Every row reports the median time (``triton.testing.do_bench``), the speed-up over both
+baselines, the bytes the path must read (the cache as stored, plus the query) and those bytes per
+second against the device-to-device copy bandwidth measured in the same run. Quantize-and-pack
+throughput is measured likewise. Run::
+
+    python benchmarks/decode_kernels.py --out kernels.json
+
+CUDA and Triton only; ``test_decode_kernels.py`` runs a few rows under pytest-benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+HQ, HKV, D = 32, 8, 128
+WINDOW = 128
+CHUNK = 8192
+
+
+def bench(fn: Any) -> float:
+    """Median milliseconds of ``fn`` on the GPU."""
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read plus written per second."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    return 2 * x.numel() / (ms * 1e-3)
+
+
+def _methods(keys: str, values: str) -> tuple[Any, Any]:
+    from transformers import LlamaConfig
+
+    from headq_core import get_registry
+    from headq_core.testing.calibration import synthetic_calibration
+
+    registry = get_registry()
+    km, vm = registry.key_quantizer(keys), registry.value_policy(values)
+    config = LlamaConfig(
+        hidden_size=HQ * D, num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D, num_hidden_layers=1
+    )
+    needs = [(kind, m) for kind, m in (("key", km), ("value", vm)) if m.calibration_needs]
+    calibration = synthetic_calibration(needs, config, tokens=1024) if needs else None
+    km.bind(config, calibration)
+    vm.bind(config, calibration)
+    return km, vm
+
+
+class Cache:
+    """One layer's stored state: blocks of CHUNK tokens and an fp16 window, built once."""
+
+    def __init__(self, keys: str, values: str, batch: int, context: int) -> None:
+        from headq_core import fused
+        from headq_core.layouts import block_nbytes
+
+        self.km, self.vm = _methods(keys, values)
+        encoded = (context - WINDOW) // 32 * 32
+        self.k_blocks, self.v_blocks = [], []
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        for start in range(0, encoded, CHUNK):
+            n = min(CHUNK, encoded - start)
+            k = torch.randn((batch, HKV, n, D), generator=gen, device="cuda", dtype=torch.float16)
+            v = torch.randn((batch, HKV, n, D), generator=gen, device="cuda", dtype=torch.float16)
+            self.k_blocks.append(self.km.encode(k, 0))
+            self.v_blocks.append(self.vm.encode(v, 0))
+        tail = context - encoded
+        self.k_window = torch.randn((batch, HKV, tail, D), generator=gen, device="cuda", dtype=torch.float16)
+        self.v_window = torch.randn_like(self.k_window)
+        self.nbytes = sum(sum(block_nbytes(b).values()) for b in self.k_blocks + self.v_blocks)
+        self.nbytes += 2 * self.k_window.numel() * 2
+        kernels = fused._triton()
+        kd = fused._describe(self.k_blocks, torch.float16, keys=True)
+        vd = fused._describe(self.v_blocks, torch.float16, keys=False)
+        assert kd is not None and vd is not None
+        self.kd = kd
+        self.block_n = max(64, kd[1])
+        k_segments = [fused._segment(kernels, b, b.tokens) for b in self.k_blocks]
+        v_segments = [fused._segment(kernels, b, b.tokens) for b in self.v_blocks]
+        self.segments = (
+            [*k_segments, kernels.Dense(self.k_window)],
+            [*v_segments, kernels.Dense(self.v_window)],
+        )
+        self.batch = batch
+        self.plan = self.make_plan()
+
+    def make_plan(self) -> Any:
+        from headq_core import fused
+
+        kernels = fused._triton()
+        kb, kg, rank, zbits = self.kd
+        return kernels.plan(
+            *self.segments, batch_heads=self.batch * HKV, key_bits=kb, key_group=kg, value_bits=self.v_blocks[0].bits,
+            value_group=self.v_blocks[0].group, side_rank=rank, side_bits=zbits, block_n=self.block_n,
+        )  # fmt: skip
+
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        from headq_core import fused
+
+        side = None
+        if self.kd[2]:
+            first = self.k_blocks[0]
+            side = first.sign * torch.einsum("bhgd,hdr->bhgr", q.float(), first.basis.decode.float())
+        return fused._triton().attend(q, self.plan, scale=D**-0.5, side_query=side, block_n=self.block_n)
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        k = torch.cat([b.dequantize(torch.float16) for b in self.k_blocks] + [self.k_window], dim=2)
+        v = torch.cat([b.dequantize(torch.float16) for b in self.v_blocks] + [self.v_window], dim=2)
+        return k, v
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)  # q: (b, hkv, g, d), GQA folded into rows
+
+
+OURS = {
+    "kivi2": ("kivi:bits=2", "kivi:bits=2"),
+    "kivi4": ("kivi:bits=4", "kivi:bits=4"),
+    "headq-r8": ("headq:rank=8,zbits=4", "kivi:bits=2"),
+}
+
+
+def check(cache: Cache, q: torch.Tensor) -> float:
+    """Relative error of the kernel against dequantize + SDPA in float32 (HeadQ: base keys + correction)."""
+    k, v = cache.dequantized()
+    ref = sdpa(q.float(), k.float(), v.float())
+    got = cache.attend(q).float()
+    return float((got - ref).norm() / ref.norm())
+
+
+def run(batches: list[int], contexts: list[int], budget_gib: float) -> dict[str, Any]:
+    props = torch.cuda.get_device_properties(0)
+    bandwidth = copy_bandwidth()
+    rows: list[dict[str, Any]] = []
+    for batch in batches:
+        for context in contexts:
+            fp16_bytes = 2 * batch * HKV * context * D * 2
+            if 3 * fp16_bytes > budget_gib * 2**30:
+                print(f"skip batch {batch} context {context}: over the memory budget", file=sys.stderr)
+                continue
+            q = torch.randn((batch, HKV, HQ // HKV, D), device="cuda", dtype=torch.float16)
+            k = torch.randn((batch, HKV, context, D), device="cuda", dtype=torch.float16)
+            v = torch.randn_like(k)
+            t_fp16 = bench(lambda q=q, k=k, v=v: sdpa(q, k, v))
+            del k, v
+            base = {"batch": batch, "context": context}
+            rows.append({**base, "provider": "fp16-sdpa", "ms": t_fp16, "bytes": fp16_bytes})
+            t_deq = None
+            for name, (keys, values) in OURS.items():
+                cache = Cache(keys, values, batch, context)
+                if name == "kivi2":
+                    try:
+                        t_deq = bench(lambda cache=cache, q=q: sdpa(q, *cache.dequantized()))
+                        rows.append({**base, "provider": "dequant-sdpa", "ms": t_deq, "bytes": cache.nbytes})
+                    except torch.OutOfMemoryError:
+                        print(f"dequant-sdpa batch {batch} context {context}: out of memory", file=sys.stderr)
+                    torch.cuda.empty_cache()
+                t = bench(lambda cache=cache, q=q: cache.attend(q))
+                t_plan = bench(cache.make_plan)
+                err = check(cache, q) if context <= 32768 else None
+                rows.append(
+                    {
+                        **base,
+                        "provider": name,
+                        "ms": t,
+                        "plan_ms": t_plan,
+                        "bytes": cache.nbytes,
+                        "rel_err": err,
+                    }
+                )
+                del cache
+                torch.cuda.empty_cache()
+            for row in rows:
+                if row["batch"] == batch and row["context"] == context:
+                    row["vs_fp16"] = t_fp16 / row["ms"]
+                    row["vs_dequant"] = (t_deq / row["ms"]) if t_deq else None
+                    row["bandwidth_frac"] = row["bytes"] / (row["ms"] * 1e-3) / bandwidth
+    quant = []
+    for bits in (2, 4):
+        from headq_kernels import triton_affine
+
+        x = torch.randn((8, HKV, 32768, D), device="cuda", dtype=torch.float16)
+        for axis in ("tokens", "channels"):
+            src = x.transpose(-1, -2) if axis == "tokens" else x
+            ms = bench(lambda src=src, bits=bits: triton_affine.quantize_affine(src, bits, 32))
+            moved = x.numel() * 2 + x.numel() * bits // 8 + x.numel() // 32 * 4
+            quant.append({"bits": bits, "axis": axis, "ms": ms, "tokens_per_s": 8 * 32768 / (ms * 1e-3),
+                          "bandwidth_frac": moved / (ms * 1e-3) / bandwidth})  # fmt: skip
+    return {
+        "device": props.name,
+        "torch": torch.__version__,
+        "copy_bandwidth": bandwidth,
+        "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "window": WINDOW, "block_tokens": CHUNK},
+        "rows": rows,
+        "quantize": quant,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['device']}, copy bandwidth {result['copy_bandwidth'] / 1e12:.2f} TB/s (read + write)",
+        "| batch | context | provider | time (us) | vs fp16-sdpa | vs dequant-sdpa | GB read | of copy BW | rel err |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        dq = f"{r['vs_dequant']:.1f}x" if r.get("vs_dequant") else "-"
+        err = f"{r['rel_err']:.1e}" if r.get("rel_err") is not None else "-"
+        lines.append(
+            f"| {r['batch']} | {r['context']} | {r['provider']} | {1e3 * r['ms']:.0f} | {r['vs_fp16']:.2f}x | {dq} | "
+            f"{r['bytes'] / 1e9:.3f} | {100 * r['bandwidth_frac']:.0f}% | {err} |"
+        )
+    lines += [
+        "",
+        "| quantize-and-pack | bits | time (us) | tokens/s | of copy BW |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["quantize"]:
+        lines.append(
+            f"| {r['axis']} | {r['bits']} | {1e3 * r['ms']:.0f} | {r['tokens_per_s']:.3g} | {100 * r['bandwidth_frac']:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768, 65536, 131072])
+    parser.add_argument("--budget-gib", type=float, default=60.0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    result = run(args.batches, args.contexts, args.budget_gib)
+    text = table(result)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

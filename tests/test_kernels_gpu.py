@@ -1,0 +1,233 @@
+"""Triton kernels against their torch references, on a GPU (skipped without CUDA and Triton).
+
+Tolerances of the fused decode attention against the reference path (which computes in float32
+from the same stored tensors): the kernel feeds the matrix units in the model's dtype, so keys
+and values dequantized in float32 are rounded once more, as are the softmax weights.
+
+| dtype    | relative error of the attention output |
+| -------- | -------------------------------------- |
+| float16  | 4e-3                                   |
+| bfloat16 | 3e-2                                   |
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+triton = pytest.importorskip("triton")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from headq_core import QuantizedKVCache, get_registry  # noqa: E402
+from headq_core import fused as fused_module  # noqa: E402
+from headq_core.attention import headq_attention  # noqa: E402
+from headq_core.harness.perplexity import CacheSettings, Windowing, perplexity  # noqa: E402
+from headq_core.testing.calibration import synthetic_calibration  # noqa: E402
+from headq_kernels import affine_reference, triton_affine, triton_decode  # noqa: E402
+
+TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
+CUDA = torch.device("cuda")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def outliers(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Gaussian data with a few large channels, as keys have; never all zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen)
+    x[..., :: max(1, shape[-1] // 5)] *= 6.0
+    return x.to(dtype).to(CUDA)
+
+
+# --- quantize and pack ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_quantize_pack_is_bit_exact_on_both_axes(bits: int, group: int, dtype: torch.dtype) -> None:
+    # Values grouped along channels: (batch, heads, tokens, channels), an awkward token count.
+    values = outliers((3, 5, 37, 256), seed=bits * 100 + group, dtype=dtype)
+    values[0, 0, 3, :group] = 1.25  # a zero-range group
+    # Keys grouped along tokens, read through the transposed view the KIVI plugin passes.
+    keys = outliers((2, 3, 3 * group, 96), seed=bits * 100 + group + 1, dtype=dtype).transpose(-1, -2)
+    for x in (values, keys):
+        got = triton_affine.quantize_affine(x, bits, group)
+        want = affine_reference.quantize_affine(x, bits, group)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            assert torch.equal(g, w)
+
+
+def test_dispatcher_uses_the_kernel_on_cuda_and_the_reference_elsewhere(monkeypatch) -> None:
+    import headq_kernels
+
+    x = outliers((4, 64, 128), seed=3, dtype=torch.float16)
+    calls = []
+    real = triton_affine.quantize_affine
+    monkeypatch.setattr(triton_affine, "quantize_affine", lambda *a: calls.append(1) or real(*a))
+    on_gpu = headq_kernels.quantize_affine(x, 2, 32)
+    on_cpu = headq_kernels.quantize_affine(x.cpu(), 2, 32)
+    assert calls == [1]
+    for g, c in zip(on_gpu, on_cpu, strict=True):
+        assert torch.equal(g.cpu(), c)
+
+
+# --- fused decode attention against the reference path --------------------------------------------
+
+
+class _Attn(torch.nn.Module):
+    training = False
+
+
+def _config(hq: int, hkv: int, d: int) -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=hq * d, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=d,
+        num_hidden_layers=1, intermediate_size=64, vocab_size=64,
+    )  # fmt: skip
+
+
+def _masks(pads: list[int], n: int, total: int) -> torch.Tensor:
+    """(b, 1, n, total) bool: causal over the last n positions, left padding per row."""
+    pos = torch.arange(total, device=CUDA)
+    query = torch.arange(total - n, total, device=CUDA)
+    pad = torch.tensor(pads, device=CUDA)
+    mask = (pos[None, None, :] <= query[None, :, None]) & (pos[None, None, :] >= pad[:, None, None])
+    return mask[:, None]
+
+
+def _run_pair(
+    monkeypatch,
+    keys: str,
+    values: str,
+    *,
+    b: int,
+    hq: int,
+    hkv: int,
+    d: int,
+    prefix: int,
+    steps: int,
+    window: int,
+    sinks: int,
+    dtype: torch.dtype,
+    pads: list[int] | None = None,
+) -> list[float]:
+    """Identical caches, one attended by the reference and one by the kernel; per-step errors."""
+    config = _config(hq, hkv, d)
+    registry = get_registry()
+    methods = [("key", registry.key_quantizer(keys)), ("value", registry.value_policy(values))]
+    needs = [(kind, m) for kind, m in methods if m.calibration_needs]
+    calibration = synthetic_calibration(needs, config, tokens=512) if needs else None
+    caches = [
+        QuantizedKVCache(keys, values, window=window, sinks=sinks, config=config, calibration=calibration)
+        for _ in range(2)
+    ]
+    pads = pads or [0] * b
+    scaling = d**-0.5
+    module = _Attn()
+    calls: list[int] = []
+    real = triton_decode.attend
+    monkeypatch.setattr(triton_decode, "attend", lambda *a, **k: calls.append(1) or real(*a, **k))
+    errors = []
+    total = 0
+    for step in range(steps + 1):
+        n = prefix if step == 0 else 1
+        k = outliers((b, hkv, n, d), seed=10 * step + 1, dtype=dtype)
+        v = outliers((b, hkv, n, d), seed=10 * step + 2, dtype=dtype)
+        q = outliers((b, hq, n, d), seed=10 * step + 3, dtype=dtype)
+        total += n
+        mask = _masks(pads, n, total)
+        outs = []
+        for cache, use_kernel in zip(caches, (False, True), strict=True):
+            monkeypatch.setenv(fused_module.ENV, "1" if use_kernel else "0")
+            tagged, vv = cache.update(k, v, 0)
+            outs.append(headq_attention(module, q, tagged, vv, mask, scaling)[0])
+        if step:
+            ref, got = outs
+            live = torch.tensor([p < total for p in pads], device=CUDA)
+            assert torch.isfinite(got).all()
+            errors.append(rel(got[live], ref[live]))
+    assert len(calls) == steps, "the fused kernel did not run"
+    return errors
+
+
+CASES = [
+    ("kivi:bits=2", "kivi:bits=2"),
+    ("kivi:bits=4,group=64", "kivi:bits=4"),
+    ("kivi:bits=1", "kivi:bits=8,group=64"),
+    ("kivi:bits=8", "kivi:bits=1"),
+    ("kivi:bits=2", "fp16"),
+    ("fp16", "kivi:bits=2"),
+    ("fp16", "fp16"),
+    ("headq", "kivi:bits=2"),
+    ("headq:rank=16,zbits=2", "fp16"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("keys", "values"), CASES)
+def test_decode_matches_reference_per_layout(monkeypatch, keys: str, values: str, dtype: torch.dtype) -> None:
+    errors = _run_pair(
+        monkeypatch, keys, values, b=2, hq=8, hkv=2, d=64, prefix=95, steps=3, window=0, sinks=0, dtype=dtype
+    )
+    assert max(errors) < TOLERANCE[dtype], errors
+
+
+@pytest.mark.parametrize(
+    ("hq", "hkv", "d"),
+    [(32, 8, 128), (8, 1, 128), (4, 4, 256), (12, 3, 64)],
+    ids=["gqa", "mqa", "mha256", "g4d64"],
+)
+@pytest.mark.parametrize(
+    ("prefix", "window", "sinks"),
+    # the window holds R-1, 0 and 1 tokens after the prefill; steps cross a group boundary
+    [(63, 32, 0), (96, 0, 0), (97, 0, 0), (130, 5, 4), (1100, 0, 0)],
+)
+def test_decode_matches_reference_on_awkward_shapes(monkeypatch, hq, hkv, d, prefix, window, sinks) -> None:
+    errors = _run_pair(
+        monkeypatch, "kivi:bits=2", "kivi:bits=2", b=3, hq=hq, hkv=hkv, d=d, prefix=prefix, steps=3,
+        window=window, sinks=sinks, dtype=torch.float16, pads=[0, 7, 40],
+    )  # fmt: skip
+    assert max(errors) < TOLERANCE[torch.float16], errors
+
+
+def test_layouts_the_kernel_does_not_know_run_on_the_reference(monkeypatch) -> None:
+    """A² values want attention statistics, so the whole step stays on the reference path."""
+    with pytest.raises(AssertionError, match="did not run"):
+        _run_pair(
+            monkeypatch, "kivi:bits=2", "a2:frac=0", b=1, hq=4, hkv=2, d=64, prefix=70, steps=2, window=0,
+            sinks=0, dtype=torch.float16,
+        )  # fmt: skip
+
+
+def test_harness_perplexity_is_the_same_on_the_kernel_and_reference_paths(monkeypatch) -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.2, attn_implementation="headq",
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to(CUDA, torch.float16).eval()
+    gen = torch.Generator().manual_seed(1)
+    windows = [torch.randint(0, 256, (160,), generator=gen) for _ in range(2)]
+    windowing = Windowing(prefix=96, scored=64, windows=2, batch=2)
+    settings = CacheSettings("kivi:bits=2", "kivi:bits=2", window=8, sinks=2)
+    calls: list[int] = []
+    real = triton_decode.attend
+    monkeypatch.setattr(triton_decode, "attend", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv(fused_module.ENV, "0")
+    reference = perplexity(model, windows, settings, windowing, mode="stream").ppl
+    assert not calls
+    monkeypatch.setenv(fused_module.ENV, "1")
+    kernel = perplexity(model, windows, settings, windowing, mode="stream").ppl
+    assert len(calls) == 2 * 63  # every decode step of both layers
+    assert math.isfinite(kernel) and abs(kernel / reference - 1) < 5e-3, (kernel, reference)
