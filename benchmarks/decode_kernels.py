@@ -33,6 +33,7 @@ import torch.nn.functional as F
 HQ, HKV, D = 32, 8, 128
 WINDOW = 128
 CHUNK = 8192
+LAUNCH = {"half": True, "block_n": 64, "num_warps": 4, "num_stages": 2}  # --tune replaces it
 
 
 def bench(fn: Any) -> float:
@@ -95,7 +96,7 @@ class Cache:
         vd = fused._describe(self.v_blocks, torch.float16, keys=False)
         assert kd is not None and vd is not None
         self.kd = kd
-        self.block_n = max(64, kd[1])
+        self.block_n = max(LAUNCH["block_n"], kd[1])
         k_segments = [fused._segment(kernels, b, b.tokens) for b in self.k_blocks]
         v_segments = [fused._segment(kernels, b, b.tokens) for b in self.v_blocks]
         self.segments = (
@@ -122,7 +123,10 @@ class Cache:
         if self.kd[2]:
             first = self.k_blocks[0]
             side = first.sign * torch.einsum("bhgd,hdr->bhgr", q.float(), first.basis.decode.float())
-        return fused._triton().attend(q, self.plan, scale=D**-0.5, side_query=side, block_n=self.block_n)
+        return fused._triton().attend(
+            q, self.plan, scale=D**-0.5, side_query=side, block_n=self.block_n, half=LAUNCH["half"],
+            num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
+        )  # fmt: skip
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         k = torch.cat([b.dequantize(torch.float16) for b in self.k_blocks] + [self.k_window], dim=2)
@@ -217,6 +221,64 @@ def run(batches: list[int], contexts: list[int], budget_gib: float) -> dict[str,
     }
 
 
+VARIANTS = [  # (half-precision dequant, block_n, warps, stages)
+    (True, 64, 4, 2),
+    (True, 128, 4, 2),
+    (True, 128, 8, 2),
+    (True, 32, 4, 2),
+    (False, 64, 4, 2),
+    (False, 128, 4, 2),
+]
+
+
+def compiler_report(compiled: Any) -> dict[str, Any]:
+    """Registers, spills and the instructions that move data between threads, from the compiled kernel."""
+    ptx, ttgir = compiled.asm.get("ptx", ""), compiled.asm.get("ttgir", "")
+    return {
+        "registers": compiled.n_regs,
+        "spills": compiled.n_spills,
+        "shared_bytes": compiled.metadata.shared,
+        "convert_layout": ttgir.count("convert_layout"),
+        "ld_shared": ptx.count("ld.shared"),
+        "st_shared": ptx.count("st.shared"),
+        "local_memory": ptx.count("ld.local") + ptx.count("st.local"),
+        "mma": ptx.count("mma.sync"),
+    }
+
+
+def variants(batch: int, context: int, out_dir: str | None = None) -> tuple[bool, int, int, int]:
+    """Time KIVI-2 under each dequant precision and launch shape; return the fastest."""
+    from headq_core import fused
+
+    kernels = fused._triton()
+    bandwidth = copy_bandwidth()
+    cache = Cache("kivi:bits=2", "kivi:bits=2", batch, context)
+    q = torch.randn((batch, HKV, HQ // HKV, D), device="cuda", dtype=torch.float16)
+    print(f"KIVI-2 batch {batch} context {context}")
+    print("| half | block_n | warps | stages | time (us) | of copy BW | compiler |")
+    best: tuple[float, tuple[bool, int, int, int]] = (float("inf"), VARIANTS[0])
+    for half, block_n, warps, stages in VARIANTS:
+        cache.block_n = block_n
+        plan = cache.make_plan()
+
+        def fn(plan=plan, h=half, b=block_n, w=warps, st=stages):
+            return kernels.attend(q, plan, scale=D**-0.5, block_n=b, num_warps=w, num_stages=st, half=h)
+
+        try:
+            ms = bench(fn)
+        except Exception as err:  # a launch shape the compiler refuses
+            print(f"| {half} | {block_n} | {warps} | {stages} | failed: {type(err).__name__}: {err} |")
+            continue
+        report = compiler_report(kernels.last_compiled)
+        if out_dir:
+            with open(f"{out_dir}/kernel-{int(half)}-{block_n}-{warps}.ttgir", "w") as f:
+                f.write(kernels.last_compiled.asm["ttgir"])
+        frac = cache.nbytes / (ms * 1e-3) / bandwidth
+        print(f"| {half} | {block_n} | {warps} | {stages} | {1e3 * ms:.0f} | {100 * frac:.0f}% | {report} |")
+        best = min(best, (ms, (half, block_n, warps, stages)))
+    return best[1]
+
+
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"{result['device']}, copy bandwidth {result['copy_bandwidth'] / 1e12:.2f} TB/s (read + write)",
@@ -248,8 +310,17 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768, 65536, 131072])
     parser.add_argument("--budget-gib", type=float, default=60.0)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--tune", action="store_true", help="time launch variants at batch 8, 32k first; use the best"
+    )
+    parser.add_argument("--asm-dir", default=None, help="where --tune writes each variant's TTGIR")
     args = parser.parse_args()
+    if args.tune:
+        half, block_n, warps, stages = variants(8, 32768, args.asm_dir)
+        LAUNCH.update(half=half, block_n=block_n, num_warps=warps, num_stages=stages)
+        print(f"chosen: {LAUNCH}")
     result = run(args.batches, args.contexts, args.budget_gib)
+    result["launch"] = dict(LAUNCH)
     text = table(result)
     print(text)
     if args.out:

@@ -66,7 +66,9 @@ def quantize_affine(
     lo = grouped.amin(dim=-1)
     hi = grouped.amax(dim=-1)
     zero = lo.to(torch.float16)
-    scale = ((hi - lo) / levels).to(torch.float16)
+    # Times the float32 reciprocal, not a division: CUDA torch divides by a scalar that way, so
+    # this is the same arithmetic on every device (and in the Triton kernel).
+    scale = ((hi - lo) * (1.0 / levels)).to(torch.float16)
     safe = torch.where(scale > 0, scale.float(), torch.ones_like(lo))
     codes = torch.round((grouped - zero.float().unsqueeze(-1)) / safe.unsqueeze(-1))
     codes = codes.clamp_(0, levels).reshape(x.shape)

@@ -2,7 +2,8 @@
 
 One program quantizes ``BLOCK_R`` rows times one group: min and max along the group, a float16
 scale and minimum, codes rounded half to even against the float16-rounded scale (exactly the
-reference's arithmetic: IEEE division, ``rint``), packed ``32 // bits`` to an int32 word with the
+reference's arithmetic: a float32 reciprocal for the scale, IEEE division for the codes,
+``rint``), packed ``32 // bits`` to an int32 word with the
 first code in the lowest bits. The grouped axis may be strided, so keys grouped along tokens
 (``keys.transpose(-1, -2)``) are read in place, without a transposed copy.
 """
@@ -43,7 +44,7 @@ def _quantize_pack_kernel(
     hi = tl.max(x, axis=1)
     levels: tl.constexpr = (1 << BITS) - 1
     zero = lo.to(tl.float16)
-    scale = tl.div_rn(hi - lo, tl.full(lo.shape, levels, tl.float32)).to(tl.float16)
+    scale = ((hi - lo) * (1.0 / levels)).to(tl.float16)  # the reference's float32 reciprocal
     safe = tl.where(scale > 0, scale.to(tl.float32), 1.0)
     q = libdevice.rint(tl.div_rn(x - zero.to(tl.float32)[:, None], safe[:, None] + tl.zeros_like(x)))
     q = tl.minimum(tl.maximum(q, 0.0), levels * 1.0).to(tl.int32)

@@ -21,6 +21,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import triton
@@ -31,6 +32,7 @@ KIND, TOKENS, PTR0, PTR1, PTR2, STRIDE_B, STRIDE_H, STRIDE_T, SIDE_CODES, SIDE_S
 COLUMNS = 10
 AFFINE, DENSE = 0, 1
 LOG2E = 1.4426950408889634
+last_compiled: Any = None  # the split kernel as last launched: registers, spills and assembly for reports
 
 
 @dataclass
@@ -92,12 +94,12 @@ class Plan:
 
 
 @triton.jit
-def _unpack_rows(words, BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """(ROWS, COLS // per_word) int32 words -> (ROWS, COLS) float32 codes, first code lowest."""
+def _unpack_rows(words, BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, OUT: tl.constexpr):
+    """(ROWS, COLS // per_word) int32 words -> (ROWS, COLS) codes in OUT, first code lowest."""
     per_word: tl.constexpr = 32 // BITS
     shifts = tl.arange(0, per_word) * BITS
     lanes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-    return tl.reshape(lanes, (ROWS, COLS)).to(tl.float32)
+    return tl.reshape(lanes.to(OUT), (ROWS, COLS))
 
 
 @triton.jit
@@ -142,9 +144,22 @@ COLUMNS_C: tl.constexpr = tl.constexpr(COLUMNS)
 
 @triton.jit
 def _affine_keys_t(
-    row, bh, off, c, D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr
+    row,
+    bh,
+    off,
+    c,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GATHER: tl.constexpr,
+    MATH: tl.constexpr,
 ):
-    """Affine keys grouped along tokens: tokens off..off+BLOCK_N as a (D, BLOCK_N) float32 tile."""
+    """Affine keys grouped along tokens: tokens off..off+BLOCK_N as a (D, BLOCK_N) float32 tile.
+
+    GATHER: every element loads its own word and scale (repeats hit L1) and shifts in place, with
+    no reshape; otherwise each word is loaded once and its lanes spread by a reshape.
+    """
     tokens = tl.load(row + TOKENS_C)
     n_words = tokens * BITS // 32
     n_groups = tokens // GROUP
@@ -154,19 +169,40 @@ def _affine_keys_t(
     codes = tl.load(row + PTR0_C).to(tl.pointer_type(tl.int32)) + bh * D * n_words
     scale = tl.load(row + PTR1_C).to(tl.pointer_type(tl.float16)) + bh * D * n_groups
     zero = tl.load(row + PTR2_C).to(tl.pointer_type(tl.float16)) + bh * D * n_groups
-    w = off // per_word + tl.arange(0, words)
-    packed = tl.load(codes + c[:, None] * n_words + w[None, :], mask=w[None, :] < n_words, other=0)
-    g = off // GROUP + tl.arange(0, groups)
-    gmask = g[None, :] < n_groups
-    s = tl.load(scale + c[:, None] * n_groups + g[None, :], mask=gmask, other=0.0).to(tl.float32)
-    z = tl.load(zero + c[:, None] * n_groups + g[None, :], mask=gmask, other=0.0).to(tl.float32)
-    q = _unpack_rows(packed, BITS, D, BLOCK_N)
-    return q * _spread(s, D, groups, GROUP) + _spread(z, D, groups, GROUP)
+    if GATHER:
+        t = off + tl.arange(0, BLOCK_N)
+        inside = (t < tokens)[None, :]
+        packed = tl.load(codes + c[:, None] * n_words + (t // per_word)[None, :], mask=inside, other=0)
+        q = ((packed >> ((t % per_word) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+        gi = c[:, None] * n_groups + (t // GROUP)[None, :]
+        s = tl.load(scale + gi, mask=inside, other=0.0).to(tl.float32)
+        z = tl.load(zero + gi, mask=inside, other=0.0).to(tl.float32)
+        return q * s + z
+    else:
+        w = off // per_word + tl.arange(0, words)
+        packed = tl.load(codes + c[:, None] * n_words + w[None, :], mask=w[None, :] < n_words, other=0)
+        g = off // GROUP + tl.arange(0, groups)
+        gmask = g[None, :] < n_groups
+        s = tl.load(scale + c[:, None] * n_groups + g[None, :], mask=gmask, other=0.0).to(MATH)
+        z = tl.load(zero + c[:, None] * n_groups + g[None, :], mask=gmask, other=0.0).to(MATH)
+        q = _unpack_rows(packed, BITS, D, BLOCK_N, MATH)
+        return q * _spread(s, D, groups, GROUP) + _spread(z, D, groups, GROUP)
 
 
 @triton.jit
 def _affine_values(
-    row, bh, off, n, live, D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr
+    row,
+    bh,
+    off,
+    n,
+    c,
+    live,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GATHER: tl.constexpr,
+    MATH: tl.constexpr,
 ):
     """Affine values grouped along channels: tokens off+n as a (BLOCK_N, D) float32 tile."""
     tokens = tl.load(row + TOKENS_C)
@@ -177,17 +213,33 @@ def _affine_values(
     scale = tl.load(row + PTR1_C).to(tl.pointer_type(tl.float16)) + bh * tokens * groups
     zero = tl.load(row + PTR2_C).to(tl.pointer_type(tl.float16)) + bh * tokens * groups
     t = (off + n)[:, None].to(tl.int64)
-    packed = tl.load(codes + t * words + tl.arange(0, words)[None, :], mask=live[:, None], other=0)
-    gi = tl.arange(0, groups)[None, :]
-    s = tl.load(scale + t * groups + gi, mask=live[:, None], other=0.0).to(tl.float32)
-    z = tl.load(zero + t * groups + gi, mask=live[:, None], other=0.0).to(tl.float32)
-    q = _unpack_rows(packed, BITS, BLOCK_N, D)
-    return q * _spread(s, BLOCK_N, groups, GROUP) + _spread(z, BLOCK_N, groups, GROUP)
+    if GATHER:
+        packed = tl.load(codes + t * words + (c // per_word)[None, :], mask=live[:, None], other=0)
+        q = ((packed >> ((c % per_word) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+        gi = t * groups + (c // GROUP)[None, :]
+        s = tl.load(scale + gi, mask=live[:, None], other=0.0).to(tl.float32)
+        z = tl.load(zero + gi, mask=live[:, None], other=0.0).to(tl.float32)
+        return q * s + z
+    else:
+        packed = tl.load(codes + t * words + tl.arange(0, words)[None, :], mask=live[:, None], other=0)
+        gi = tl.arange(0, groups)[None, :]
+        s = tl.load(scale + t * groups + gi, mask=live[:, None], other=0.0).to(MATH)
+        z = tl.load(zero + t * groups + gi, mask=live[:, None], other=0.0).to(MATH)
+        q = _unpack_rows(packed, BITS, BLOCK_N, D, MATH)
+        return q * _spread(s, BLOCK_N, groups, GROUP) + _spread(z, BLOCK_N, groups, GROUP)
 
 
 @triton.jit
 def _side_term(
-    row, bh, off, qr, R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr
+    row,
+    bh,
+    off,
+    qr,
+    R: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BITS: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
     """HeadQ: (G_PAD, BLOCK_N) logits ``(U^T q) . z_hat`` of tokens off..off+BLOCK_N."""
     tokens = tl.load(row + TOKENS_C)
@@ -197,14 +249,19 @@ def _side_term(
     codes = tl.load(row + SIDE_CODES_C).to(tl.pointer_type(tl.int32)) + bh * R * n_words
     step = tl.load(row + SIDE_STEP_C).to(tl.pointer_type(tl.float16)) + bh * tokens
     r = tl.arange(0, R_PAD)
-    w = off // per_word + tl.arange(0, words)
-    packed = tl.load(
-        codes + r[:, None] * n_words + w[None, :], mask=(r[:, None] < R) & (w[None, :] < n_words), other=0
-    )
     t = off + tl.arange(0, BLOCK_N)
     st = tl.load(step + t, mask=t < tokens, other=0.0).to(tl.float32)
     levels: tl.constexpr = (1 << BITS) - 1
-    z = (_unpack_rows(packed, BITS, R_PAD, BLOCK_N) - levels / 2) * st[None, :]
+    if GATHER:
+        inside = (r[:, None] < R) & (t < tokens)[None, :]
+        packed = tl.load(codes + r[:, None] * n_words + (t // per_word)[None, :], mask=inside, other=0)
+        lanes = ((packed >> ((t % per_word) * BITS)[None, :]) & levels).to(tl.float32)
+        z = (lanes - levels / 2) * st[None, :]
+    else:
+        w = off // per_word + tl.arange(0, words)
+        inside = (r[:, None] < R) & (w[None, :] < n_words)
+        packed = tl.load(codes + r[:, None] * n_words + w[None, :], mask=inside, other=0)
+        z = (_unpack_rows(packed, BITS, R_PAD, BLOCK_N, tl.float32) - levels / 2) * st[None, :]
     z = tl.where(r[:, None] < R, z, 0.0)
     return tl.dot(qr, z)
 
@@ -235,6 +292,8 @@ def _decode_split_kernel(
     Z_BITS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     DT: tl.constexpr,
+    GATHER: tl.constexpr,
+    MATH: tl.constexpr,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -275,10 +334,12 @@ def _decode_split_kernel(
             s = tl.dot(q, kt)
         else:
             if k_kind == 0:
-                kt = _affine_keys_t(krow, bh64, k_off + t, c, D, BLOCK_N, K_BITS, K_GROUP).to(DT)
+                kt = _affine_keys_t(krow, bh64, k_off + t, c, D, BLOCK_N, K_BITS, K_GROUP, GATHER, MATH).to(
+                    DT
+                )
                 s = tl.dot(q, kt)
                 if R > 0:
-                    s += _side_term(krow, bh64, k_off + t, qr, R, R_PAD, BLOCK_N, Z_BITS)
+                    s += _side_term(krow, bh64, k_off + t, qr, R, R_PAD, BLOCK_N, Z_BITS, GATHER)
             else:
                 kt = _dense_tile_t(krow, b, h, k_off + t, n, c, live, DT)
                 s = tl.dot(q, kt)
@@ -295,7 +356,9 @@ def _decode_split_kernel(
             v = _dense_tile(vrow, b, h, v_off + t, n, c, live, DT)
         else:
             if v_kind == 0:
-                v = _affine_values(vrow, bh64, v_off + t, n, live, D, BLOCK_N, V_BITS, V_GROUP).to(DT)
+                v = _affine_values(
+                    vrow, bh64, v_off + t, n, c, live, D, BLOCK_N, V_BITS, V_GROUP, GATHER, MATH
+                ).to(DT)
             else:
                 v = _dense_tile(vrow, b, h, v_off + t, n, c, live, DT)
         acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
@@ -446,6 +509,8 @@ def attend(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    gather: bool = False,
+    half: bool = True,
 ) -> torch.Tensor:
     """Attention of q (b, hkv, g, d) (float16 or bfloat16) over a plan's tokens -> (b, hkv, g, d).
 
@@ -469,7 +534,8 @@ def attend(
         if side_query is None:
             raise ValueError("these keys carry a side code: pass side_query")
         side_query = side_query.float().contiguous()
-    _decode_split_kernel[(plan.n_splits, b * hkv)](
+    global last_compiled
+    last_compiled = _decode_split_kernel[(plan.n_splits, b * hkv)](
         q,
         side_query if r else q,
         plan.segments,
@@ -494,6 +560,8 @@ def attend(
         Z_BITS=max(1, plan.side_bits),
         HAS_MASK=mask is not None,
         DT=dt,
+        GATHER=gather,
+        MATH=dt if half else tl.float32,
         num_warps=num_warps,
         num_stages=num_stages,
     )
