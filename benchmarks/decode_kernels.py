@@ -154,6 +154,8 @@ def check(cache: Cache, q: torch.Tensor) -> float:
 
 
 def run(batches: list[int], contexts: list[int], budget_gib: float) -> dict[str, Any]:
+    from headq_core import fused
+
     props = torch.cuda.get_device_properties(0)
     bandwidth = copy_bandwidth()
     rows: list[dict[str, Any]] = []
@@ -191,6 +193,7 @@ def run(batches: list[int], contexts: list[int], budget_gib: float) -> dict[str,
                         "plan_ms": t_plan,
                         "bytes": cache.nbytes,
                         "rel_err": err,
+                        "compiler": compiler_report(fused._triton().last_compiled),
                     }
                 )
                 del cache
