@@ -11,7 +11,9 @@ the program reads each segment where the cache keeps it, in its own layout:
   or dense tokens.
 
 Segments are described by a small int64 table of device pointers and strides (no copy of the
-cache); :func:`plan` builds it, :func:`attend` runs a plan. The torch reference for the same
+cache); :func:`plan` builds it, :func:`attend` runs a plan: one launch per pair of segment kinds
+(affine or dense keys, affine or dense values), so that no program branches on the kind inside
+its token loop, and every program reads its segments' pointers once, before the loop. The torch reference for the same
 computation is the cache's attention path (``headq_core.attention.attend_quantized``).
 """
 
@@ -81,7 +83,8 @@ class Plan:
     """Device tables for one decode step, and the tensors they point into (kept alive)."""
 
     segments: torch.Tensor  # (n_segments, COLUMNS) int64
-    splits: torch.Tensor  # (n_splits, 6) int32: k_seg, k_off, v_seg, v_off, length, position
+    # per (keys affine, values affine): (n, 7) int32 rows k_seg, k_off, v_seg, v_off, length, position, split
+    launches: list[tuple[bool, bool, torch.Tensor]]
     n_splits: int
     length: int
     key_bits: int
@@ -108,28 +111,6 @@ def _spread(x, ROWS: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr):
     return tl.reshape(tl.broadcast_to(x[:, :, None], (ROWS, GROUPS, GROUP)), (ROWS, GROUPS * GROUP))
 
 
-@triton.jit
-def _dense_tile_t(row, bh_b, bh_h, off, n, c, live, DT: tl.constexpr):
-    """A dense segment's tokens off+n as a (D, BLOCK_N) tile."""
-    base = tl.load(row + PTR0_C).to(tl.pointer_type(DT))
-    sb = tl.load(row + STRIDE_B_C)
-    sh = tl.load(row + STRIDE_H_C)
-    st = tl.load(row + STRIDE_T_C)
-    ptr = base + bh_b * sb + bh_h * sh + (off + n)[None, :].to(tl.int64) * st + c[:, None]
-    return tl.load(ptr, mask=live[None, :], other=0.0)
-
-
-@triton.jit
-def _dense_tile(row, bh_b, bh_h, off, n, c, live, DT: tl.constexpr):
-    """A dense segment's tokens off+n as a (BLOCK_N, D) tile."""
-    base = tl.load(row + PTR0_C).to(tl.pointer_type(DT))
-    sb = tl.load(row + STRIDE_B_C)
-    sh = tl.load(row + STRIDE_H_C)
-    st = tl.load(row + STRIDE_T_C)
-    ptr = base + bh_b * sb + bh_h * sh + (off + n)[:, None].to(tl.int64) * st + c[None, :]
-    return tl.load(ptr, mask=live[:, None], other=0.0)
-
-
 PTR0_C: tl.constexpr = tl.constexpr(PTR0)
 PTR1_C: tl.constexpr = tl.constexpr(PTR1)
 PTR2_C: tl.constexpr = tl.constexpr(PTR2)
@@ -140,128 +121,91 @@ TOKENS_C: tl.constexpr = tl.constexpr(TOKENS)
 SIDE_CODES_C: tl.constexpr = tl.constexpr(SIDE_CODES)
 SIDE_STEP_C: tl.constexpr = tl.constexpr(SIDE_STEP)
 COLUMNS_C: tl.constexpr = tl.constexpr(COLUMNS)
+SPLIT_COLUMNS_C: tl.constexpr = tl.constexpr(7)
 
 
 @triton.jit
 def _affine_keys_t(
-    row,
-    bh,
+    codes,
+    scale,
+    zero,
+    n_words,
+    n_groups,
     off,
     c,
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
-    GATHER: tl.constexpr,
     MATH: tl.constexpr,
 ):
-    """Affine keys grouped along tokens: tokens off..off+BLOCK_N as a (D, BLOCK_N) float32 tile.
+    """Keys grouped along tokens, tokens off..off+BLOCK_N of one head: a (D, BLOCK_N) tile in MATH.
 
-    GATHER: every element loads its own word and scale (repeats hit L1) and shifts in place, with
-    no reshape; otherwise each word is loaded once and its lanes spread by a reshape.
+    Each word is loaded once; its lanes and the group scales are spread in registers by reshapes.
     """
-    tokens = tl.load(row + TOKENS_C)
-    n_words = tokens * BITS // 32
-    n_groups = tokens // GROUP
     per_word: tl.constexpr = 32 // BITS
     words: tl.constexpr = BLOCK_N // per_word
     groups: tl.constexpr = BLOCK_N // GROUP
-    codes = tl.load(row + PTR0_C).to(tl.pointer_type(tl.int32)) + bh * D * n_words
-    scale = tl.load(row + PTR1_C).to(tl.pointer_type(tl.float16)) + bh * D * n_groups
-    zero = tl.load(row + PTR2_C).to(tl.pointer_type(tl.float16)) + bh * D * n_groups
-    if GATHER:
-        t = off + tl.arange(0, BLOCK_N)
-        inside = (t < tokens)[None, :]
-        packed = tl.load(codes + c[:, None] * n_words + (t // per_word)[None, :], mask=inside, other=0)
-        q = ((packed >> ((t % per_word) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
-        gi = c[:, None] * n_groups + (t // GROUP)[None, :]
-        s = tl.load(scale + gi, mask=inside, other=0.0).to(tl.float32)
-        z = tl.load(zero + gi, mask=inside, other=0.0).to(tl.float32)
-        return q * s + z
-    else:
-        w = off // per_word + tl.arange(0, words)
-        packed = tl.load(codes + c[:, None] * n_words + w[None, :], mask=w[None, :] < n_words, other=0)
-        g = off // GROUP + tl.arange(0, groups)
-        gmask = g[None, :] < n_groups
-        s = tl.load(scale + c[:, None] * n_groups + g[None, :], mask=gmask, other=0.0).to(MATH)
-        z = tl.load(zero + c[:, None] * n_groups + g[None, :], mask=gmask, other=0.0).to(MATH)
-        q = _unpack_rows(packed, BITS, D, BLOCK_N, MATH)
-        return q * _spread(s, D, groups, GROUP) + _spread(z, D, groups, GROUP)
+    w = off // per_word + tl.arange(0, words)
+    packed = tl.load(codes + c[:, None] * n_words + w[None, :], mask=w[None, :] < n_words, other=0)
+    g = off // GROUP + tl.arange(0, groups)
+    gmask = g[None, :] < n_groups
+    s = tl.load(scale + c[:, None] * n_groups + g[None, :], mask=gmask, other=0.0).to(MATH)
+    z = tl.load(zero + c[:, None] * n_groups + g[None, :], mask=gmask, other=0.0).to(MATH)
+    q = _unpack_rows(packed, BITS, D, BLOCK_N, MATH)
+    return q * _spread(s, D, groups, GROUP) + _spread(z, D, groups, GROUP)
 
 
 @triton.jit
 def _affine_values(
-    row,
-    bh,
-    off,
-    n,
-    c,
+    codes,
+    scale,
+    zero,
+    t,
     live,
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
-    GATHER: tl.constexpr,
     MATH: tl.constexpr,
 ):
-    """Affine values grouped along channels: tokens off+n as a (BLOCK_N, D) float32 tile."""
-    tokens = tl.load(row + TOKENS_C)
+    """Values grouped along channels, tokens t (BLOCK_N,) of one head: a (BLOCK_N, D) tile in MATH."""
     per_word: tl.constexpr = 32 // BITS
     words: tl.constexpr = D // per_word
     groups: tl.constexpr = D // GROUP
-    codes = tl.load(row + PTR0_C).to(tl.pointer_type(tl.int32)) + bh * tokens * words
-    scale = tl.load(row + PTR1_C).to(tl.pointer_type(tl.float16)) + bh * tokens * groups
-    zero = tl.load(row + PTR2_C).to(tl.pointer_type(tl.float16)) + bh * tokens * groups
-    t = (off + n)[:, None].to(tl.int64)
-    if GATHER:
-        packed = tl.load(codes + t * words + (c // per_word)[None, :], mask=live[:, None], other=0)
-        q = ((packed >> ((c % per_word) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
-        gi = t * groups + (c // GROUP)[None, :]
-        s = tl.load(scale + gi, mask=live[:, None], other=0.0).to(tl.float32)
-        z = tl.load(zero + gi, mask=live[:, None], other=0.0).to(tl.float32)
-        return q * s + z
-    else:
-        packed = tl.load(codes + t * words + tl.arange(0, words)[None, :], mask=live[:, None], other=0)
-        gi = tl.arange(0, groups)[None, :]
-        s = tl.load(scale + t * groups + gi, mask=live[:, None], other=0.0).to(MATH)
-        z = tl.load(zero + t * groups + gi, mask=live[:, None], other=0.0).to(MATH)
-        q = _unpack_rows(packed, BITS, BLOCK_N, D, MATH)
-        return q * _spread(s, BLOCK_N, groups, GROUP) + _spread(z, BLOCK_N, groups, GROUP)
+    rows = t[:, None].to(tl.int64)
+    packed = tl.load(codes + rows * words + tl.arange(0, words)[None, :], mask=live[:, None], other=0)
+    gi = rows * groups + tl.arange(0, groups)[None, :]
+    s = tl.load(scale + gi, mask=live[:, None], other=0.0).to(MATH)
+    z = tl.load(zero + gi, mask=live[:, None], other=0.0).to(MATH)
+    q = _unpack_rows(packed, BITS, BLOCK_N, D, MATH)
+    return q * _spread(s, BLOCK_N, groups, GROUP) + _spread(z, BLOCK_N, groups, GROUP)
 
 
 @triton.jit
 def _side_term(
-    row,
-    bh,
+    codes,
+    step,
+    n_words,
+    tokens,
     off,
     qr,
     R: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BITS: tl.constexpr,
-    GATHER: tl.constexpr,
 ):
     """HeadQ: (G_PAD, BLOCK_N) logits ``(U^T q) . z_hat`` of tokens off..off+BLOCK_N."""
-    tokens = tl.load(row + TOKENS_C)
-    n_words = tokens * BITS // 32
     per_word: tl.constexpr = 32 // BITS
     words: tl.constexpr = BLOCK_N // per_word
-    codes = tl.load(row + SIDE_CODES_C).to(tl.pointer_type(tl.int32)) + bh * R * n_words
-    step = tl.load(row + SIDE_STEP_C).to(tl.pointer_type(tl.float16)) + bh * tokens
+    levels: tl.constexpr = (1 << BITS) - 1
     r = tl.arange(0, R_PAD)
     t = off + tl.arange(0, BLOCK_N)
     st = tl.load(step + t, mask=t < tokens, other=0.0).to(tl.float32)
-    levels: tl.constexpr = (1 << BITS) - 1
-    if GATHER:
-        inside = (r[:, None] < R) & (t < tokens)[None, :]
-        packed = tl.load(codes + r[:, None] * n_words + (t // per_word)[None, :], mask=inside, other=0)
-        lanes = ((packed >> ((t % per_word) * BITS)[None, :]) & levels).to(tl.float32)
-        z = (lanes - levels / 2) * st[None, :]
-    else:
-        w = off // per_word + tl.arange(0, words)
-        inside = (r[:, None] < R) & (w[None, :] < n_words)
-        packed = tl.load(codes + r[:, None] * n_words + w[None, :], mask=inside, other=0)
-        z = (_unpack_rows(packed, BITS, R_PAD, BLOCK_N, tl.float32) - levels / 2) * st[None, :]
+    w = off // per_word + tl.arange(0, words)
+    inside = (r[:, None] < R) & (w[None, :] < n_words)
+    packed = tl.load(codes + r[:, None] * n_words + w[None, :], mask=inside, other=0)
+    z = (_unpack_rows(packed, BITS, R_PAD, BLOCK_N, tl.float32) - levels / 2) * st[None, :]
     z = tl.where(r[:, None] < R, z, 0.0)
     return tl.dot(qr, z)
 
@@ -283,8 +227,10 @@ def _decode_split_kernel(
     G_PAD: tl.constexpr,
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    K_AFFINE: tl.constexpr,
     K_BITS: tl.constexpr,
     K_GROUP: tl.constexpr,
+    V_AFFINE: tl.constexpr,
     V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr,
     R: tl.constexpr,
@@ -292,25 +238,47 @@ def _decode_split_kernel(
     Z_BITS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     DT: tl.constexpr,
-    GATHER: tl.constexpr,
     MATH: tl.constexpr,
 ):
-    split = tl.program_id(0)
+    """One split of one (sequence, KV head); every split of a launch has the same segment kinds."""
     bh = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)
     h = (bh % HKV).to(tl.int64)
     bh64 = bh.to(tl.int64)
-    srow = split_ptr + split * 6
-    k_seg = tl.load(srow)
+    srow = split_ptr + tl.program_id(0) * SPLIT_COLUMNS_C
     k_off = tl.load(srow + 1)
-    v_seg = tl.load(srow + 2)
     v_off = tl.load(srow + 3)
     length = tl.load(srow + 4)
     position = tl.load(srow + 5)
-    krow = seg_ptr + k_seg * COLUMNS_C
-    vrow = seg_ptr + v_seg * COLUMNS_C
-    k_kind = tl.load(krow)
-    v_kind = tl.load(vrow)
+    split = tl.load(srow + 6)
+    krow = seg_ptr + tl.load(srow) * COLUMNS_C
+    vrow = seg_ptr + tl.load(srow + 2) * COLUMNS_C
+
+    # Everything about the two segments is read once, before the token loop.
+    k_tokens = tl.load(krow + TOKENS_C)
+    if K_AFFINE:
+        k_words = k_tokens * K_BITS // 32
+        k_groups = k_tokens // K_GROUP
+        k_codes = tl.load(krow + PTR0_C).to(tl.pointer_type(tl.int32)) + bh64 * D * k_words
+        k_scale = tl.load(krow + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * D * k_groups
+        k_zero = tl.load(krow + PTR2_C).to(tl.pointer_type(tl.float16)) + bh64 * D * k_groups
+        if R > 0:
+            z_words = k_tokens * Z_BITS // 32
+            z_codes = tl.load(krow + SIDE_CODES_C).to(tl.pointer_type(tl.int32)) + bh64 * R * z_words
+            z_step = tl.load(krow + SIDE_STEP_C).to(tl.pointer_type(tl.float16)) + bh64 * k_tokens
+    else:
+        k_base = tl.load(krow + PTR0_C).to(tl.pointer_type(DT))
+        k_base += b * tl.load(krow + STRIDE_B_C) + h * tl.load(krow + STRIDE_H_C)
+        k_stride = tl.load(krow + STRIDE_T_C)
+    if V_AFFINE:
+        v_tokens = tl.load(vrow + TOKENS_C)
+        v_codes = tl.load(vrow + PTR0_C).to(tl.pointer_type(tl.int32)) + bh64 * v_tokens * (D * V_BITS // 32)
+        v_scale = tl.load(vrow + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * v_tokens * (D // V_GROUP)
+        v_zero = tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16)) + bh64 * v_tokens * (D // V_GROUP)
+    else:
+        v_base = tl.load(vrow + PTR0_C).to(tl.pointer_type(DT))
+        v_base += b * tl.load(vrow + STRIDE_B_C) + h * tl.load(vrow + STRIDE_H_C)
+        v_stride = tl.load(vrow + STRIDE_T_C)
 
     g = tl.arange(0, G_PAD)
     c = tl.arange(0, D)
@@ -329,20 +297,20 @@ def _decode_split_kernel(
     acc = tl.zeros((G_PAD, D), tl.float32)
     for t in range(0, length, BLOCK_N):
         live = t + n < length
-        if K_BITS == 0:
-            kt = _dense_tile_t(krow, b, h, k_off + t, n, c, live, DT)
-            s = tl.dot(q, kt)
+        if K_AFFINE:
+            kt = _affine_keys_t(
+                k_codes, k_scale, k_zero, k_words, k_groups, k_off + t, c, D, BLOCK_N, K_BITS, K_GROUP, MATH
+            )
+            s = tl.dot(q, kt.to(DT))
+            if R > 0:
+                s += _side_term(z_codes, z_step, z_words, k_tokens, k_off + t, qr, R, R_PAD, BLOCK_N, Z_BITS)
         else:
-            if k_kind == 0:
-                kt = _affine_keys_t(krow, bh64, k_off + t, c, D, BLOCK_N, K_BITS, K_GROUP, GATHER, MATH).to(
-                    DT
-                )
-                s = tl.dot(q, kt)
-                if R > 0:
-                    s += _side_term(krow, bh64, k_off + t, qr, R, R_PAD, BLOCK_N, Z_BITS, GATHER)
-            else:
-                kt = _dense_tile_t(krow, b, h, k_off + t, n, c, live, DT)
-                s = tl.dot(q, kt)
+            kt = tl.load(
+                k_base + (k_off + t + n)[None, :].to(tl.int64) * k_stride + c[:, None],
+                mask=live[None, :],
+                other=0.0,
+            )
+            s = tl.dot(q, kt)
         keep = live
         if HAS_MASK:
             keep = keep & (tl.load(mask_ptr + b * mask_stride + position + t + n, mask=live, other=0) != 0)
@@ -352,15 +320,16 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if V_BITS == 0:
-            v = _dense_tile(vrow, b, h, v_off + t, n, c, live, DT)
+        if V_AFFINE:
+            v = _affine_values(
+                v_codes, v_scale, v_zero, v_off + t + n, live, D, BLOCK_N, V_BITS, V_GROUP, MATH
+            ).to(DT)
         else:
-            if v_kind == 0:
-                v = _affine_values(
-                    vrow, bh64, v_off + t, n, c, live, D, BLOCK_N, V_BITS, V_GROUP, GATHER, MATH
-                ).to(DT)
-            else:
-                v = _dense_tile(vrow, b, h, v_off + t, n, c, live, DT)
+            v = tl.load(
+                v_base + (v_off + t + n)[:, None].to(tl.int64) * v_stride + c[None, :],
+                mask=live[:, None],
+                other=0.0,
+            )
         acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
         m_i = m_new
 
@@ -460,21 +429,26 @@ def plan(
         split = min(4096, max(block_n, triton.next_power_of_2(max(1, length // want))))
     split = max(block_n, split // block_n * block_n)
     cuts = sorted(set(kb) | set(vb))
-    rows: list[tuple[int, int, int, int, int, int]] = []
-    ki = vi = 0
+    rows: dict[tuple[bool, bool], list[tuple[int, ...]]] = {}
+    ki = vi = n_splits = 0
     for a, z in itertools.pairwise(cuts):
         while kb[ki + 1] <= a:
             ki += 1
         while vb[vi + 1] <= a:
             vi += 1
+        kind = (not isinstance(keys[ki], Dense), not isinstance(values[vi], Dense))
         for start in range(a, z, split):
             k_off = start - kb[ki]
-            if isinstance(keys[ki], AffineTokens) and k_off % key_group:
+            if kind[0] and k_off % key_group:
                 raise ValueError(f"a split starts inside a key group (token {start})")
-            rows.append((ki, k_off, len(keys) + vi, start - vb[vi], min(split, z - start), start))
+            row = (ki, k_off, len(keys) + vi, start - vb[vi], min(split, z - start), start, n_splits)
+            rows.setdefault(kind, []).append(row)
+            n_splits += 1
     device = next(s.data.device if isinstance(s, Dense) else s.codes.device for s in [*keys, *values])
     table = torch.tensor([_row(s) for s in [*keys, *values]], dtype=torch.int64).to(device, non_blocking=True)
-    splits = torch.tensor(rows, dtype=torch.int32).to(device, non_blocking=True)
+    launches = [
+        (k, v, torch.tensor(r, dtype=torch.int32).to(device, non_blocking=True)) for (k, v), r in rows.items()
+    ]
     keep: list[torch.Tensor] = []
     for s in [*keys, *values]:
         if isinstance(s, Dense):
@@ -486,8 +460,8 @@ def plan(
                 keep += [s.side_codes, s.side_step]
     return Plan(
         segments=table,
-        splits=splits,
-        n_splits=len(rows),
+        launches=launches,
+        n_splits=n_splits,
         length=length,
         key_bits=key_bits,
         key_group=key_group,
@@ -509,7 +483,6 @@ def attend(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
-    gather: bool = False,
     half: bool = True,
 ) -> torch.Tensor:
     """Attention of q (b, hkv, g, d) (float16 or bfloat16) over a plan's tokens -> (b, hkv, g, d).
@@ -535,36 +508,17 @@ def attend(
             raise ValueError("these keys carry a side code: pass side_query")
         side_query = side_query.float().contiguous()
     global last_compiled
-    last_compiled = _decode_split_kernel[(plan.n_splits, b * hkv)](
-        q,
-        side_query if r else q,
-        plan.segments,
-        plan.splits,
-        mask if mask is not None else q,
-        parts,
-        ml,
-        hkv,
-        plan.n_splits,
-        mask.stride(0) if mask is not None else 0,
-        scale * LOG2E,
-        G=g,
-        G_PAD=g_pad,
-        D=d,
-        BLOCK_N=block_n,
-        K_BITS=plan.key_bits,
-        K_GROUP=max(1, plan.key_group),
-        V_BITS=plan.value_bits,
-        V_GROUP=max(1, plan.value_group),
-        R=r,
-        R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
-        Z_BITS=max(1, plan.side_bits),
-        HAS_MASK=mask is not None,
-        DT=dt,
-        GATHER=gather,
-        MATH=dt if half else tl.float32,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    for k_affine, v_affine, splits in plan.launches:
+        last_compiled = _decode_split_kernel[(splits.shape[0], b * hkv)](
+            q, side_query if r else q, plan.segments, splits, mask if mask is not None else q, parts, ml,
+            hkv, plan.n_splits, mask.stride(0) if mask is not None else 0, scale * LOG2E,
+            G=g, G_PAD=g_pad, D=d, BLOCK_N=block_n,
+            K_AFFINE=k_affine, K_BITS=max(1, plan.key_bits), K_GROUP=max(1, plan.key_group),
+            V_AFFINE=v_affine, V_BITS=max(1, plan.value_bits), V_GROUP=max(1, plan.value_group),
+            R=r if k_affine else 0, R_PAD=max(16, triton.next_power_of_2(max(r, 1))), Z_BITS=max(1, plan.side_bits),
+            HAS_MASK=mask is not None, DT=dt, MATH=dt if half and q.dtype == torch.float16 else tl.float32,
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
     out = torch.empty((b, hkv, g, d), dtype=q.dtype, device=q.device)
     block_s = min(64, triton.next_power_of_2(plan.n_splits))
     _merge_kernel[(b * hkv * g,)](parts, ml, out, plan.n_splits, G=g, D=d, BLOCK_S=block_s, num_warps=4)
