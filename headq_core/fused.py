@@ -89,7 +89,8 @@ def fused_decode(
     values = _segments(kernels, layer.v, e_v, v_exact, query.dtype)
     key_bits, key_group, rank, zbits = kd
     value_bits, value_group, _, _ = vd
-    block_n = max(64, key_group) if d <= 128 else max(32, key_group)
+    # Tuned on an H100 at Llama-3-8B shapes (docs/kernels.md): 128 tokens per tile up to d = 128.
+    block_n = max(128 if d <= 128 else 32, key_group)
     plan = kernels.plan(
         keys,
         values,
