@@ -34,7 +34,7 @@ KIND, TOKENS, PTR0, PTR1, PTR2, STRIDE_B, STRIDE_H, STRIDE_T, SIDE_CODES, SIDE_S
 COLUMNS = 10
 AFFINE, DENSE = 0, 1
 LOG2E = 1.4426950408889634
-last_compiled: Any = None  # the split kernel as last launched: registers, spills and assembly for reports
+last_compiled: list[Any] = []  # the split kernels of the last attend, one per launch (for compiler reports)
 
 
 @dataclass
@@ -507,9 +507,9 @@ def attend(
         if side_query is None:
             raise ValueError("these keys carry a side code: pass side_query")
         side_query = side_query.float().contiguous()
-    global last_compiled
+    last_compiled.clear()
     for k_affine, v_affine, splits in plan.launches:
-        last_compiled = _decode_split_kernel[(splits.shape[0], b * hkv)](
+        compiled = _decode_split_kernel[(splits.shape[0], b * hkv)](
             q, side_query if r else q, plan.segments, splits, mask if mask is not None else q, parts, ml,
             hkv, plan.n_splits, mask.stride(0) if mask is not None else 0, scale * LOG2E,
             G=g, G_PAD=g_pad, D=d, BLOCK_N=block_n,
@@ -519,6 +519,7 @@ def attend(
             HAS_MASK=mask is not None, DT=dt, MATH=dt if half and q.dtype == torch.float16 else tl.float32,
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
+        last_compiled.append(compiled)
     out = torch.empty((b, hkv, g, d), dtype=q.dtype, device=q.device)
     block_s = min(64, triton.next_power_of_2(plan.n_splits))
     _merge_kernel[(b * hkv * g,)](parts, ml, out, plan.n_splits, G=g, D=d, BLOCK_S=block_s, num_warps=4)
