@@ -64,6 +64,8 @@ def fused_decode(
         or not available()
     ):
         return None
+    if not layer.k.blocks and not layer.v.blocks:
+        return None  # nothing encoded yet: a short exact cache, nothing for the kernel to gain
     kd = _describe(layer.k.blocks, query.dtype, keys=True)
     vd = _describe(layer.v.blocks, query.dtype, keys=False)
     if kd is None or vd is None:

@@ -521,6 +521,6 @@ def attend(
         )  # fmt: skip
         last_compiled.append(compiled)
     out = torch.empty((b, hkv, g, d), dtype=q.dtype, device=q.device)
-    block_s = min(64, triton.next_power_of_2(plan.n_splits))
+    block_s = min(64, max(2, triton.next_power_of_2(plan.n_splits)))  # no size-1 blocks
     _merge_kernel[(b * hkv * g,)](parts, ml, out, plan.n_splits, G=g, D=d, BLOCK_S=block_s, num_warps=4)
     return out
