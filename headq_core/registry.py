@@ -164,10 +164,7 @@ class Registry:
     def _build(self, kind: str, spec: Any, base: Any) -> Any:
         if isinstance(spec, base):
             return spec
-        try:
-            spec = parse_spec(spec)
-        except RecursionError:
-            raise SpecError("invalid method spec: nested too deeply") from None
+        spec = parse_spec(spec)
         cls = self.entry(kind, spec.name).obj
         params = _hoist_nested(self, kind, spec)
         try:  # a plugin's validators may raise other types than the ValueError the base class maps

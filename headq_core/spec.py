@@ -64,10 +64,14 @@ def parse_spec(text: str | Spec) -> Spec:
     return spec
 
 
+MAX_DEPTH = 32  # nested specs deeper than this are refused (the parser recurses once per level)
+
+
 class _Parser:
     def __init__(self, text: str) -> None:
         self.text = text
         self.pos = 0
+        self.depth = 0
 
     def fail(self, why: str) -> None:
         pointer = " " * self.pos + "^"
@@ -91,6 +95,9 @@ class _Parser:
         return found.group(0)
 
     def spec(self, greedy: bool) -> Spec:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            self.fail(f"nested too deeply (more than {MAX_DEPTH} levels)")
         name = self.match(_NAME, "a method name")
         params: list[tuple[str, Value]] = []
         if self.peek() == ":":
@@ -106,6 +113,7 @@ class _Parser:
                 if self.peek() != ",":
                     break
                 self.pos += 1
+        self.depth -= 1
         return Spec(name, tuple(params))
 
     def value(self) -> Value:
