@@ -15,6 +15,7 @@ to run everything on the reference path.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from typing import Any
 
@@ -30,10 +31,9 @@ KNOWN_BITS = (1, 2, 4, 8)
 @functools.cache
 def _triton() -> Any:
     try:
-        from headq_kernels import triton_decode
-    except ImportError:
+        return importlib.import_module("headq_kernels.triton_decode")
+    except ImportError:  # no Triton on this machine
         return None
-    return triton_decode
 
 
 def available() -> bool:

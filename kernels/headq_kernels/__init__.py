@@ -7,6 +7,7 @@ code path; :func:`quantize_affine` picks the Triton kernel for CUDA tensors by i
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Any
 
 import torch
@@ -29,10 +30,9 @@ from headq_kernels.symmetric_reference import (
 @functools.cache
 def _triton_affine() -> Any:
     try:
-        from headq_kernels import triton_affine
+        return importlib.import_module("headq_kernels.triton_affine")
     except ImportError:  # no Triton on this machine
         return None
-    return triton_affine
 
 
 def quantize_affine(
