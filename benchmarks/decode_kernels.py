@@ -97,8 +97,8 @@ class Cache:
         assert kd is not None and vd is not None
         self.kd = kd
         self.block_n = max(LAUNCH["block_n"], kd[1])
-        k_segments = [fused._segment(kernels, b, b.tokens) for b in self.k_blocks]
-        v_segments = [fused._segment(kernels, b, b.tokens) for b in self.v_blocks]
+        k_segments = [fused._segment(b, b.tokens) for b in self.k_blocks]
+        v_segments = [fused._segment(b, b.tokens) for b in self.v_blocks]
         self.segments = (
             [*k_segments, kernels.Dense(self.k_window)],
             [*v_segments, kernels.Dense(self.v_window)],

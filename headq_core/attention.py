@@ -41,7 +41,7 @@ def headq_attention(
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     layer = getattr(key, LAYER_ATTR, None)
     b, hq, n, d = query.shape
-    if isinstance(layer, QuantizedLayer) and n == 1 and query.is_cuda:
+    if isinstance(layer, QuantizedLayer) and n == 1:  # the fused kernel, where it applies
         fused = fused_decode(layer, query, attention_mask, scaling, softcap)
         if fused is not None:
             return fused.transpose(1, 2).contiguous(), None

@@ -19,10 +19,12 @@ import importlib
 import os
 from typing import Any
 
+import attrs
 import torch
 
-from headq_core.cache import QuantizedLayer, _Stream
+from headq_core.cache import MAX_BLOCK_TOKENS, QuantizedLayer, _Stream
 from headq_core.layouts import AffineBlock, DenseBlock, EncodedBlock, LowRankLogit
+from headq_kernels import decode_plan
 
 ENV = "HEADQ_KERNELS"
 KNOWN_BITS = (1, 2, 4, 8)
@@ -41,6 +43,19 @@ def available() -> bool:
     return os.environ.get(ENV, "1") != "0" and torch.cuda.is_available() and _triton() is not None
 
 
+@attrs.frozen
+class Prepared:
+    """One decode step of one layer, ready for the kernel: (b, hkv, g, d) queries and the plan."""
+
+    q: torch.Tensor
+    plan: Any
+    scale: float
+    mask: torch.Tensor | None
+    side_query: torch.Tensor | None
+    block_n: int
+    fused: bool = True  # False: the plan has a split the kernel cannot start; run it in torch
+
+
 def fused_decode(
     layer: QuantizedLayer,
     query: torch.Tensor,
@@ -49,19 +64,50 @@ def fused_decode(
     softcap: float | None,
 ) -> torch.Tensor | None:
     """query (b, hq, 1, d) -> attention output (b, hq, 1, d), or None where the kernel does not apply."""
+    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or not available():
+        return None
+    step = prepare(layer, query, attention_mask, scaling, softcap)
+    if step is None:
+        return None
+    if step.fused:
+        out = _triton().attend(
+            step.q,
+            step.plan,
+            scale=step.scale,
+            mask=step.mask,
+            side_query=step.side_query,
+            block_n=step.block_n,
+        )
+    else:
+        out = decode_plan.attend_torch(
+            step.q, step.plan, scale=step.scale, mask=step.mask, side_query=step.side_query
+        )
+    return out.reshape(query.shape)
+
+
+def prepare(
+    layer: QuantizedLayer,
+    query: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None,
+) -> Prepared | None:
+    """The kernel's inputs for this decode step, or None (the layer untouched) where it does not apply.
+
+    Any device and dtype: the GPU path checks those itself. When it answers, the step is taken:
+    the layer's pending pass is consumed and this pass's values are flushed, as the reference
+    path would after gathering attention statistics (the kernel path runs only without them).
+    """
     b, hq, n, d = query.shape
     if (
         n != 1
         or softcap
-        or not query.is_cuda
-        or query.dtype not in (torch.float16, torch.bfloat16)
         or d & (d - 1)
         or not 16 <= d <= 256
         or layer.cache.emulate_streaming
         or layer.sq_attention is not None
         or layer.cache.value_statistic is not None
         or layer.pending is None
-        or not available()
     ):
         return None
     if not layer.k.blocks and not layer.v.blocks:
@@ -70,32 +116,31 @@ def fused_decode(
     vd = _describe(layer.v.blocks, query.dtype, keys=False)
     if kd is None or vd is None:
         return None
-    kernels = _triton()
     inflight = layer.pending
     reference = inflight.key_window if inflight.key_window is not None else layer.k.sinks
     if reference is None or hq % reference.shape[1]:
         return None
     hkv = reference.shape[1]
     g = hq // hkv
-    # From here on the layer changes: this pass's values are flushed before the kernel reads them.
-    layer.pending = None
     start = inflight.start
-    v_first, v_window = layer.v.sink_len() + layer.v.encoded, layer.v.window
-    layer._flush(layer.v)
     sinks = layer.k.sink_len()
     e_k = max(sinks, min(layer.encoded_end(layer.k, layer.length), start))
     e_v = max(sinks, min(layer.encoded_end(layer.v, layer.length), start))
     k_exact = None if inflight.key_window is None else inflight.key_window[..., e_k - inflight.key_first :, :]
-    v_exact = None if v_window is None else v_window[..., e_v - v_first :, :]
-    keys = _segments(kernels, layer.k, e_k, k_exact, query.dtype)
-    values = _segments(kernels, layer.v, e_v, v_exact, query.dtype)
+    keys = _segments(layer.k, e_k, k_exact)
     key_bits, key_group, rank, zbits = kd
+    v_first, v_window = layer.v.sink_len() + layer.v.encoded, layer.v.window
+    if key_bits and not _on_key_groups(keys, key_group, _cuts(layer, e_v)):
+        return None  # a value block boundary inside a key group: no split could start there
+    # From here on the layer changes: this pass's values are flushed before the kernel reads them.
+    layer.pending = None
+    layer._flush(layer.v)
+    v_exact = None if v_window is None else v_window[..., e_v - v_first :, :]
+    values = _segments(layer.v, e_v, v_exact)
     value_bits, value_group, _, _ = vd
     # Tuned on an H100 at Llama-3-8B shapes (docs/kernels.md): 128 tokens per tile up to d = 128.
     block_n = max(128 if d <= 128 else 32, key_group)
-    plan = kernels.plan(
-        keys,
-        values,
+    settings: dict[str, Any] = dict(
         batch_heads=b * hkv,
         key_bits=key_bits,
         key_group=key_group,
@@ -105,6 +150,11 @@ def fused_decode(
         side_bits=zbits,
         block_n=block_n,
     )
+    fused = True
+    try:
+        plan = decode_plan.plan(keys, values, **settings)
+    except ValueError:  # not foreseen by _cuts; the step is already taken, so finish it in torch
+        plan, fused = decode_plan.plan(keys, values, strict=False, **settings), False
     q = query.reshape(b, hkv, g, d)
     side_query = None
     if rank:
@@ -116,8 +166,7 @@ def fused_decode(
         mask = attention_mask[:, 0, -1, -layer.length :]
         if mask.dtype != torch.bool:
             mask = mask > torch.finfo(mask.dtype).min / 2
-    out = kernels.attend(q, plan, scale=scaling, mask=mask, side_query=side_query, block_n=block_n)
-    return out.reshape(b, hq, 1, d)
+    return Prepared(q, plan, scaling, mask, side_query, block_n, fused)
 
 
 def _describe(
@@ -153,33 +202,60 @@ def _describe(
     return found.pop() if found else (0, 0, 0, 0)
 
 
-def _segments(
-    kernels: Any, stream: _Stream, stop: int, exact: torch.Tensor | None, dtype: torch.dtype
-) -> list[Any]:
+def _cuts(layer: QuantizedLayer, stop: int) -> list[int]:
+    """Where the value segments will start and end once this pass's values are flushed."""
+    stream = layer.v
+    ends, pos = [], stream.sink_len()
+    for block in stream.blocks:
+        pos += block.tokens
+        ends.append(pos)
+    count = layer.encoded_end(stream, layer.length) - pos
+    if count > 0:  # the flushed tokens merge into the last block, or start one of their own
+        if stream.blocks and stream.blocks[-1].tokens + count <= MAX_BLOCK_TOKENS:
+            ends[-1] += count
+        else:
+            ends.append(pos + count)
+    return [stream.sink_len(), *(min(end, stop) for end in ends), stop]
+
+
+def _on_key_groups(keys: list[decode_plan.Segment], group: int, cuts: list[int]) -> bool:
+    """Whether every cut inside an encoded key segment falls on one of its key groups."""
+    pos = 0
+    for seg in keys:
+        n = seg.tokens if isinstance(seg, decode_plan.Dense) or seg.covered is None else seg.covered
+        if isinstance(seg, decode_plan.AffineTokens) and any(
+            pos < c < pos + n and (c - pos) % group for c in cuts
+        ):
+            return False
+        pos += n
+    return True
+
+
+def _segments(stream: _Stream, stop: int, exact: torch.Tensor | None) -> list[decode_plan.Segment]:
     """Sinks, the blocks up to absolute position ``stop``, then the exact tokens from ``stop`` on."""
     out: list[Any] = []
     if stream.sinks is not None:
-        out.append(kernels.Dense(stream.sinks))
+        out.append(decode_plan.Dense(stream.sinks))
     pos = stream.sink_len()
     for block in stream.blocks:
         covered = min(block.tokens, stop - pos)
         if covered <= 0:
             break
-        out.append(_segment(kernels, block, covered))
+        out.append(_segment(block, covered))
         pos += block.tokens
     if exact is not None and exact.shape[-2]:
-        out.append(kernels.Dense(exact))
+        out.append(decode_plan.Dense(exact))
     return out
 
 
-def _segment(kernels: Any, block: Any, covered: int) -> Any:
+def _segment(block: Any, covered: int) -> decode_plan.Segment:
     if isinstance(block, DenseBlock):
-        return kernels.Dense(block.data[..., :covered, :])
+        return decode_plan.Dense(block.data[..., :covered, :])
     if isinstance(block.layout, LowRankLogit):
         base = block.base
-        return kernels.AffineTokens(
+        return decode_plan.AffineTokens(
             base.codes, base.scale, base.zero, base.tokens, block.codes, block.step, covered=covered
         )
     if block.axis == "tokens":
-        return kernels.AffineTokens(block.codes, block.scale, block.zero, block.tokens, covered=covered)
-    return kernels.AffineChannels(block.codes, block.scale, block.zero, block.tokens, covered=covered)
+        return decode_plan.AffineTokens(block.codes, block.scale, block.zero, block.tokens, covered=covered)
+    return decode_plan.AffineChannels(block.codes, block.scale, block.zero, block.tokens, covered=covered)

@@ -11,7 +11,7 @@ the program reads each segment where the cache keeps it, in its own layout:
   or dense tokens.
 
 Segments are described by a small int64 table of device pointers and strides (no copy of the
-cache); :func:`plan` builds it, :func:`attend` runs a plan: one launch per pair of segment kinds
+cache); ``decode_plan.plan`` builds it, :func:`attend` runs a plan: one launch per pair of segment kinds
 (affine or dense keys, affine or dense values), so that no program branches on the kind inside
 its token loop, and every program reads its segments' pointers once, before the loop. The torch reference for the same
 computation is the cache's attention path (``headq_core.attention.attend_quantized``).
@@ -19,81 +19,35 @@ computation is the cache's attention path (``headq_core.attention.attend_quantiz
 
 from __future__ import annotations
 
-import itertools
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-# Columns of the segment table (int64).
-KIND, TOKENS, PTR0, PTR1, PTR2, STRIDE_B, STRIDE_H, STRIDE_T, SIDE_CODES, SIDE_STEP = range(10)
-COLUMNS = 10
-AFFINE, DENSE = 0, 1
+from headq_kernels.decode_plan import (
+    COLUMNS,
+    PTR0,
+    PTR1,
+    PTR2,
+    SIDE_CODES,
+    SIDE_STEP,
+    STRIDE_B,
+    STRIDE_H,
+    STRIDE_T,
+    TOKENS,
+    AffineChannels,
+    AffineTokens,
+    Dense,
+    Plan,
+    Segment,
+    plan,
+)
+
+__all__ = ["AffineChannels", "AffineTokens", "Dense", "Plan", "Segment", "attend", "plan"]
+
 LOG2E = 1.4426950408889634
 last_compiled: list[Any] = []  # the split kernels of the last attend, one per launch (for compiler reports)
-
-
-@dataclass
-class Dense:
-    """Exact tokens (b, h, t, d), any strides with a unit channel stride."""
-
-    data: torch.Tensor
-
-    @property
-    def tokens(self) -> int:
-        return self.data.shape[-2]
-
-
-@dataclass
-class AffineTokens:
-    """Keys grouped along tokens: codes (b, h, d, t*bits/32), scale/zero (b, h, d, t/group), contiguous.
-
-    ``side_codes`` (b, h, r, t*zbits/32) and ``side_step`` (b, h, t): HeadQ's mid-rise side code.
-    """
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    tokens: int
-    side_codes: torch.Tensor | None = None
-    side_step: torch.Tensor | None = None
-    covered: int | None = None  # attend only the first ``covered`` tokens
-
-
-@dataclass
-class AffineChannels:
-    """Values grouped along channels: codes (b, h, t, d*bits/32), scale/zero (b, h, t, d/group), contiguous."""
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    tokens: int
-    covered: int | None = None  # attend only the first ``covered`` tokens
-
-
-Segment = Dense | AffineTokens | AffineChannels
-
-
-@dataclass
-class Plan:
-    """Device tables for one decode step, and the tensors they point into (kept alive)."""
-
-    segments: torch.Tensor  # (n_segments, COLUMNS) int64
-    # per (keys affine, values affine): (n, 7) int32 rows k_seg, k_off, v_seg, v_off, length, position, split
-    launches: list[tuple[bool, bool, torch.Tensor]]
-    n_splits: int
-    length: int
-    key_bits: int
-    key_group: int
-    value_bits: int
-    value_group: int
-    side_rank: int
-    side_bits: int
-    keep: list[torch.Tensor] = field(default_factory=list)
 
 
 @triton.jit
@@ -367,110 +321,6 @@ def _merge_kernel(o_ptr, ml_ptr, out_ptr, n_splits, G: tl.constexpr, D: tl.const
     denom = tl.sum(total, axis=0)
     res = tl.where(denom > 0, acc / denom, 0.0)
     tl.store(out_ptr + row.to(tl.int64) * D + c, res.to(out_ptr.dtype.element_ty))
-
-
-# --- host side ------------------------------------------------------------------------------
-
-
-def _row(seg: Segment) -> list[int]:
-    row = [0] * COLUMNS
-    if isinstance(seg, Dense):
-        d = seg.data
-        if d.stride(-1) != 1:
-            raise ValueError("dense segments need a unit channel stride")
-        row[KIND], row[TOKENS], row[PTR0] = DENSE, seg.tokens, d.data_ptr()
-        row[STRIDE_B], row[STRIDE_H], row[STRIDE_T] = d.stride(0), d.stride(1), d.stride(2)
-        return row
-    for t in (seg.codes, seg.scale, seg.zero):
-        if not t.is_contiguous():
-            raise ValueError("affine segments must be contiguous")
-    row[KIND], row[TOKENS] = AFFINE, seg.tokens
-    row[PTR0], row[PTR1], row[PTR2] = seg.codes.data_ptr(), seg.scale.data_ptr(), seg.zero.data_ptr()
-    if isinstance(seg, AffineTokens) and seg.side_codes is not None:
-        assert seg.side_step is not None
-        row[SIDE_CODES], row[SIDE_STEP] = seg.side_codes.data_ptr(), seg.side_step.data_ptr()
-    return row
-
-
-def _bounds(segments: Sequence[Segment]) -> list[int]:
-    out, pos = [0], 0
-    for s in segments:
-        pos += s.tokens if isinstance(s, Dense) or s.covered is None else s.covered
-        out.append(pos)
-    return out
-
-
-def plan(
-    keys: Sequence[Segment],
-    values: Sequence[Segment],
-    *,
-    batch_heads: int,
-    key_bits: int = 0,
-    key_group: int = 0,
-    value_bits: int = 0,
-    value_group: int = 0,
-    side_rank: int = 0,
-    side_bits: int = 0,
-    block_n: int = 64,
-    split: int | None = None,
-) -> Plan:
-    """Tables for :func:`attend`: key and value segments in token order, each covering the same tokens.
-
-    Splits never cross a segment boundary of either stream and start on a whole key group of an
-    affine key segment; ``split`` caps their length (by default chosen so that the splits times
-    ``batch_heads`` fill the GPU a few times over).
-    """
-    kb, vb = _bounds(keys), _bounds(values)
-    length = kb[-1]
-    if vb[-1] != length:
-        raise ValueError(f"keys cover {length} tokens, values {vb[-1]}")
-    if split is None:
-        want = max(1, math.ceil(4 * 132 / max(1, batch_heads)))
-        split = min(4096, max(block_n, triton.next_power_of_2(max(1, length // want))))
-    split = max(block_n, split // block_n * block_n)
-    cuts = sorted(set(kb) | set(vb))
-    rows: dict[tuple[bool, bool], list[tuple[int, ...]]] = {}
-    ki = vi = n_splits = 0
-    for a, z in itertools.pairwise(cuts):
-        while kb[ki + 1] <= a:
-            ki += 1
-        while vb[vi + 1] <= a:
-            vi += 1
-        kind = (not isinstance(keys[ki], Dense), not isinstance(values[vi], Dense))
-        for start in range(a, z, split):
-            k_off = start - kb[ki]
-            if kind[0] and k_off % key_group:
-                raise ValueError(f"a split starts inside a key group (token {start})")
-            row = (ki, k_off, len(keys) + vi, start - vb[vi], min(split, z - start), start, n_splits)
-            rows.setdefault(kind, []).append(row)
-            n_splits += 1
-    device = next(s.data.device if isinstance(s, Dense) else s.codes.device for s in [*keys, *values])
-    table = torch.tensor([_row(s) for s in [*keys, *values]], dtype=torch.int64).to(device, non_blocking=True)
-    launches = [
-        (k, v, torch.tensor(r, dtype=torch.int32).to(device, non_blocking=True)) for (k, v), r in rows.items()
-    ]
-    keep: list[torch.Tensor] = []
-    for s in [*keys, *values]:
-        if isinstance(s, Dense):
-            keep.append(s.data)
-        else:
-            keep += [s.codes, s.scale, s.zero]
-            if isinstance(s, AffineTokens) and s.side_codes is not None:
-                assert s.side_step is not None
-                keep += [s.side_codes, s.side_step]
-    return Plan(
-        segments=table,
-        launches=launches,
-        n_splits=n_splits,
-        length=length,
-        key_bits=key_bits,
-        key_group=key_group,
-        value_bits=value_bits,
-        value_group=value_group,
-        side_rank=side_rank,
-        side_bits=side_bits,
-        keep=keep,
-    )
 
 
 def attend(

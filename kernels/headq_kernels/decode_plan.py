@@ -1,0 +1,239 @@
+"""The host side of the fused decode attention: segments, splits and the tables the kernel reads.
+
+Nothing here needs Triton or a GPU. :func:`plan` turns the segments of one layer (sinks, encoded
+blocks, window; keys and values) into a table of device pointers and strides and a list of
+splits; ``triton_decode.attend`` runs a plan on the GPU, and :func:`attend_torch` computes the
+same thing split by split in torch, so that the planning is tested wherever the tests run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from headq_kernels.affine_reference import dequantize_affine
+from headq_kernels.symmetric_reference import dequantize_symmetric
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
+# Columns of the segment table (int64).
+KIND, TOKENS, PTR0, PTR1, PTR2, STRIDE_B, STRIDE_H, STRIDE_T, SIDE_CODES, SIDE_STEP = range(10)
+COLUMNS = 10
+AFFINE, DENSE = 0, 1
+
+
+@dataclass
+class Dense:
+    """Exact tokens (b, h, t, d), any strides with a unit channel stride."""
+
+    data: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return self.data.shape[-2]
+
+
+@dataclass
+class AffineTokens:
+    """Keys grouped along tokens: codes (b, h, d, t*bits/32), scale/zero (b, h, d, t/group), contiguous.
+
+    ``side_codes`` (b, h, r, t*zbits/32) and ``side_step`` (b, h, t): HeadQ's mid-rise side code.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    tokens: int
+    side_codes: torch.Tensor | None = None
+    side_step: torch.Tensor | None = None
+    covered: int | None = None  # attend only the first ``covered`` tokens
+
+
+@dataclass
+class AffineChannels:
+    """Values grouped along channels: codes (b, h, t, d*bits/32), scale/zero (b, h, t, d/group), contiguous."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    tokens: int
+    covered: int | None = None  # attend only the first ``covered`` tokens
+
+
+Segment = Dense | AffineTokens | AffineChannels
+
+
+@dataclass
+class Plan:
+    """Device tables for one decode step, and the tensors they point into (kept alive)."""
+
+    segments: torch.Tensor  # (n_segments, COLUMNS) int64
+    # per (keys affine, values affine): (n, 7) int32 rows k_seg, k_off, v_seg, v_off, length, position, split
+    launches: list[tuple[bool, bool, torch.Tensor]]
+    n_splits: int
+    length: int
+    key_bits: int
+    key_group: int
+    value_bits: int
+    value_group: int
+    side_rank: int
+    side_bits: int
+    parts: list[Segment] = field(default_factory=list)  # keys then values; keeps the tensors alive
+
+
+def _row(seg: Segment) -> list[int]:
+    row = [0] * COLUMNS
+    if isinstance(seg, Dense):
+        d = seg.data
+        if d.stride(-1) != 1:
+            raise ValueError("dense segments need a unit channel stride")
+        row[KIND], row[TOKENS], row[PTR0] = DENSE, seg.tokens, d.data_ptr()
+        row[STRIDE_B], row[STRIDE_H], row[STRIDE_T] = d.stride(0), d.stride(1), d.stride(2)
+        return row
+    for t in (seg.codes, seg.scale, seg.zero):
+        if not t.is_contiguous():
+            raise ValueError("affine segments must be contiguous")
+    row[KIND], row[TOKENS] = AFFINE, seg.tokens
+    row[PTR0], row[PTR1], row[PTR2] = seg.codes.data_ptr(), seg.scale.data_ptr(), seg.zero.data_ptr()
+    if isinstance(seg, AffineTokens) and seg.side_codes is not None:
+        assert seg.side_step is not None
+        row[SIDE_CODES], row[SIDE_STEP] = seg.side_codes.data_ptr(), seg.side_step.data_ptr()
+    return row
+
+
+def _bounds(segments: Sequence[Segment]) -> list[int]:
+    out, pos = [0], 0
+    for s in segments:
+        pos += s.tokens if isinstance(s, Dense) or s.covered is None else s.covered
+        out.append(pos)
+    return out
+
+
+def plan(
+    keys: Sequence[Segment],
+    values: Sequence[Segment],
+    *,
+    batch_heads: int,
+    key_bits: int = 0,
+    key_group: int = 0,
+    value_bits: int = 0,
+    value_group: int = 0,
+    side_rank: int = 0,
+    side_bits: int = 0,
+    block_n: int = 64,
+    split: int | None = None,
+    strict: bool = True,
+) -> Plan:
+    """Tables for the decode kernel: key and value segments in token order, each covering the same tokens.
+
+    Splits never cross a segment boundary of either stream and, for the kernel (``strict``), start
+    on a whole key group of an affine key segment (:func:`attend_torch` needs no such start); ``split`` caps their length (by default chosen so that the splits times
+    ``batch_heads`` fill the GPU a few times over).
+    """
+    kb, vb = _bounds(keys), _bounds(values)
+    length = kb[-1]
+    if vb[-1] != length:
+        raise ValueError(f"keys cover {length} tokens, values {vb[-1]}")
+    if split is None:
+        want = max(1, math.ceil(4 * 132 / max(1, batch_heads)))
+        split = min(4096, max(block_n, next_power_of_2(max(1, length // want))))
+    split = max(block_n, split // block_n * block_n)
+    cuts = sorted(set(kb) | set(vb))
+    rows: dict[tuple[bool, bool], list[tuple[int, ...]]] = {}
+    ki = vi = n_splits = 0
+    for a, z in itertools.pairwise(cuts):
+        while kb[ki + 1] <= a:
+            ki += 1
+        while vb[vi + 1] <= a:
+            vi += 1
+        kind = (not isinstance(keys[ki], Dense), not isinstance(values[vi], Dense))
+        for start in range(a, z, split):
+            k_off = start - kb[ki]
+            if strict and kind[0] and k_off % key_group:
+                raise ValueError(f"a split starts inside a key group (token {start})")
+            row = (ki, k_off, len(keys) + vi, start - vb[vi], min(split, z - start), start, n_splits)
+            rows.setdefault(kind, []).append(row)
+            n_splits += 1
+    device = next(s.data.device if isinstance(s, Dense) else s.codes.device for s in [*keys, *values])
+    table = torch.tensor([_row(s) for s in [*keys, *values]], dtype=torch.int64).to(device, non_blocking=True)
+    launches = [
+        (k, v, torch.tensor(r, dtype=torch.int32).to(device, non_blocking=True)) for (k, v), r in rows.items()
+    ]
+    return Plan(
+        segments=table,
+        launches=launches,
+        n_splits=n_splits,
+        length=length,
+        key_bits=key_bits,
+        key_group=key_group,
+        value_bits=value_bits,
+        value_group=value_group,
+        side_rank=side_rank,
+        side_bits=side_bits,
+        parts=[*keys, *values],
+    )
+
+
+def attend_torch(
+    q: torch.Tensor,
+    plan: Plan,
+    *,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    side_query: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What the kernel computes, in float32 torch, split by split, then merged: (b, hkv, g, d).
+
+    Same arguments as ``triton_decode.attend``; for tests of the plan on any device.
+    """
+    parts = []
+    decoded: dict[int, torch.Tensor] = {}
+
+    def tokens(index: int, off: int, length: int, bits: int, group: int) -> torch.Tensor:
+        if index not in decoded:
+            decoded[index] = _decoded(plan.parts[index], bits, group)
+        return decoded[index][..., off : off + length, :]
+
+    for _, _, splits in plan.launches:
+        for k_seg, k_off, v_seg, v_off, length, position, split in splits.tolist():
+            keys = tokens(k_seg, k_off, length, plan.key_bits, plan.key_group)
+            values = tokens(v_seg, v_off, length, plan.value_bits, plan.value_group)
+            logits = q.float() @ keys.transpose(-1, -2)
+            seg = plan.parts[k_seg]
+            if plan.side_rank and isinstance(seg, AffineTokens) and seg.side_codes is not None:
+                assert side_query is not None and seg.side_step is not None
+                steps = seg.side_step.float().unsqueeze(-2)
+                z = dequantize_symmetric(seg.side_codes, steps, plan.side_bits, seg.tokens)
+                logits = logits + side_query.float() @ z[..., k_off : k_off + length]
+            logits = logits * scale
+            if mask is not None:
+                keep = mask[:, None, None, position : position + length].bool()
+                logits = logits.masked_fill(~keep, float("-inf"))
+            top = logits.amax(-1, keepdim=True)
+            top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+            p = torch.exp(logits - top)
+            parts.append((split, top, p.sum(-1, keepdim=True), p @ values))
+    parts.sort(key=lambda part: part[0])
+    tops = torch.stack([t for _, t, _, _ in parts])
+    best = tops.amax(0)
+    best = torch.where(torch.isinf(best), torch.zeros_like(best), best)
+    weights = torch.exp(tops - best)
+    mass = sum(w * m for w, (_, _, m, _) in zip(weights, parts, strict=True))
+    out = sum(w * o for w, (_, _, _, o) in zip(weights, parts, strict=True))
+    assert isinstance(mass, torch.Tensor) and isinstance(out, torch.Tensor)
+    return torch.where(mass > 0, out / mass.clamp_min(1e-30), torch.zeros_like(out)).to(q.dtype)
+
+
+def _decoded(seg: Segment, bits: int, group: int) -> torch.Tensor:
+    """A segment's tokens, dequantized: (b, h, tokens, d) float32."""
+    if isinstance(seg, Dense):
+        return seg.data.float()
+    x = dequantize_affine(seg.codes, seg.scale, seg.zero, bits, group)
+    return x.transpose(-1, -2) if isinstance(seg, AffineTokens) else x

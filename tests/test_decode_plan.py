@@ -1,0 +1,208 @@
+"""The fused decode path's host side on the CPU: plans, segments, and the step they describe.
+
+The Triton kernel runs only on a GPU (``test_kernels_gpu.py``); everything it is given is built
+here without one. ``decode_plan.attend_torch`` computes, split by split in torch, what the kernel
+computes, so running the ``headq`` attention function with it in the kernel's place checks the
+plan, the segments and the flush rule of the fused path against the reference path everywhere.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from headq_core import QuantizedKVCache, fused, get_registry
+from headq_core import attention as attention_module
+from headq_core.attention import headq_attention
+from headq_core.testing.calibration import synthetic_calibration
+from headq_kernels import decode_plan, quantize_affine
+
+# --- plans --------------------------------------------------------------------------------------
+
+
+def _affine_keys(b: int, h: int, d: int, tokens: int, covered: int | None) -> decode_plan.AffineTokens:
+    codes, scale, zero = quantize_affine(torch.randn(b, h, tokens, d).transpose(-1, -2), 2, 32)
+    return decode_plan.AffineTokens(codes, scale, zero, tokens, covered=covered)
+
+
+def _random_streams(rng: random.Random) -> tuple[list, list]:
+    b, h, d = 2, 3, 16
+    keys: list = []
+    sinks = rng.randint(0, 4)
+    if sinks:
+        keys.append(decode_plan.Dense(torch.randn(b, h, sinks, d)))
+    blocks = [32 * rng.randint(1, 40) for _ in range(rng.randint(1, 4))]
+    cut = rng.randint(0, 31) if rng.random() < 0.5 else 0  # the last block attended only in part
+    for i, tokens in enumerate(blocks):
+        last = i == len(blocks) - 1
+        keys.append(_affine_keys(b, h, d, tokens, tokens - cut if last and cut else None))
+    tail = rng.randint(0, 40)
+    if tail:
+        window = torch.randn(b, h, tail + 7, d)[..., 7:, :]  # a strided view, as a window slice is
+        keys.append(decode_plan.Dense(window))
+    # Values in dense blocks with boundaries of their own, on key groups where keys are encoded
+    # (the plan refuses others: see the test below).
+    allowed, pos = [], 0
+    for seg in keys:
+        n = seg.tokens if isinstance(seg, decode_plan.Dense) or seg.covered is None else seg.covered
+        step = 32 if isinstance(seg, decode_plan.AffineTokens) else 1
+        allowed += range(pos + step, pos + n + 1, step) if step == 1 else range(pos + step, pos + n, step)
+        pos += n
+        allowed.append(pos)
+    cuts = sorted(set(rng.sample(allowed, min(len(allowed), rng.randint(1, 6)))) | {pos})
+    values = [
+        decode_plan.Dense(torch.randn(b, h, z - a, d)) for a, z in zip([0, *cuts[:-1]], cuts, strict=True)
+    ]
+    return keys, values
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_splits_partition_the_tokens_inside_segments_and_on_key_groups(seed: int) -> None:
+    rng = random.Random(seed)
+    keys, values = _random_streams(rng)
+    split = rng.choice([None, 64, 128, 1024])
+    plan = decode_plan.plan(keys, values, batch_heads=rng.choice([1, 6, 96]), key_bits=2, key_group=32,
+                            block_n=64, split=split)  # fmt: skip
+    kb, vb = decode_plan._bounds(keys), decode_plan._bounds(values)
+    rows = [row for _, _, splits in plan.launches for row in splits.tolist()]
+    assert sorted(r[6] for r in rows) == list(range(plan.n_splits))
+    covered = []
+    for k_seg, k_off, v_seg, v_off, length, position, _ in rows:
+        v_seg -= len(keys)
+        assert 0 < length and (split is None or length <= max(64, split))
+        assert kb[k_seg] + k_off == position == vb[v_seg] + v_off  # the same token in both streams
+        assert position + length <= min(kb[k_seg + 1], vb[v_seg + 1])  # inside both segments
+        if isinstance(keys[k_seg], decode_plan.AffineTokens):
+            assert k_off % 32 == 0
+        covered += range(position, position + length)
+    assert sorted(covered) == list(range(plan.length)) and plan.length == kb[-1]
+    for k_affine, v_affine, splits in plan.launches:  # one launch per pair of segment kinds
+        for k_seg, _, v_seg, *_ in splits.tolist():
+            assert isinstance(keys[k_seg], decode_plan.AffineTokens) == k_affine
+            assert (not isinstance(values[v_seg - len(keys)], decode_plan.Dense)) == v_affine
+
+
+def test_the_segment_table_points_into_the_cache_tensors() -> None:
+    window = torch.randn(2, 3, 50, 16)[..., 10:, :]
+    block = _affine_keys(2, 3, 16, 64, None)
+    plan = decode_plan.plan([block, decode_plan.Dense(window)], [decode_plan.Dense(torch.randn(2, 3, 104, 16))],
+                            batch_heads=6, key_bits=2, key_group=32)  # fmt: skip
+    table = plan.segments.tolist()
+    assert table[0][decode_plan.PTR0 : decode_plan.PTR2 + 1] == [
+        block.codes.data_ptr(), block.scale.data_ptr(), block.zero.data_ptr()
+    ]  # fmt: skip
+    assert table[1][decode_plan.PTR0] == window.data_ptr()  # a view, not a copy
+    assert table[1][decode_plan.STRIDE_B : decode_plan.STRIDE_T + 1] == list(window.stride()[:3])
+
+
+def test_mismatched_streams_and_split_groups_are_refused() -> None:
+    block = _affine_keys(1, 1, 16, 64, None)
+    with pytest.raises(ValueError, match="keys cover 64 tokens, values 63"):
+        decode_plan.plan([block], [decode_plan.Dense(torch.randn(1, 1, 63, 16))], batch_heads=1, key_group=32)
+    values = [decode_plan.Dense(torch.randn(1, 1, n, 16)) for n in (40, 24)]
+    with pytest.raises(ValueError, match="inside a key group"):
+        decode_plan.plan([block], values, batch_heads=1, key_bits=2, key_group=32)
+
+
+# --- the fused step against the reference path ----------------------------------------------------
+
+
+class _Attn(torch.nn.Module):
+    training = False
+
+
+def _masks(pads: list[int], n: int, total: int) -> torch.Tensor:
+    pos = torch.arange(total)
+    query = torch.arange(total - n, total)
+    pad = torch.tensor(pads)
+    mask = (pos[None, None, :] <= query[None, :, None]) & (pos[None, None, :] >= pad[:, None, None])
+    return mask[:, None]
+
+
+def _emulated(calls: list[int]):
+    def step(layer, query, attention_mask, scaling, softcap):
+        if not getattr(layer.cache, "use_emulation", False):
+            return None
+        prepared = fused.prepare(layer, query, attention_mask, scaling, softcap)
+        if prepared is None:
+            return None
+        calls.append(1)
+        out = decode_plan.attend_torch(
+            prepared.q,
+            prepared.plan,
+            scale=prepared.scale,
+            mask=prepared.mask,
+            side_query=prepared.side_query,
+        )
+        return out.reshape(query.shape)
+
+    return step
+
+
+CASES = [
+    ("kivi:bits=2", "kivi:bits=2", 0, 0),
+    ("kivi:bits=4,group=64", "kivi:bits=4", 0, 0),
+    ("kivi:bits=1", "kivi:bits=8,group=16", 5, 0),
+    ("kivi:bits=2", "fp16", 3, 2),
+    ("fp16", "kivi:bits=2", 0, 0),
+    ("headq", "kivi:bits=2", 0, 0),
+    ("headq:rank=16,zbits=2", "fp16", 32, 4),
+    ("kivi:bits=2", "kivi:bits=2", 32, 4),
+]
+
+
+@pytest.mark.parametrize(("keys", "values", "window", "sinks"), CASES)
+@pytest.mark.parametrize("prefix", [95, 96, 97, 1100])
+def test_the_fused_step_matches_the_reference_path(monkeypatch, keys, values, window, sinks, prefix) -> None:
+    b, hq, hkv, d = 3, 4, 2, 16
+    config = LlamaConfig(hidden_size=hq * d, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=d,
+                         num_hidden_layers=1, intermediate_size=32, vocab_size=32)  # fmt: skip
+    registry = get_registry()
+    methods = [("key", registry.key_quantizer(keys)), ("value", registry.value_policy(values))]
+    needs = [(kind, m) for kind, m in methods if m.calibration_needs]
+    calibration = synthetic_calibration(needs, config, tokens=256) if needs else None
+    caches = [
+        QuantizedKVCache(keys, values, window=window, sinks=sinks, config=config, calibration=calibration)
+        for _ in range(2)
+    ]
+    caches[1].use_emulation = True  # type: ignore[attr-defined]
+    calls: list[int] = []
+    monkeypatch.setattr(attention_module, "fused_decode", _emulated(calls))
+    pads, gen, total, steps = [0, 9, 70], torch.Generator().manual_seed(prefix), 0, 3
+    for step in range(steps + 1):
+        n = prefix if step == 0 else 1
+        k, v, q = (torch.randn(b, h, n, d, generator=gen) * 2 for h in (hkv, hkv, hq))
+        total += n
+        outs = [headq_attention(_Attn(), q, *cache.update(k, v, 0), _masks(pads, n, total), d**-0.5)[0]
+                for cache in caches]  # fmt: skip
+        if step:
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    if values == "fp16" and keys != "fp16":
+        # Exact values flush one token at a time: where their block boundary falls inside a key group
+        # the step stays on the reference path (no split can start there); the others are fused.
+        assert calls, "the fused step never ran"
+    else:
+        assert len(calls) == steps, "the fused step did not run"
+    ref_k, ref_v = caches[0].quantized_layers()[0].decoded()
+    got_k, got_v = caches[1].quantized_layers()[0].decoded()
+    assert torch.equal(ref_k, got_k) and torch.equal(ref_v, got_v)  # the same state after the steps
+
+
+def test_a_plan_that_the_kernel_cannot_run_still_runs_in_torch() -> None:
+    """A value boundary inside a key group: refused for the kernel, computed exactly in torch."""
+    gen = torch.Generator().manual_seed(3)
+    block = _affine_keys(2, 2, 16, 64, None)
+    v = torch.randn(2, 2, 64, 16, generator=gen)
+    values = [decode_plan.Dense(v[..., :40, :]), decode_plan.Dense(v[..., 40:, :])]
+    plan = decode_plan.plan([block], values, batch_heads=4, key_bits=2, key_group=32, strict=False)
+    q = torch.randn(2, 2, 3, 16, generator=gen)
+    mask = torch.ones(2, 64, dtype=torch.bool)
+    mask[1, :5] = False  # left padding of the second row
+    keys = decode_plan._decoded(block, 2, 32)
+    logits = (q @ keys.transpose(-1, -2) * 0.25).masked_fill(~mask[:, None, None, :], float("-inf"))
+    want = torch.softmax(logits, dim=-1) @ v
+    got = decode_plan.attend_torch(q, plan, scale=0.25, mask=mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
