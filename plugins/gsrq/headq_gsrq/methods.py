@@ -10,7 +10,7 @@ the full-precision window are the cache's.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -22,37 +22,56 @@ from headq_gsrq.config import GsrqConfig
 from headq_gsrq.lookup import lut_logits, lut_readout
 
 
-def _bind(method: GsrqKeys | GsrqValues, model_config: Any, calibration: Any) -> None:
-    spec = str(method.spec)
-    if calibration is None:
-        raise CalibrationError(
-            f"{spec} needs codebooks: run `headq calibrate --{method.books.kind}s '{spec}' --out FILE`, "
-            "then pass the file (--calibration FILE, or QuantizedKVCache(calibration=...))"
-        )
-    method.books.bind(spec, model_config, calibration.tensors_for(method.books.kind, method))
+class _CodebookMethod:
+    """What GSRQ keys and values share: codebooks of one kind, fitted, bound and counted alike."""
 
-
-class GsrqKeys(KeyQuantizer):
-    """Residual-VQ keys; logits through per-step lookup tables ``q . C`` and a gather-add."""
-
-    name = "gsrq"
-    config_class = GsrqConfig
-    summary = "residual VQ indices per sub-vector (gain-shape k-means codebooks), LUT logits"
+    kind: ClassVar[Literal["key", "value"]]
     config: GsrqConfig
+    spec: Any
 
     def __init__(self, config: GsrqConfig | None = None) -> None:
-        super().__init__(config)
-        self.books = Codebooks("key", self.config)
+        super().__init__(config)  # type: ignore[call-arg]
+        self.books = Codebooks(self.kind, self.config)
 
     @property  # the Fisher statistic only when weighted
-    def calibration_needs(self) -> frozenset[str]:  # type: ignore[override]
+    def calibration_needs(self) -> frozenset[str]:
         return self.books.needs
 
     def fit(self, stats: Any) -> dict[str, torch.Tensor]:
         return self.books.fit(stats)
 
     def bind(self, model_config: Any, calibration: Any = None) -> None:
-        _bind(self, model_config, calibration)
+        spec = str(self.spec)
+        if calibration is None:
+            raise CalibrationError(
+                f"{spec} needs codebooks: run `headq calibrate --{self.kind}s '{spec}' --out FILE`, "
+                "then pass the file (--calibration FILE, or QuantizedKVCache(calibration=...))"
+            )
+        self.books.bind(spec, model_config, calibration.tensors_for(self.kind, self))
+
+    def state_nbytes(self, layer_idx: int) -> int:
+        return self.books.state_nbytes(layer_idx)
+
+    def nominal_bits(self, head_dim: int) -> dict[str, float]:
+        return self.config.nominal_bits(head_dim)
+
+    def stores(self) -> str:
+        config = self.config
+        sizes = "x".join(map(str, config.sizes))
+        return (
+            f"per token and sub-vector of {config.dim} channels, one index per stage ({sizes} codewords), "
+            f"bit-packed; float16 codebooks per (layer, sub-vector position), learned by {config.learner}"
+            f"{' with Fisher weights' if config.weighted else ''}, amortized over the cache"
+        )
+
+
+class GsrqKeys(_CodebookMethod, KeyQuantizer):  # type: ignore[misc,override]
+    """Residual-VQ keys; logits through per-step lookup tables ``q . C`` and a gather-add."""
+
+    name = "gsrq"
+    kind = "key"
+    config_class = GsrqConfig
+    summary = "residual VQ indices per sub-vector (gain-shape k-means codebooks), LUT logits"
 
     def encode(self, keys: torch.Tensor, layer_idx: int) -> CodebookBlock:
         return self.books.encode(str(self.spec), keys, layer_idx)
@@ -62,37 +81,14 @@ class GsrqKeys(KeyQuantizer):
             return super().logits(query, block, layer_idx)
         return lut_logits(query.float(), block)
 
-    def state_nbytes(self, layer_idx: int) -> int:
-        return self.books.state_nbytes(layer_idx)
 
-    def nominal_bits(self, head_dim: int) -> dict[str, float]:
-        return self.config.nominal_bits(head_dim)
-
-    def stores(self) -> str:
-        return _stores(self.config)
-
-
-class GsrqValues(ValuePolicy):
+class GsrqValues(_CodebookMethod, ValuePolicy):  # type: ignore[misc,override]
     """Residual-VQ values; readout through per-codeword attention histograms times the codebooks."""
 
     name = "gsrq"
+    kind = "value"
     config_class = GsrqConfig
     summary = "residual VQ indices per sub-vector (gain-shape k-means codebooks), histogram readout"
-    config: GsrqConfig
-
-    def __init__(self, config: GsrqConfig | None = None) -> None:
-        super().__init__(config)
-        self.books = Codebooks("value", self.config)
-
-    @property  # the Fisher statistic only when weighted
-    def calibration_needs(self) -> frozenset[str]:  # type: ignore[override]
-        return self.books.needs
-
-    def fit(self, stats: Any) -> dict[str, torch.Tensor]:
-        return self.books.fit(stats)
-
-    def bind(self, model_config: Any, calibration: Any = None) -> None:
-        _bind(self, model_config, calibration)
 
     def encode(
         self, values: torch.Tensor, layer_idx: int, sq_attention: torch.Tensor | None = None
@@ -103,21 +99,3 @@ class GsrqValues(ValuePolicy):
         if not isinstance(block, CodebookBlock):
             return super().readout(probs, block, layer_idx)
         return lut_readout(probs, block)
-
-    def state_nbytes(self, layer_idx: int) -> int:
-        return self.books.state_nbytes(layer_idx)
-
-    def nominal_bits(self, head_dim: int) -> dict[str, float]:
-        return self.config.nominal_bits(head_dim)
-
-    def stores(self) -> str:
-        return _stores(self.config)
-
-
-def _stores(config: GsrqConfig) -> str:
-    sizes = "x".join(map(str, config.sizes))
-    return (
-        f"per token and sub-vector of {config.dim} channels, one index per stage ({sizes} codewords), "
-        f"bit-packed; float16 codebooks per (layer, sub-vector position), learned by {config.learner}"
-        f"{' with Fisher weights' if config.weighted else ''}, amortized over the cache"
-    )
