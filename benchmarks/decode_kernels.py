@@ -7,8 +7,10 @@ sequence, for each batch and context. Providers:
   kernel reads each KV head once);
 - ``dequant-sdpa``: dequantize the whole KIVI-2 cache to fp16 with the torch reference, then SDPA
   (what a cache that stores quantized tensors but attends in fp16 does each step);
-- ours: the fused Triton kernel over KIVI-2 (G=32), KIVI-4, and HeadQ rank 8 on KIVI-2, each with
-  a full-precision window of 128 tokens, cache held as 8,192-token blocks.
+- ours: the fused Triton kernel over KIVI-2 (G=32), KIVI-4, HeadQ rank 8 on KIVI-2, KIVI-2 keys
+  with A² values (2 and 4 bits, 10% at 4; mixed widths), and GSRQ at 1 bit on keys and values
+  (one stage of 256 codewords per 8 channels), each with a full-precision window of 128 tokens,
+  cache held as 8,192-token blocks.
 
 Every row reports the median time (``triton.testing.do_bench``), the speed-up over both
 baselines, the bytes the path must read (the cache as stored, plus the query) and those bytes per
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 HQ, HKV, D = 32, 8, 128
 WINDOW = 128
 CHUNK = 8192
+DEVICE = "cuda"  # the CPU works too, under TRITON_INTERPRET=1, for a check of the code at small sizes
 LAUNCH = {"half": True, "block_n": 64, "num_warps": 4, "num_stages": 2}  # --tune replaces it
 
 
@@ -45,7 +48,7 @@ def bench(fn: Any) -> float:
 
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read plus written per second."""
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
     y = torch.empty_like(x)
     ms = bench(lambda: y.copy_(x))
     return 2 * x.numel() / (ms * 1e-3)
@@ -79,48 +82,50 @@ class Cache:
         self.km, self.vm = _methods(keys, values)
         encoded = (context - WINDOW) // 32 * 32
         self.k_blocks, self.v_blocks = [], []
-        gen = torch.Generator(device="cuda").manual_seed(0)
+        gen = torch.Generator(device=DEVICE).manual_seed(0)
         for start in range(0, encoded, CHUNK):
             n = min(CHUNK, encoded - start)
-            k = torch.randn((batch, HKV, n, D), generator=gen, device="cuda", dtype=torch.float16)
-            v = torch.randn((batch, HKV, n, D), generator=gen, device="cuda", dtype=torch.float16)
+            k = torch.randn((batch, HKV, n, D), generator=gen, device=DEVICE, dtype=torch.float16)
+            v = torch.randn((batch, HKV, n, D), generator=gen, device=DEVICE, dtype=torch.float16)
             self.k_blocks.append(self.km.encode(k, 0))
             self.v_blocks.append(self.vm.encode(v, 0))
         tail = context - encoded
-        self.k_window = torch.randn((batch, HKV, tail, D), generator=gen, device="cuda", dtype=torch.float16)
+        self.k_window = torch.randn((batch, HKV, tail, D), generator=gen, device=DEVICE, dtype=torch.float16)
         self.v_window = torch.randn_like(self.k_window)
         self.nbytes = sum(sum(block_nbytes(b).values()) for b in self.k_blocks + self.v_blocks)
         self.nbytes += 2 * self.k_window.numel() * 2
         kernels = fused._triton()
-        kd = fused._describe(self.k_blocks, torch.float16, keys=True)
-        vd = fused._describe(self.v_blocks, torch.float16, keys=False)
-        assert kd is not None and vd is not None
-        self.kd = kd
-        self.block_n = max(LAUNCH["block_n"], kd[1])
+        kd = fused._describe(self.k_blocks, torch.float16, keys=True, head_dim=D)
+        vd = fused._describe(self.v_blocks, torch.float16, keys=False, head_dim=D)
+        assert kd is not None and vd is not None, "a layout the kernel does not know"
+        self.settings = fused.plan_settings(kd, vd, D, batch_heads=batch * HKV)
+        self.settings["block_n"] = max(LAUNCH["block_n"], self.settings["block_n"])
         k_segments = [fused._segment(b, b.tokens) for b in self.k_blocks]
         v_segments = [fused._segment(b, b.tokens) for b in self.v_blocks]
         self.segments = (
             [*k_segments, kernels.Dense(self.k_window)],
             [*v_segments, kernels.Dense(self.v_window)],
         )
-        self.batch = batch
         self.plan = self.make_plan()
+
+    @property
+    def block_n(self) -> int:
+        return int(self.settings["block_n"])
+
+    @block_n.setter
+    def block_n(self, value: int) -> None:
+        self.settings["block_n"] = value
 
     def make_plan(self) -> Any:
         from headq_core import fused
 
-        kernels = fused._triton()
-        kb, kg, rank, zbits = self.kd
-        return kernels.plan(
-            *self.segments, batch_heads=self.batch * HKV, key_bits=kb, key_group=kg, value_bits=self.v_blocks[0].bits,
-            value_group=self.v_blocks[0].group, side_rank=rank, side_bits=zbits, block_n=self.block_n,
-        )  # fmt: skip
+        return fused._triton().plan(*self.segments, **self.settings)
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         from headq_core import fused
 
         side = None
-        if self.kd[2]:
+        if self.settings["side_rank"]:
             first = self.k_blocks[0]
             side = first.sign * torch.einsum("bhgd,hdr->bhgr", q.float(), first.basis.decode.float())
         return fused._triton().attend(
@@ -142,6 +147,8 @@ OURS = {
     "kivi2": ("kivi:bits=2", "kivi:bits=2"),
     "kivi4": ("kivi:bits=4", "kivi:bits=4"),
     "headq-r8": ("headq:rank=8,zbits=4", "kivi:bits=2"),
+    "a2-mixed": ("kivi:bits=2", "a2"),
+    "gsrq-1": ("gsrq", "gsrq"),
 }
 
 
@@ -165,8 +172,8 @@ def run(batches: list[int], contexts: list[int], budget_gib: float) -> dict[str,
             if 3 * fp16_bytes > budget_gib * 2**30:
                 print(f"skip batch {batch} context {context}: over the memory budget", file=sys.stderr)
                 continue
-            q = torch.randn((batch, HKV, HQ // HKV, D), device="cuda", dtype=torch.float16)
-            k = torch.randn((batch, HKV, context, D), device="cuda", dtype=torch.float16)
+            q = torch.randn((batch, HKV, HQ // HKV, D), device=DEVICE, dtype=torch.float16)
+            k = torch.randn((batch, HKV, context, D), device=DEVICE, dtype=torch.float16)
             v = torch.randn_like(k)
             t_fp16 = bench(lambda q=q, k=k, v=v: sdpa(q, k, v))
             del k, v
@@ -207,7 +214,7 @@ def run(batches: list[int], contexts: list[int], budget_gib: float) -> dict[str,
     for bits in (2, 4):
         from headq_kernels import triton_affine
 
-        x = torch.randn((8, HKV, 32768, D), device="cuda", dtype=torch.float16)
+        x = torch.randn((8, HKV, 32768, D), device=DEVICE, dtype=torch.float16)
         for axis in ("tokens", "channels"):
             src = x.transpose(-1, -2) if axis == "tokens" else x
             ms = bench(lambda src=src, bits=bits: triton_affine.quantize_affine(src, bits, 32))
@@ -258,7 +265,7 @@ def variants(batch: int, context: int, out_dir: str | None = None) -> tuple[bool
     kernels = fused._triton()
     bandwidth = copy_bandwidth()
     cache = Cache("kivi:bits=2", "kivi:bits=2", batch, context)
-    q = torch.randn((batch, HKV, HQ // HKV, D), device="cuda", dtype=torch.float16)
+    q = torch.randn((batch, HKV, HQ // HKV, D), device=DEVICE, dtype=torch.float16)
     print(f"KIVI-2 batch {batch} context {context}")
     print("| half | block_n | warps | stages | time (us) | of copy BW | compiler |")
     best: tuple[float, tuple[bool, int, int, int]] = (float("inf"), VARIANTS[0])

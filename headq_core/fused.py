@@ -3,13 +3,18 @@
 The ``headq`` attention function asks :func:`fused_decode` first for one query token per
 sequence on CUDA. It answers ``None`` (and leaves the layer untouched) whenever the kernel does
 not know the layouts or the setting, and the reference path in :mod:`headq_core.attention` runs:
-CPU tensors, float32 models, softcapped logits, one-pass decode emulation, value policies that
-want attention statistics (A²), mixed-width or codebook records and any third-party record.
+CPU tensors, float32 models, softcapped logits, one-pass decode emulation, and any record whose
+layout it does not know (third-party records among them).
 
 Known layouts: keys :class:`~headq_core.layouts.AffinePacked` along tokens (KIVI), the same with
-a :class:`~headq_core.layouts.LowRankLogit` side code (HeadQ, per-token steps), or dense; values
-:class:`~headq_core.layouts.AffinePacked` along channels (KIVI) or dense. Set ``HEADQ_KERNELS=0``
-to run everything on the reference path.
+a :class:`~headq_core.layouts.LowRankLogit` side code (HeadQ, per-token steps),
+:class:`~headq_core.layouts.Codebook` (GSRQ) or dense; values
+:class:`~headq_core.layouts.AffinePacked` along channels (KIVI),
+:class:`~headq_core.layouts.MixedAffine` with one allocation row per KV head (A²),
+:class:`~headq_core.layouts.Codebook` or dense. A value policy that wants attention statistics
+gets them from the kernel (the probabilities of the window's tokens), except on a step that
+encodes a token of its own pass, which runs on the reference path. Set ``HEADQ_KERNELS=0`` to run
+everything on the reference path.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import torch
 
 from headq_core.cache import MAX_BLOCK_TOKENS, QuantizedLayer, _Stream
-from headq_core.layouts import AffineBlock, DenseBlock, EncodedBlock, LowRankLogit
+from headq_core.layouts import AffineBlock, Codebook, DenseBlock, EncodedBlock, LowRankLogit, MixedAffine
 from headq_kernels import decode_plan
 
 ENV = "HEADQ_KERNELS"
@@ -54,6 +60,7 @@ class Prepared:
     side_query: torch.Tensor | None
     block_n: int
     fused: bool = True  # False: the plan has a split the kernel cannot start; run it in torch
+    tail: int = 0  # the window's last tokens whose attention the value policy's statistic wants
 
 
 def fused_decode(
@@ -66,22 +73,34 @@ def fused_decode(
     """query (b, hq, 1, d) -> attention output (b, hq, 1, d), or None where the kernel does not apply."""
     if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or not available():
         return None
+    return decode_step(layer, query, attention_mask, scaling, softcap, _triton().attend)
+
+
+def decode_step(
+    layer: QuantizedLayer,
+    query: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None,
+    attend: Callable[..., torch.Tensor],
+) -> torch.Tensor | None:
+    """One decode step of ``layer`` through ``attend`` (the kernel, or ``decode_plan.attend_torch``
+    anywhere), statistics for the value policy included; None where the fused path does not apply."""
     step = prepare(layer, query, attention_mask, scaling, softcap)
     if step is None:
         return None
-    if step.fused:
-        out = _triton().attend(
-            step.q,
-            step.plan,
-            scale=step.scale,
-            mask=step.mask,
-            side_query=step.side_query,
-            block_n=step.block_n,
-        )
-    else:
-        out = decode_plan.attend_torch(
-            step.q, step.plan, scale=step.scale, mask=step.mask, side_query=step.side_query
-        )
+    b, hkv, g, _ = step.q.shape
+    probs = step.q.new_empty((b, hkv, g, step.tail), dtype=torch.float32) if step.tail else None
+    kwargs: dict[str, Any] = dict(
+        scale=step.scale, mask=step.mask, side_query=step.side_query, tail_probs=probs
+    )
+    if step.fused and attend is not decode_plan.attend_torch:
+        kwargs["block_n"] = step.block_n
+    out = (attend if step.fused else decode_plan.attend_torch)(step.q, step.plan, **kwargs)
+    if probs is not None:
+        assert layer.sq_attention is not None and layer.sq_attention.shape[-1] == step.tail
+        seen = probs.square() if layer.cache.value_statistic == "sq_attention" else probs
+        layer.sq_attention = layer.sq_attention + seen.sum(dim=-2)
     return out.reshape(query.shape)
 
 
@@ -96,7 +115,10 @@ def prepare(
 
     Any device and dtype: the GPU path checks those itself. When it answers, the step is taken:
     the layer's pending pass is consumed and this pass's values are flushed, as the reference
-    path would after gathering attention statistics (the kernel path runs only without them).
+    path does after gathering attention statistics. Statistics for this step are then wanted for
+    the ``tail`` tokens left in the value window, which are exactly the ones that receive them on
+    the reference path, since a step whose flush would encode a token of its own pass (which must
+    see its own statistic first) is left to the reference path.
     """
     b, hq, n, d = query.shape
     if (
@@ -105,15 +127,18 @@ def prepare(
         or d & (d - 1)
         or not 16 <= d <= 256
         or layer.cache.emulate_streaming
-        or layer.sq_attention is not None
-        or layer.cache.value_statistic is not None
         or layer.pending is None
     ):
         return None
     if not layer.k.blocks and not layer.v.blocks:
         return None  # nothing encoded yet: a short exact cache, nothing for the kernel to gain
-    kd = _describe(layer.k.blocks, query.dtype, keys=True)
-    vd = _describe(layer.v.blocks, query.dtype, keys=False)
+    stats = layer.cache.value_statistic is not None
+    if stats and (
+        layer.sq_attention is None or layer.encoded_end(layer.v, layer.length) > layer.pending.start
+    ):
+        return None
+    kd = _describe(layer.k.blocks, query.dtype, keys=True, head_dim=d)
+    vd = _describe(layer.v.blocks, query.dtype, keys=False, head_dim=d)
     if kd is None or vd is None:
         return None
     inflight = layer.pending
@@ -128,28 +153,15 @@ def prepare(
     e_v = max(sinks, min(layer.encoded_end(layer.v, layer.length), start))
     k_exact = None if inflight.key_window is None else inflight.key_window[..., e_k - inflight.key_first :, :]
     keys = _segments(layer.k, e_k, k_exact)
-    key_bits, key_group, rank, zbits = kd
+    settings = plan_settings(kd, vd, d, batch_heads=b * hkv)
     v_first, v_window = layer.v.sink_len() + layer.v.encoded, layer.v.window
-    if key_bits and not _on_key_groups(keys, key_group, _cuts(layer, e_v)):
+    if settings["key_bits"] and not _on_key_groups(keys, settings["key_group"], _cuts(layer, e_v)):
         return None  # a value block boundary inside a key group: no split could start there
     # From here on the layer changes: this pass's values are flushed before the kernel reads them.
     layer.pending = None
     layer._flush(layer.v)
     v_exact = None if v_window is None else v_window[..., e_v - v_first :, :]
     values = _segments(layer.v, e_v, v_exact)
-    value_bits, value_group, _, _ = vd
-    # Tuned on an H100 at Llama-3-8B shapes (docs/kernels.md): 128 tokens per tile up to d = 128.
-    block_n = max(128 if d <= 128 else 32, key_group)
-    settings: dict[str, Any] = dict(
-        batch_heads=b * hkv,
-        key_bits=key_bits,
-        key_group=key_group,
-        value_bits=value_bits,
-        value_group=value_group,
-        side_rank=rank,
-        side_bits=zbits,
-        block_n=block_n,
-    )
     fused = True
     try:
         plan = decode_plan.plan(keys, values, **settings)
@@ -157,7 +169,7 @@ def prepare(
         plan, fused = decode_plan.plan(keys, values, strict=False, **settings), False
     q = query.reshape(b, hkv, g, d)
     side_query = None
-    if rank:
+    if settings["side_rank"]:
         first: Any = next(blk for blk in layer.k.blocks if isinstance(blk.layout, LowRankLogit))
         basis = first.basis.decode.float()  # (hkv, d, r)
         side_query = first.sign * torch.einsum("bhgd,hdr->bhgr", q.float(), basis)
@@ -166,40 +178,100 @@ def prepare(
         mask = attention_mask[:, 0, -1, -layer.length :]
         if mask.dtype != torch.bool:
             mask = mask > torch.finfo(mask.dtype).min / 2
-    return Prepared(q, plan, scaling, mask, side_query, block_n, fused)
+    tail = layer.length - e_v if stats else 0
+    return Prepared(q, plan, scaling, mask, side_query, settings["block_n"], fused, tail)
+
+
+def plan_settings(
+    kd: tuple[Any, ...], vd: tuple[Any, ...], head_dim: int, *, batch_heads: int
+) -> dict[str, Any]:
+    """Keyword arguments of ``decode_plan.plan`` for streams described by :func:`_describe`."""
+    key_bits, key_group, rank, zbits = kd[1:] if kd[0] == "affine" else (0, 0, 0, 0)
+    value_bits, value_group = vd[1:3] if vd[0] == "affine" else (0, 0)
+    # Tuned on an H100 at Llama-3-8B shapes (docs/kernels.md): 128 tokens per tile up to d = 128;
+    # a tile holds whole key groups and whole allocation rows of mixed-width values.
+    block_n = max(128 if head_dim <= 128 else 32, key_group, vd[3] if vd[0] == "mixed" else 0)
+    return dict(
+        batch_heads=batch_heads,
+        key_bits=key_bits,
+        key_group=key_group,
+        value_bits=value_bits,
+        value_group=value_group,
+        side_rank=rank,
+        side_bits=zbits,
+        block_n=block_n,
+    )
 
 
 def _describe(
-    blocks: list[EncodedBlock], dtype: torch.dtype, *, keys: bool
-) -> tuple[int, int, int, int] | None:
-    """(bits, group, side rank, side bits) shared by every block (0 for dense), or None if unknown."""
-    found: set[tuple[int, int, int, int]] = set()
+    blocks: list[EncodedBlock], dtype: torch.dtype, *, keys: bool, head_dim: int
+) -> tuple[Any, ...] | None:
+    """The kind and settings shared by every encoded block of a stream (``("dense",)`` with none),
+    or None where the kernel does not know a block or the blocks differ."""
+    found: set[tuple[Any, ...]] = set()
     for block in blocks:
-        layout = block.layout
         if isinstance(block, DenseBlock):
             if block.data.dtype != dtype:
                 return None
             continue
-        rank = zbits = 0
-        if keys and isinstance(layout, LowRankLogit):
-            if (
-                getattr(block, "scale", None) != "token"
-                or getattr(block, "lead_codes", True) is not None
-                or layout.bits not in KNOWN_BITS
-                or layout.rank > 64
-            ):
-                return None
-            rank, zbits = layout.rank, layout.bits
-            block = block.base  # type: ignore[attr-defined]
-        if not isinstance(block, AffineBlock) or block.axis != ("tokens" if keys else "channels"):
+        signature = _signature(block, keys=keys, head_dim=head_dim)
+        if signature is None:
             return None
-        group = block.group
-        if block.bits not in KNOWN_BITS or group & (group - 1) or group < 32 // block.bits or group > 256:
-            return None
-        found.add((block.bits, group, rank, zbits))
+        found.add(signature)
     if len(found) > 1:
         return None
-    return found.pop() if found else (0, 0, 0, 0)
+    return found.pop() if found else ("dense",)
+
+
+def _affine_ok(bits: int, group: int) -> bool:
+    return bits in KNOWN_BITS and not group & (group - 1) and 32 // bits <= group <= 256
+
+
+def _signature(block: Any, *, keys: bool, head_dim: int) -> tuple[Any, ...] | None:
+    layout = block.layout
+    if isinstance(layout, Codebook):
+        # one or two stages of at most 256 codewords, float16 codebooks, powers of two throughout
+        books = block.books
+        widths = books.widths
+        dim = books.dim
+        if (
+            len(widths) > 2
+            or max(widths) > 8
+            or any(book.dtype != torch.float16 for book in books.stages)
+            or dim & (dim - 1)
+            or head_dim % dim
+        ):
+            return None
+        return ("codebook", id(books))
+    if isinstance(layout, MixedAffine):
+        # values, one allocation row per KV head, whole 32-bit words per token at every width
+        kv_heads = block.scale.shape[1]
+        if (
+            keys
+            or block.codes.shape[1] != kv_heads
+            or not all(_affine_ok(w, layout.group) and head_dim * w % 32 == 0 for w in layout.widths)
+            or block.chunk & (block.chunk - 1)
+            or block.chunk > 128
+            or len(layout.widths) > 4
+        ):
+            return None
+        return ("mixed", layout.widths, layout.group, block.chunk, block.row_words, block.index_bits)
+    rank = zbits = 0
+    if keys and isinstance(layout, LowRankLogit):
+        if (
+            getattr(block, "scale", None) != "token"
+            or getattr(block, "lead_codes", True) is not None
+            or layout.bits not in KNOWN_BITS
+            or layout.rank > 64
+        ):
+            return None
+        rank, zbits = layout.rank, layout.bits
+        block = block.base
+    if not isinstance(block, AffineBlock) or block.axis != ("tokens" if keys else "channels"):
+        return None
+    if not _affine_ok(block.bits, block.group):
+        return None
+    return ("affine", block.bits, block.group, rank, zbits)
 
 
 def _cuts(layer: QuantizedLayer, stop: int) -> list[int]:
@@ -251,6 +323,16 @@ def _segments(stream: _Stream, stop: int, exact: torch.Tensor | None) -> list[de
 def _segment(block: Any, covered: int) -> decode_plan.Segment:
     if isinstance(block, DenseBlock):
         return decode_plan.Dense(block.data[..., :covered, :])
+    if isinstance(block.layout, Codebook):
+        books = block.books
+        return decode_plan.Codebook(
+            block.indices, tuple(books.stages), books.scale, block.tokens, block.dequantize, covered=covered
+        )
+    if isinstance(block.layout, MixedAffine):
+        return decode_plan.MixedChannels(
+            block.codes, block.width_index, block.scale, block.zero, block.tokens, block.widths, block.group,
+            block.chunk, block.row_words, block.index_bits, block.dequantize, covered=covered,
+        )  # fmt: skip
     if isinstance(block.layout, LowRankLogit):
         base = block.base
         return decode_plan.AffineTokens(

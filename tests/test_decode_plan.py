@@ -79,10 +79,10 @@ def test_splits_partition_the_tokens_inside_segments_and_on_key_groups(seed: int
             assert k_off % 32 == 0
         covered += range(position, position + length)
     assert sorted(covered) == list(range(plan.length)) and plan.length == kb[-1]
-    for k_affine, v_affine, splits in plan.launches:  # one launch per pair of segment kinds
+    for k_kind, v_kind, splits in plan.launches:  # one launch per pair of segment kinds
         for k_seg, _, v_seg, *_ in splits.tolist():
-            assert isinstance(keys[k_seg], decode_plan.AffineTokens) == k_affine
-            assert (not isinstance(values[v_seg - len(keys)], decode_plan.Dense)) == v_affine
+            assert decode_plan.kind(keys[k_seg]) == k_kind
+            assert decode_plan.kind(values[v_seg - len(keys)]) == v_kind
 
 
 def test_the_segment_table_points_into_the_cache_tensors() -> None:
@@ -126,18 +126,10 @@ def _emulated(calls: list[int]):
     def step(layer, query, attention_mask, scaling, softcap):
         if not getattr(layer.cache, "use_emulation", False):
             return None
-        prepared = fused.prepare(layer, query, attention_mask, scaling, softcap)
-        if prepared is None:
-            return None
-        calls.append(1)
-        out = decode_plan.attend_torch(
-            prepared.q,
-            prepared.plan,
-            scale=prepared.scale,
-            mask=prepared.mask,
-            side_query=prepared.side_query,
-        )
-        return out.reshape(query.shape)
+        out = fused.decode_step(layer, query, attention_mask, scaling, softcap, decode_plan.attend_torch)
+        if out is not None:
+            calls.append(1)
+        return out
 
     return step
 
@@ -151,6 +143,11 @@ CASES = [
     ("headq", "kivi:bits=2", 0, 0),
     ("headq:rank=16,zbits=2", "fp16", 32, 4),
     ("kivi:bits=2", "kivi:bits=2", 32, 4),
+    ("kivi:bits=2", "a2", 4, 0),
+    ("headq", "a2:mode=greedy,avg=3,bits=2,hi=8,weight=abs", 8, 2),
+    ("gsrq", "gsrq", 0, 0),
+    ("gsrq:bits=2", "kivi:bits=2", 3, 1),
+    ("kivi:bits=2", "gsrq:bits=0.75", 0, 0),
 ]
 
 
@@ -186,9 +183,13 @@ def test_the_fused_step_matches_the_reference_path(monkeypatch, keys, values, wi
         assert calls, "the fused step never ran"
     else:
         assert len(calls) == steps, "the fused step did not run"
-    ref_k, ref_v = caches[0].quantized_layers()[0].decoded()
-    got_k, got_v = caches[1].quantized_layers()[0].decoded()
+    ref_layer, got_layer = (cache.quantized_layers()[0] for cache in caches)
+    ref_k, ref_v = ref_layer.decoded()
+    got_k, got_v = got_layer.decoded()
     assert torch.equal(ref_k, got_k) and torch.equal(ref_v, got_v)  # the same state after the steps
+    if ref_layer.sq_attention is not None:  # and the same attention statistics for the value policy
+        assert got_layer.sq_attention is not None and ref_layer.sq_attention.abs().sum() > 0
+        torch.testing.assert_close(got_layer.sq_attention, ref_layer.sq_attention, rtol=1e-5, atol=1e-7)
 
 
 def test_a_plan_that_the_kernel_cannot_run_still_runs_in_torch() -> None:

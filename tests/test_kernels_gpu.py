@@ -162,6 +162,9 @@ def _run_pair(
     assert len(calls) == expected, (
         "the fused kernel did not run" if not calls else f"{len(calls)} kernel calls"
     )
+    ref_stats, got_stats = (cache.quantized_layers()[0].sq_attention for cache in caches)
+    if ref_stats is not None:  # the value policy's attention statistics, from the kernel's probabilities
+        assert got_stats is not None and rel(got_stats, ref_stats) < TOLERANCE[dtype]
     return errors
 
 
@@ -207,16 +210,50 @@ def test_decode_matches_reference_on_awkward_shapes(monkeypatch, hq, hkv, d, pre
     assert max(errors) < TOLERANCE[torch.float16], errors
 
 
+NEW_LAYOUTS = [
+    ("kivi:bits=2", "a2"),
+    ("headq", "a2:mode=greedy,avg=3,bits=1,hi=8,weight=abs"),
+    ("fp16", "a2:chunk=64"),
+    ("gsrq", "gsrq"),
+    ("gsrq:bits=2,scale=fisher", "kivi:bits=2"),
+    ("kivi:bits=2", "gsrq:bits=0.75,scale=fisher"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize(("keys", "values"), NEW_LAYOUTS)
+def test_decode_matches_reference_on_mixed_width_and_codebook_layouts(
+    monkeypatch, keys, values, d, dtype
+) -> None:
+    """A² values (their statistics included) and GSRQ codebooks, with sinks and a short window."""
+    errors = _run_pair(
+        monkeypatch, keys, values, b=3, hq=8, hkv=2, d=d, prefix=161, steps=3, window=4, sinks=2, dtype=dtype,
+        pads=[0, 7, 40],
+    )  # fmt: skip
+    assert max(errors) < TOLERANCE[dtype], errors
+
+
+def test_a_step_that_encodes_its_own_token_runs_on_the_reference(monkeypatch) -> None:
+    """A² with no window: the step whose flush takes its own token must see its own statistic first."""
+    errors = _run_pair(
+        monkeypatch, "kivi:bits=2", "a2", b=2, hq=4, hkv=2, d=64, prefix=95, steps=3, window=0, sinks=0,
+        dtype=torch.float16, kernel_steps=2,  # token 96 completes a chunk of 32; 97 and 98 do not
+    )  # fmt: skip
+    assert max(errors) < TOLERANCE[torch.float16], errors
+
+
 def test_layouts_the_kernel_does_not_know_run_on_the_reference(monkeypatch) -> None:
-    """A² values want attention statistics, so the whole step stays on the reference path."""
+    """A² rows that span every KV head of a layer: the kernel knows one row per head only."""
     with pytest.raises(AssertionError, match="did not run"):
         _run_pair(
-            monkeypatch, "kivi:bits=2", "a2:frac=0", b=1, hq=4, hkv=2, d=64, prefix=70, steps=2, window=0,
+            monkeypatch, "kivi:bits=2", "a2:scope=layer", b=1, hq=4, hkv=2, d=64, prefix=70, steps=2, window=0,
             sinks=0, dtype=torch.float16,
         )  # fmt: skip
 
 
-def test_harness_perplexity_is_the_same_on_the_kernel_and_reference_paths(monkeypatch) -> None:
+@pytest.mark.parametrize(("keys", "values"), [("kivi:bits=2", "kivi:bits=2"), ("kivi:bits=2", "a2")])
+def test_harness_perplexity_is_the_same_on_the_kernel_and_reference_paths(monkeypatch, keys, values) -> None:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -226,7 +263,7 @@ def test_harness_perplexity_is_the_same_on_the_kernel_and_reference_paths(monkey
     gen = torch.Generator().manual_seed(1)
     windows = [torch.randint(0, 256, (160,), generator=gen) for _ in range(2)]
     windowing = Windowing(prefix=96, scored=64, windows=2, batch=2)
-    settings = CacheSettings("kivi:bits=2", "kivi:bits=2", window=8, sinks=2)
+    settings = CacheSettings(keys, values, window=8, sinks=2)
     calls: list[int] = []
     real = triton_decode.attend
     monkeypatch.setattr(triton_decode, "attend", lambda *a, **k: calls.append(1) or real(*a, **k))

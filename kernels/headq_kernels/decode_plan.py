@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,10 +23,12 @@ def next_power_of_2(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
 
 
-# Columns of the segment table (int64).
-KIND, TOKENS, PTR0, PTR1, PTR2, STRIDE_B, STRIDE_H, STRIDE_T, SIDE_CODES, SIDE_STEP = range(10)
-COLUMNS = 10
-AFFINE, DENSE = 0, 1
+# Columns of the segment table (int64); what the pointers hold depends on the segment's kind.
+KIND, TOKENS, PTR0, PTR1, PTR2, PTR3, PTR4, STRIDE_B, STRIDE_H, STRIDE_T, EXTRA = range(11)
+COLUMNS = 11
+# Segment kinds. Keys: AFFINE (AffineTokens), DENSE, CODEBOOK; values: AFFINE (AffineChannels),
+# DENSE, MIXED, CODEBOOK.
+AFFINE, DENSE, MIXED, CODEBOOK = range(4)
 
 
 @dataclass
@@ -67,7 +69,62 @@ class AffineChannels:
     covered: int | None = None  # attend only the first ``covered`` tokens
 
 
-Segment = Dense | AffineTokens | AffineChannels
+@dataclass
+class MixedChannels:
+    """Values at per-token bit widths (A²), one allocation row of ``chunk`` tokens per KV head.
+
+    codes (b, h, t/chunk * row_words) int32: each row's tokens packed at their own widths, one
+    after the other (channels along the word, as in :class:`AffineChannels`), then zeros;
+    width_index (b, h, t/chunk * ceil(chunk * index_bits / 32)) int32, each token's index into
+    ``widths`` packed along tokens, or None with one width; scale/zero (b, h, t, d/group) float16.
+    ``decode`` returns the tokens dequantized, (b, h, t, d) float32 (the reference).
+    """
+
+    codes: torch.Tensor
+    width_index: torch.Tensor | None
+    scale: torch.Tensor
+    zero: torch.Tensor
+    tokens: int
+    widths: tuple[int, ...]
+    group: int
+    chunk: int
+    row_words: int
+    index_bits: int
+    decode: Callable[[], torch.Tensor]
+    covered: int | None = None
+
+
+@dataclass
+class Codebook:
+    """Residual-VQ tokens (GSRQ): ``indices`` (b, h, t, bytes) uint8, the ``P x M`` codeword indices
+    of a token bit-packed position-major, stage-minor, least significant bit first; ``books``: per
+    stage (P, K_m, dim) float16, shared by every head; ``scale`` (h, d) float16 or None: the
+    codewords approximate ``scale * x``. ``decode`` as for :class:`MixedChannels`.
+    """
+
+    indices: torch.Tensor
+    books: tuple[torch.Tensor, ...]
+    scale: torch.Tensor | None
+    tokens: int
+    decode: Callable[[], torch.Tensor]
+    covered: int | None = None
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(int(book.shape[1]).bit_length() - 1 for book in self.books)
+
+
+Segment = Dense | AffineTokens | AffineChannels | MixedChannels | Codebook
+
+
+def kind(seg: Segment) -> int:
+    if isinstance(seg, Dense):
+        return DENSE
+    if isinstance(seg, MixedChannels):
+        return MIXED
+    if isinstance(seg, Codebook):
+        return CODEBOOK
+    return AFFINE
 
 
 @dataclass
@@ -75,8 +132,8 @@ class Plan:
     """Device tables for one decode step, and the tensors they point into (kept alive)."""
 
     segments: torch.Tensor  # (n_segments, COLUMNS) int64
-    # per (keys affine, values affine): (n, 7) int32 rows k_seg, k_off, v_seg, v_off, length, position, split
-    launches: list[tuple[bool, bool, torch.Tensor]]
+    # per (key kind, value kind): (n, 7) int32 rows k_seg, k_off, v_seg, v_off, length, position, split
+    launches: list[tuple[int, int, torch.Tensor]]
     n_splits: int
     length: int
     key_bits: int
@@ -86,6 +143,13 @@ class Plan:
     side_rank: int
     side_bits: int
     parts: list[Segment] = field(default_factory=list)  # keys then values; keeps the tensors alive
+    value_segments: int = 0  # the last ones of ``parts``
+
+    def first(self, kind_: int, *, keys: bool) -> Segment | None:
+        """The first key (or value) segment of a kind: the kernel's settings for that kind."""
+        n_keys = len(self.parts) - self.value_segments
+        stream = self.parts[:n_keys] if keys else self.parts[n_keys:]
+        return next((seg for seg in stream if kind(seg) == kind_), None)
 
 
 def _row(seg: Segment) -> list[int]:
@@ -97,15 +161,36 @@ def _row(seg: Segment) -> list[int]:
         row[KIND], row[TOKENS], row[PTR0] = DENSE, seg.tokens, d.data_ptr()
         row[STRIDE_B], row[STRIDE_H], row[STRIDE_T] = d.stride(0), d.stride(1), d.stride(2)
         return row
-    for t in (seg.codes, seg.scale, seg.zero):
-        if not t.is_contiguous():
-            raise ValueError("affine segments must be contiguous")
-    row[KIND], row[TOKENS] = AFFINE, seg.tokens
+    row[KIND], row[TOKENS] = kind(seg), seg.tokens
+    if isinstance(seg, Codebook):
+        # PTR0 indices, PTR1 / PTR2 the first two stages' codebooks, PTR3 the channel scale (or 0)
+        if len(seg.books) > 2 or any(book.dtype != torch.float16 for book in seg.books):
+            raise ValueError("codebook segments take one or two float16 stages")
+        tensors = [seg.indices, *seg.books, *([] if seg.scale is None else [seg.scale])]
+        _contiguous(tensors)
+        row[PTR0], row[PTR1] = seg.indices.data_ptr(), seg.books[0].data_ptr()
+        row[PTR2] = seg.books[1].data_ptr() if len(seg.books) > 1 else 0
+        row[PTR3] = 0 if seg.scale is None else seg.scale.data_ptr()
+        return row
+    # affine and mixed: PTR0 codes, PTR1 scale, PTR2 zero; PTR3 / PTR4 the side code and its steps
+    # (AffineTokens) or the width index (MixedChannels, with the row's words in EXTRA)
+    _contiguous([seg.codes, seg.scale, seg.zero])
     row[PTR0], row[PTR1], row[PTR2] = seg.codes.data_ptr(), seg.scale.data_ptr(), seg.zero.data_ptr()
     if isinstance(seg, AffineTokens) and seg.side_codes is not None:
         assert seg.side_step is not None
-        row[SIDE_CODES], row[SIDE_STEP] = seg.side_codes.data_ptr(), seg.side_step.data_ptr()
+        _contiguous([seg.side_codes, seg.side_step])
+        row[PTR3], row[PTR4] = seg.side_codes.data_ptr(), seg.side_step.data_ptr()
+    if isinstance(seg, MixedChannels):
+        if seg.width_index is not None:
+            _contiguous([seg.width_index])
+            row[PTR3] = seg.width_index.data_ptr()
+        row[EXTRA] = seg.row_words
     return row
+
+
+def _contiguous(tensors: list[torch.Tensor]) -> None:
+    if not all(t.is_contiguous() for t in tensors):
+        raise ValueError("encoded segments must be contiguous")
 
 
 def _bounds(segments: Sequence[Segment]) -> list[int]:
@@ -134,8 +219,9 @@ def plan(
     """Tables for the decode kernel: key and value segments in token order, each covering the same tokens.
 
     Splits never cross a segment boundary of either stream and, for the kernel (``strict``), start
-    on a whole key group of an affine key segment (:func:`attend_torch` needs no such start); ``split`` caps their length (by default chosen so that the splits times
-    ``batch_heads`` fill the GPU a few times over).
+    on a whole key group of an affine key segment and on a whole allocation row of a mixed value
+    segment (:func:`attend_torch` needs neither); ``split`` caps their length (by default chosen so
+    that the splits times ``batch_heads`` fill the GPU a few times over).
     """
     kb, vb = _bounds(keys), _bounds(values)
     length = kb[-1]
@@ -146,22 +232,25 @@ def plan(
         split = min(4096, max(block_n, next_power_of_2(max(1, length // want))))
     split = max(block_n, split // block_n * block_n)
     cuts = sorted(set(kb) | set(vb))
-    rows: dict[tuple[bool, bool], list[tuple[int, ...]]] = {}
+    rows: dict[tuple[int, int], list[tuple[int, ...]]] = {}
     ki = vi = n_splits = 0
     for a, z in itertools.pairwise(cuts):
         while kb[ki + 1] <= a:
             ki += 1
         while vb[vi + 1] <= a:
             vi += 1
-        kind = (not isinstance(keys[ki], Dense), not isinstance(values[vi], Dense))
+        pair = (kind(keys[ki]), kind(values[vi]))
         for start in range(a, z, split):
-            k_off = start - kb[ki]
-            if strict and kind[0] and k_off % key_group:
+            k_off, v_off = start - kb[ki], start - vb[vi]
+            if strict and pair[0] == AFFINE and k_off % key_group:
                 raise ValueError(f"a split starts inside a key group (token {start})")
-            row = (ki, k_off, len(keys) + vi, start - vb[vi], min(split, z - start), start, n_splits)
-            rows.setdefault(kind, []).append(row)
+            mixed = values[vi]
+            if strict and isinstance(mixed, MixedChannels) and (v_off % mixed.chunk or block_n % mixed.chunk):
+                raise ValueError(f"a split or tile starts inside an allocation row (token {start})")
+            row = (ki, k_off, len(keys) + vi, v_off, min(split, z - start), start, n_splits)
+            rows.setdefault(pair, []).append(row)
             n_splits += 1
-    device = next(s.data.device if isinstance(s, Dense) else s.codes.device for s in [*keys, *values])
+    device = _first_tensor([*keys, *values]).device
     table = torch.tensor([_row(s) for s in [*keys, *values]], dtype=torch.int64).to(device, non_blocking=True)
     launches = [
         (k, v, torch.tensor(r, dtype=torch.int32).to(device, non_blocking=True)) for (k, v), r in rows.items()
@@ -178,7 +267,15 @@ def plan(
         side_rank=side_rank,
         side_bits=side_bits,
         parts=[*keys, *values],
+        value_segments=len(values),
     )
+
+
+def _first_tensor(segments: Sequence[Segment]) -> torch.Tensor:
+    seg = segments[0]
+    if isinstance(seg, Dense):
+        return seg.data
+    return seg.indices if isinstance(seg, Codebook) else seg.codes
 
 
 def attend_torch(
@@ -188,6 +285,7 @@ def attend_torch(
     scale: float,
     mask: torch.Tensor | None = None,
     side_query: torch.Tensor | None = None,
+    tail_probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What the kernel computes, in float32 torch, split by split, then merged: (b, hkv, g, d).
 
@@ -219,15 +317,20 @@ def attend_torch(
             top = logits.amax(-1, keepdim=True)
             top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
             p = torch.exp(logits - top)
-            parts.append((split, top, p.sum(-1, keepdim=True), p @ values))
+            parts.append((split, position, logits, top, p.sum(-1, keepdim=True), p @ values))
     parts.sort(key=lambda part: part[0])
-    tops = torch.stack([t for _, t, _, _ in parts])
+    tops = torch.stack([part[3] for part in parts])
     best = tops.amax(0)
     best = torch.where(torch.isinf(best), torch.zeros_like(best), best)
     weights = torch.exp(tops - best)
-    mass = sum(w * m for w, (_, _, m, _) in zip(weights, parts, strict=True))
-    out = sum(w * o for w, (_, _, _, o) in zip(weights, parts, strict=True))
+    mass = sum(w * part[4] for w, part in zip(weights, parts, strict=True))
+    out = sum(w * part[5] for w, part in zip(weights, parts, strict=True))
     assert isinstance(mass, torch.Tensor) and isinstance(out, torch.Tensor)
+    if tail_probs is not None:
+        lse = best + mass.clamp_min(1e-30).log()
+        every = torch.cat([part[2] for part in sorted(parts, key=lambda part: part[1])], dim=-1)
+        probs = torch.exp(every[..., plan.length - tail_probs.shape[-1] :] - lse)
+        tail_probs.copy_(torch.where(mass > 0, probs, torch.zeros_like(probs)))
     return torch.where(mass > 0, out / mass.clamp_min(1e-30), torch.zeros_like(out)).to(q.dtype)
 
 
@@ -235,5 +338,7 @@ def _decoded(seg: Segment, bits: int, group: int) -> torch.Tensor:
     """A segment's tokens, dequantized: (b, h, tokens, d) float32."""
     if isinstance(seg, Dense):
         return seg.data.float()
+    if isinstance(seg, MixedChannels | Codebook):
+        return seg.decode().float()
     x = dequantize_affine(seg.codes, seg.scale, seg.zero, bits, group)
     return x.transpose(-1, -2) if isinstance(seg, AffineTokens) else x
