@@ -95,8 +95,9 @@ class Cache:
         self.nbytes = sum(sum(block_nbytes(b).values()) for b in self.k_blocks + self.v_blocks)
         self.nbytes += 2 * self.k_window.numel() * 2
         kernels = fused._triton()
-        kd = fused._describe(self.k_blocks, torch.float16, keys=True, head_dim=D)
-        vd = fused._describe(self.v_blocks, torch.float16, keys=False, head_dim=D)
+        like = self.k_window  # the dtype, device and head_dim of the queries
+        kd = fused._describe(self.k_blocks, like, keys=True)
+        vd = fused._describe(self.v_blocks, like, keys=False)
         assert kd is not None and vd is not None, "a layout the kernel does not know"
         self.settings = fused.plan_settings(kd, vd, D, batch_heads=batch * HKV)
         self.settings["block_n"] = max(LAUNCH["block_n"], self.settings["block_n"])

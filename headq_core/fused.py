@@ -137,8 +137,8 @@ def prepare(
         layer.sq_attention is None or layer.encoded_end(layer.v, layer.length) > layer.pending.start
     ):
         return None
-    kd = _describe(layer.k.blocks, query.dtype, keys=True, head_dim=d)
-    vd = _describe(layer.v.blocks, query.dtype, keys=False, head_dim=d)
+    kd = _describe(layer.k.blocks, query, keys=True)
+    vd = _describe(layer.v.blocks, query, keys=False)
     if kd is None or vd is None:
         return None
     inflight = layer.pending
@@ -203,18 +203,17 @@ def plan_settings(
     )
 
 
-def _describe(
-    blocks: list[EncodedBlock], dtype: torch.dtype, *, keys: bool, head_dim: int
-) -> tuple[Any, ...] | None:
+def _describe(blocks: list[EncodedBlock], query: torch.Tensor, *, keys: bool) -> tuple[Any, ...] | None:
     """The kind and settings shared by every encoded block of a stream (``("dense",)`` with none),
-    or None where the kernel does not know a block or the blocks differ."""
+    or None where the kernel does not know a block or the blocks differ. ``query`` (..., d): the
+    dtype, device and head_dim the blocks must fit."""
     found: set[tuple[Any, ...]] = set()
     for block in blocks:
         if isinstance(block, DenseBlock):
-            if block.data.dtype != dtype:
+            if block.data.dtype != query.dtype:
                 return None
             continue
-        signature = _signature(block, keys=keys, head_dim=head_dim)
+        signature = _signature(block, keys=keys, query=query)
         if signature is None:
             return None
         found.add(signature)
@@ -227,8 +226,9 @@ def _affine_ok(bits: int, group: int) -> bool:
     return bits in KNOWN_BITS and not group & (group - 1) and 32 // bits <= group <= 256
 
 
-def _signature(block: Any, *, keys: bool, head_dim: int) -> tuple[Any, ...] | None:
+def _signature(block: Any, *, keys: bool, query: torch.Tensor) -> tuple[Any, ...] | None:
     layout = block.layout
+    head_dim = query.shape[-1]
     if isinstance(layout, Codebook):
         # one or two stages of at most 256 codewords, float16 codebooks, powers of two throughout
         books = block.books
@@ -237,7 +237,8 @@ def _signature(block: Any, *, keys: bool, head_dim: int) -> tuple[Any, ...] | No
         if (
             len(widths) > 2
             or max(widths) > 8
-            or any(book.dtype != torch.float16 for book in books.stages)
+            or any(book.dtype != torch.float16 or book.device != query.device for book in books.stages)
+            or (books.scale is not None and books.scale.device != query.device)
             or dim & (dim - 1)
             or head_dim % dim
         ):

@@ -167,6 +167,17 @@ def _affine_values(
 
 
 @triton.jit
+def _at_width(
+    codes, start, chosen, x, WIDTH: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, MATH: tl.constexpr
+):
+    """x with the rows of ``chosen`` tokens replaced by their codes unpacked at WIDTH bits."""
+    packed = tl.load(
+        codes + start[:, None] + tl.arange(0, D * WIDTH // 32)[None, :], mask=chosen[:, None], other=0
+    )
+    return tl.where(chosen[:, None], _unpack_rows(packed, WIDTH, BLOCK_N, D, MATH), x)
+
+
+@triton.jit
 def _mixed_values(
     codes,
     index,
@@ -177,14 +188,18 @@ def _mixed_values(
     live,
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    WIDTHS: tl.constexpr,
+    W0: tl.constexpr,
+    W1: tl.constexpr,
+    W2: tl.constexpr,
+    W3: tl.constexpr,
     N_WIDTHS: tl.constexpr,
     CHUNK: tl.constexpr,
     INDEX_BITS: tl.constexpr,
     GROUP: tl.constexpr,
     MATH: tl.constexpr,
 ):
-    """Values at per-token widths, tokens t0..t0+BLOCK_N (t0 on an allocation row): (BLOCK_N, D) in MATH."""
+    """Values at per-token widths W0..W3 (the first N_WIDTHS), tokens t0..t0+BLOCK_N (t0 on an
+    allocation row): (BLOCK_N, D) in MATH."""
     tok = t0 + tl.arange(0, BLOCK_N)
     row = tok // CHUNK
     if INDEX_BITS > 0:
@@ -194,24 +209,53 @@ def _mixed_values(
         level = (word >> (bit % 32)) & ((1 << INDEX_BITS) - 1)
     else:
         level = tl.zeros((BLOCK_N,), tl.int32)
-    width = tl.zeros((BLOCK_N,), tl.int32)
-    for j in tl.static_range(N_WIDTHS):
-        width = tl.where(level == j, WIDTHS[j], width)
+    width = tl.where(level == 0, W0, tl.where(level == 1, W1, tl.where(level == 2, W2, W3)))
     words = tl.reshape(tl.where(live, width * D // 32, 0), (BLOCK_N // CHUNK, CHUNK))
     start = tl.reshape(tl.cumsum(words, axis=1) - words, (BLOCK_N,)) + row.to(tl.int64) * row_words
     x = tl.zeros((BLOCK_N, D), MATH)
-    for j in tl.static_range(N_WIDTHS):
-        n_words: tl.constexpr = D * WIDTHS[j] // 32
-        chosen = live & (level == j)
-        packed = tl.load(
-            codes + start[:, None] + tl.arange(0, n_words)[None, :], mask=chosen[:, None], other=0
-        )
-        x = tl.where(chosen[:, None], _unpack_rows(packed, WIDTHS[j], BLOCK_N, D, MATH), x)
+    x = _at_width(codes, start, live & (level == 0), x, W0, D, BLOCK_N, MATH)
+    if N_WIDTHS > 1:
+        x = _at_width(codes, start, live & (level == 1), x, W1, D, BLOCK_N, MATH)
+    if N_WIDTHS > 2:
+        x = _at_width(codes, start, live & (level == 2), x, W2, D, BLOCK_N, MATH)
+    if N_WIDTHS > 3:
+        x = _at_width(codes, start, live & (level == 3), x, W3, D, BLOCK_N, MATH)
     groups: tl.constexpr = D // GROUP
     gi = tok[:, None].to(tl.int64) * groups + tl.arange(0, groups)[None, :]
     s = tl.load(scale + gi, mask=live[:, None], other=0.0).to(MATH)
     z = tl.load(zero + gi, mask=live[:, None], other=0.0).to(MATH)
     return x * _spread(s, BLOCK_N, groups, GROUP) + _spread(z, BLOCK_N, groups, GROUP)
+
+
+@triton.jit
+def _codewords(
+    indices,
+    book,
+    rows,
+    live,
+    BLOCK_N: tl.constexpr,
+    POSITIONS: tl.constexpr,
+    DIM: tl.constexpr,
+    WIDTH: tl.constexpr,
+    OFFSET: tl.constexpr,
+    TOKEN_BITS: tl.constexpr,
+):
+    """One stage's codewords of every sub-vector: (BLOCK_N, POSITIONS, DIM) float32.
+
+    Sub-vector p's index sits at bit ``p * TOKEN_BITS + OFFSET`` of the token's bytes (a second
+    byte read where it may cross one); its codeword is ``DIM`` contiguous channels.
+    """
+    token_bytes: tl.constexpr = (POSITIONS * TOKEN_BITS + 7) // 8
+    p = tl.arange(0, POSITIONS)
+    bit = p * TOKEN_BITS + OFFSET
+    byte = bit // 8
+    code = tl.load(indices + rows + byte[None, :], mask=live[:, None], other=0).to(tl.int32)
+    if TOKEN_BITS % 8 != 0 or OFFSET % 8 + WIDTH > 8:
+        more = live[:, None] & (byte[None, :] + 1 < token_bytes)
+        code |= tl.load(indices + rows + byte[None, :] + 1, mask=more, other=0).to(tl.int32) << 8
+    code = (code >> (bit % 8)[None, :]) & ((1 << WIDTH) - 1)
+    at = (p[None, :, None] * (1 << WIDTH) + code[:, :, None]) * DIM + tl.arange(0, DIM)[None, None, :]
+    return tl.load(book + at, mask=live[:, None, None], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -224,32 +268,17 @@ def _codebook_tokens(
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DIM: tl.constexpr,
-    WIDTHS: tl.constexpr,
-    OFFSETS: tl.constexpr,
+    W0: tl.constexpr,
+    W1: tl.constexpr,
     STAGES: tl.constexpr,
-    TOKEN_BITS: tl.constexpr,
 ):
-    """Codebook tokens t (BLOCK_N,) of one head, decoded: (BLOCK_N, D) float32.
-
-    Sub-vector p's stage-m index sits at bit ``p * TOKEN_BITS + OFFSETS[m]`` of the token's
-    bytes (two bytes read where it may cross one); its codeword is ``DIM`` contiguous channels.
-    """
+    """Codebook tokens t (BLOCK_N,) of one head, decoded (the stages' codewords summed): (BLOCK_N, D) float32."""
     positions: tl.constexpr = D // DIM
-    token_bytes: tl.constexpr = (positions * TOKEN_BITS + 7) // 8
-    p = tl.arange(0, positions)
-    rows = t[:, None].to(tl.int64) * token_bytes
-    x = tl.zeros((BLOCK_N, positions, DIM), tl.float32)
-    for m in tl.static_range(STAGES):
-        bit = p * TOKEN_BITS + OFFSETS[m]
-        byte = bit // 8
-        code = tl.load(indices + rows + byte[None, :], mask=live[:, None], other=0).to(tl.int32)
-        if TOKEN_BITS % 8 != 0 or OFFSETS[m] % 8 + WIDTHS[m] > 8:
-            more = live[:, None] & (byte[None, :] + 1 < token_bytes)
-            code |= tl.load(indices + rows + byte[None, :] + 1, mask=more, other=0).to(tl.int32) << 8
-        code = (code >> (bit % 8)[None, :]) & ((1 << WIDTHS[m]) - 1)
-        book = book0 if m == 0 else book1
-        at = (p[None, :, None] * (1 << WIDTHS[m]) + code[:, :, None]) * DIM + tl.arange(0, DIM)[None, None, :]
-        x += tl.load(book + at, mask=live[:, None, None], other=0.0).to(tl.float32)
+    token_bits: tl.constexpr = W0 + W1  # W1 is 0 with one stage
+    rows = t[:, None].to(tl.int64) * ((positions * token_bits + 7) // 8)
+    x = _codewords(indices, book0, rows, live, BLOCK_N, positions, DIM, W0, 0, token_bits)
+    if STAGES > 1:
+        x += _codewords(indices, book1, rows, live, BLOCK_N, positions, DIM, W1, W0, token_bits)
     return tl.reshape(x, (BLOCK_N, D))
 
 
@@ -320,8 +349,8 @@ def _decode_split_kernel(
 ):
     """One split of one (sequence, KV head); every split of a launch has the same segment kinds.
 
-    K_BOOK / V_BOOK: codebook settings (dim, widths, bit offsets, stages, bits per sub-vector,
-    scaled); V_MIXED: mixed-width settings (widths, number of widths, chunk, index bits).
+    K_BOOK / V_BOOK: codebook settings (dim, first and second stage's index bits, stages, scaled);
+    V_MIXED: mixed-width settings (four widths, how many are used, chunk, index bits).
     TAIL: also write the scaled logits of positions from ``tail_start`` on (for the statistics).
     """
     bh = tl.program_id(1)
@@ -361,11 +390,11 @@ def _decode_split_kernel(
                 other=0.0,
             )
     elif K_KIND == CODEBOOK_C:
-        k_bytes: tl.constexpr = (D // K_BOOK[0] * K_BOOK[4] + 7) // 8
+        k_bytes: tl.constexpr = (D // K_BOOK[0] * (K_BOOK[1] + K_BOOK[2]) + 7) // 8
         k_idx = tl.load(krow + PTR0_C).to(tl.pointer_type(tl.uint8)) + bh64 * k_tokens * k_bytes
         k_book0 = tl.load(krow + PTR1_C).to(tl.pointer_type(tl.float16))
         k_book1 = tl.load(krow + PTR2_C).to(tl.pointer_type(tl.float16))
-        if K_BOOK[5]:  # the codewords approximate scale * k: q . k = (q / scale) . codeword
+        if K_BOOK[4]:  # the codewords approximate scale * k: q . k = (q / scale) . codeword
             k_chan = tl.load(krow + PTR3_C).to(tl.pointer_type(tl.float16)) + h * D
             q = (q.to(tl.float32) / tl.load(k_chan + c).to(tl.float32)[None, :]).to(DT)
     else:
@@ -379,14 +408,14 @@ def _decode_split_kernel(
         v_zero = tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16)) + bh64 * v_tokens * (D // V_GROUP)
     elif V_KIND == MIXED_C:
         v_row_words = tl.load(vrow + EXTRA_C)
-        index_words: tl.constexpr = (V_MIXED[2] * V_MIXED[3] + 31) // 32
-        v_rows = v_tokens // V_MIXED[2]
+        index_words: tl.constexpr = (V_MIXED[5] * V_MIXED[6] + 31) // 32
+        v_rows = v_tokens // V_MIXED[5]
         v_codes = tl.load(vrow + PTR0_C).to(tl.pointer_type(tl.int32)) + bh64 * v_rows * v_row_words
         v_index = tl.load(vrow + PTR3_C).to(tl.pointer_type(tl.int32)) + bh64 * v_rows * index_words
         v_scale = tl.load(vrow + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * v_tokens * (D // V_GROUP)
         v_zero = tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16)) + bh64 * v_tokens * (D // V_GROUP)
     elif V_KIND == CODEBOOK_C:
-        v_bytes: tl.constexpr = (D // V_BOOK[0] * V_BOOK[4] + 7) // 8
+        v_bytes: tl.constexpr = (D // V_BOOK[0] * (V_BOOK[1] + V_BOOK[2]) + 7) // 8
         v_idx = tl.load(vrow + PTR0_C).to(tl.pointer_type(tl.uint8)) + bh64 * v_tokens * v_bytes
         v_book0 = tl.load(vrow + PTR1_C).to(tl.pointer_type(tl.float16))
         v_book1 = tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16))
@@ -409,8 +438,7 @@ def _decode_split_kernel(
                 s += _side_term(z_codes, z_step, z_words, k_tokens, k_off + t, qr, R, R_PAD, BLOCK_N, Z_BITS)
         elif K_KIND == CODEBOOK_C:
             kt = _codebook_tokens(
-                k_idx, k_book0, k_book1, k_off + t + n, live, D, BLOCK_N,
-                K_BOOK[0], K_BOOK[1], K_BOOK[2], K_BOOK[3], K_BOOK[4],
+                k_idx, k_book0, k_book1, k_off + t + n, live, D, BLOCK_N, K_BOOK[0], K_BOOK[1], K_BOOK[2], K_BOOK[3],
             )  # fmt: skip
             s = tl.dot(q, tl.trans(kt.to(DT)))
         else:
@@ -441,12 +469,11 @@ def _decode_split_kernel(
         elif V_KIND == MIXED_C:
             v = _mixed_values(
                 v_codes, v_index, v_scale, v_zero, v_row_words, v_off + t, live, D, BLOCK_N,
-                V_MIXED[0], V_MIXED[1], V_MIXED[2], V_MIXED[3], V_GROUP, MATH,
+                V_MIXED[0], V_MIXED[1], V_MIXED[2], V_MIXED[3], V_MIXED[4], V_MIXED[5], V_MIXED[6], V_GROUP, MATH,
             ).to(DT)  # fmt: skip
         elif V_KIND == CODEBOOK_C:
             v = _codebook_tokens(
-                v_idx, v_book0, v_book1, v_off + t + n, live, D, BLOCK_N,
-                V_BOOK[0], V_BOOK[1], V_BOOK[2], V_BOOK[3], V_BOOK[4],
+                v_idx, v_book0, v_book1, v_off + t + n, live, D, BLOCK_N, V_BOOK[0], V_BOOK[1], V_BOOK[2], V_BOOK[3],
             ).to(DT)  # fmt: skip
         else:
             v = tl.load(
@@ -457,7 +484,7 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
         m_i = m_new
     if V_KIND == CODEBOOK_C:
-        if V_BOOK[5]:  # the codewords approximate scale * v: this split's readout divides by it
+        if V_BOOK[4]:  # the codewords approximate scale * v: this split's readout divides by it
             v_chan = tl.load(vrow + PTR3_C).to(tl.pointer_type(tl.float16)) + h * D
             acc = acc / tl.load(v_chan + c).to(tl.float32)[None, :]
 
@@ -502,27 +529,20 @@ def _merge_kernel(
         tl.store(lse_ptr + row, tl.where(denom > 0, top + tl.log2(denom), float("inf")))
 
 
-def _book(seg: Segment | None) -> tuple[Any, ...]:
-    """Codebook constexprs: (dim, widths, bit offsets, stages, bits per sub-vector, scaled)."""
+def _book(seg: Segment | None) -> tuple[int, ...]:
+    """Codebook constexprs: (dim, first stage's index bits, second's or 0, stages, scaled)."""
     if not isinstance(seg, Codebook):
-        return (1, (1,), (0,), 1, 8, 0)
-    widths = seg.widths
-    offsets = tuple(sum(widths[:m]) for m in range(len(widths)))
-    return (
-        int(seg.books[0].shape[-1]),
-        widths,
-        offsets,
-        len(widths),
-        sum(widths),
-        int(seg.scale is not None),
-    )
+        return (1, 8, 0, 1, 0)
+    w = seg.widths
+    return (int(seg.books[0].shape[-1]), w[0], w[1] if len(w) > 1 else 0, len(w), int(seg.scale is not None))
 
 
-def _mixed(seg: Segment | None) -> tuple[Any, ...]:
-    """Mixed-width constexprs: (widths, number of widths, chunk, index bits)."""
+def _mixed(seg: Segment | None) -> tuple[int, ...]:
+    """Mixed-width constexprs: (four widths, how many are used, chunk, index bits)."""
     if not isinstance(seg, MixedChannels):
-        return ((2,), 1, 1, 0)
-    return (seg.widths, len(seg.widths), seg.chunk, seg.index_bits)
+        return (2, 2, 2, 2, 1, 1, 0)
+    w = seg.widths
+    return (*w, *(w[-1],) * (4 - len(w)), len(w), seg.chunk, seg.index_bits)
 
 
 def attend(

@@ -45,6 +45,12 @@ class LayerCodebooks:
         held = [*self.stages, *([] if self.scale is None else [self.scale])]
         return sum(t.numel() * t.element_size() for t in held)
 
+    def place(self, device: torch.device) -> None:
+        """Keep the codebooks on ``device`` (where the tokens are encoded, and a kernel reads them)."""
+        if self.stages[0].device != device:
+            self.stages = tuple(c.to(device) for c in self.stages)
+            self.scale = None if self.scale is None else self.scale.to(device)
+
     def on(self, device: torch.device) -> list[torch.Tensor]:
         """The codebooks as float32 on ``device``: [(P, K_m, dim)]."""
         return [c.to(device=device, dtype=torch.float32) for c in self.stages]

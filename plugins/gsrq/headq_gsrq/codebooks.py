@@ -100,6 +100,7 @@ class Codebooks:
     def encode(self, spec: str, x: torch.Tensor, layer_idx: int) -> CodebookBlock:
         """x: (batch, kv_heads, tokens, head_dim) -> a block of bit-packed indices."""
         books = self.books(spec, layer_idx)
+        books.place(x.device)
         if books.positions * books.dim != x.shape[-1]:
             raise CalibrationError(
                 f"{spec}: codebooks cover {books.positions * books.dim} channels, keys have {x.shape[-1]}"
