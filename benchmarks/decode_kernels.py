@@ -161,7 +161,9 @@ def check(cache: Cache, q: torch.Tensor) -> float:
     return float((got - ref).norm() / ref.norm())
 
 
-def run(batches: list[int], contexts: list[int], budget_gib: float) -> dict[str, Any]:
+def run(
+    batches: list[int], contexts: list[int], budget_gib: float, providers: list[str] | None = None
+) -> dict[str, Any]:
     from headq_core import fused
 
     props = torch.cuda.get_device_properties(0)
@@ -182,6 +184,8 @@ def run(batches: list[int], contexts: list[int], budget_gib: float) -> dict[str,
             rows.append({**base, "provider": "fp16-sdpa", "ms": t_fp16, "bytes": fp16_bytes})
             t_deq = None
             for name, (keys, values) in OURS.items():
+                if providers and name not in providers:
+                    continue
                 cache = Cache(keys, values, batch, context)
                 if name == "kivi2":
                     try:
@@ -204,6 +208,8 @@ def run(batches: list[int], contexts: list[int], budget_gib: float) -> dict[str,
                         "compiler": compiler_report(fused._triton().last_compiled),
                     }
                 )
+                print(f"batch {batch} context {context} {name}: {1e3 * t:.0f} us, fp16-sdpa {1e3 * t_fp16:.0f} us",
+                      file=sys.stderr, flush=True)  # fmt: skip
                 del cache
                 torch.cuda.empty_cache()
             for row in rows:
@@ -323,6 +329,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768, 65536, 131072])
     parser.add_argument("--budget-gib", type=float, default=60.0)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--providers", nargs="+", choices=list(OURS), default=None, help="ours to run (all)")
     parser.add_argument(
         "--tune", action="store_true", help="time launch variants at batch 8, 32k first; use the best"
     )
@@ -332,7 +339,7 @@ def main() -> None:
         half, block_n, warps, stages = variants(8, 32768, args.asm_dir)
         LAUNCH.update(half=half, block_n=block_n, num_warps=warps, num_stages=stages)
         print(f"chosen: {LAUNCH}")
-    result = run(args.batches, args.contexts, args.budget_gib)
+    result = run(args.batches, args.contexts, args.budget_gib, args.providers)
     result["launch"] = dict(LAUNCH)
     text = table(result)
     print(text)
