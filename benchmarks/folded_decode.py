@@ -55,6 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
+from headq_kernels.triton_decode import _merge_kernel  # the same split layout: (b*h, splits, g, d) and (m, l)
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
 
 LOG2E = 1.4426950408889634
@@ -558,36 +560,6 @@ def _magic_codes(words, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
     return x - 1024.0
 
 
-@triton.jit
-def _merge_kernel(o_ptr, ml_ptr, out_ptr, n_splits, G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
-    row = tl.program_id(0)  # (batch * kv_head) * G + query head in group
-    bh = (row // G).to(tl.int64)
-    g = row % G
-    s = tl.arange(0, BLOCK_S)
-    c = tl.arange(0, D)
-    m_max = tl.full((BLOCK_S,), float("-inf"), tl.float32)
-    for s0 in range(0, n_splits, BLOCK_S):
-        idx = ((bh * n_splits + s0 + s) * G + g) * 2
-        m = tl.load(ml_ptr + idx, mask=s0 + s < n_splits, other=float("-inf"))
-        m_max = tl.maximum(m_max, m)
-    top = tl.max(m_max, axis=0)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    total = tl.zeros((BLOCK_S,), tl.float32)
-    acc = tl.zeros((D,), tl.float32)
-    for s0 in range(0, n_splits, BLOCK_S):
-        live = s0 + s < n_splits
-        idx = (bh * n_splits + s0 + s) * G + g
-        m = tl.load(ml_ptr + idx * 2, mask=live, other=float("-inf"))
-        mass = tl.load(ml_ptr + idx * 2 + 1, mask=live, other=0.0)
-        w = tl.exp2(m - top)
-        total += mass * w
-        o = tl.load(o_ptr + idx[:, None] * D + c[None, :], mask=live[:, None], other=0.0)
-        acc += tl.sum(o * w[:, None], axis=0)
-    denom = tl.sum(total, axis=0)
-    res = tl.where(denom > 0, acc / denom, 0.0)
-    tl.store(out_ptr + row.to(tl.int64) * D + c, res.to(out_ptr.dtype.element_ty))
-
-
 # --------------------------------------------------------------------------------------------
 # host side
 
@@ -670,7 +642,16 @@ def fold_attend(
     out = torch.empty_like(q)
     block_s = min(64, max(2, triton.next_power_of_2(n_splits)))
     _merge_kernel[(b * hkv * gqa,)](
-        work["parts"], work["ml"], out, n_splits, G=gqa, D=d, BLOCK_S=block_s, num_warps=4
+        work["parts"],
+        work["ml"],
+        out,
+        work["ml"],
+        n_splits,
+        G=gqa,
+        D=d,
+        BLOCK_S=block_s,
+        LSE=False,
+        num_warps=4,
     )
     return out
 
