@@ -58,15 +58,14 @@ def _methods(keys: str, values: str) -> tuple[Any, Any]:
     from transformers import LlamaConfig
 
     from headq_core import get_registry
-    from headq_core.testing.calibration import synthetic_calibration
+    from headq_core.testing.calibration import calibration_for
 
     registry = get_registry()
     km, vm = registry.key_quantizer(keys), registry.value_policy(values)
     config = LlamaConfig(
         hidden_size=HQ * D, num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D, num_hidden_layers=1
     )
-    needs = [(kind, m) for kind, m in (("key", km), ("value", vm)) if m.calibration_needs]
-    calibration = synthetic_calibration(needs, config, tokens=1024) if needs else None
+    calibration = calibration_for(keys, values, config)
     km.bind(config, calibration)
     vm.bind(config, calibration)
     return km, vm
@@ -130,7 +129,7 @@ class Cache:
             first = self.k_blocks[0]
             side = first.sign * torch.einsum("bhgd,hdr->bhgr", q.float(), first.basis.decode.float())
         return fused._triton().attend(
-            q, self.plan, scale=D**-0.5, side_query=side, block_n=self.block_n, half=LAUNCH["half"],
+            q, self.plan, scale=D**-0.5, side_query=side, half=LAUNCH["half"],
             num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
         )  # fmt: skip
 
@@ -280,8 +279,8 @@ def variants(batch: int, context: int, out_dir: str | None = None) -> tuple[bool
         cache.block_n = block_n
         plan = cache.make_plan()
 
-        def fn(plan=plan, h=half, b=block_n, w=warps, st=stages):
-            return kernels.attend(q, plan, scale=D**-0.5, block_n=b, num_warps=w, num_stages=st, half=h)
+        def fn(plan=plan, h=half, w=warps, st=stages):
+            return kernels.attend(q, plan, scale=D**-0.5, num_warps=w, num_stages=st, half=h)
 
         try:
             ms = bench(fn)

@@ -740,7 +740,7 @@ def current_kernel(keys, values, b, hkv, t, k_bits, v_bits, group):
         [k_seg], [v_seg], batch_heads=b * hkv, key_bits=k_bits, key_group=group, value_bits=v_bits,
         value_group=group, block_n=128,
     )  # fmt: skip
-    return lambda q: triton_decode.attend(q, plan, scale=q.shape[-1] ** -0.5, block_n=128)
+    return lambda q: triton_decode.attend(q, plan, scale=q.shape[-1] ** -0.5)
 
 
 def report(compiled: Any) -> str:

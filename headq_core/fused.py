@@ -58,7 +58,6 @@ class Prepared:
     scale: float
     mask: torch.Tensor | None
     side_query: torch.Tensor | None
-    block_n: int
     fused: bool = True  # False: the plan has a split the kernel cannot start; run it in torch
     tail: int = 0  # the window's last tokens whose attention the value policy's statistic wants
 
@@ -91,12 +90,9 @@ def decode_step(
         return None
     b, hkv, g, _ = step.q.shape
     probs = step.q.new_empty((b, hkv, g, step.tail), dtype=torch.float32) if step.tail else None
-    kwargs: dict[str, Any] = dict(
-        scale=step.scale, mask=step.mask, side_query=step.side_query, tail_probs=probs
+    out = (attend if step.fused else decode_plan.attend_torch)(
+        step.q, step.plan, scale=step.scale, mask=step.mask, side_query=step.side_query, tail_probs=probs
     )
-    if step.fused and attend is not decode_plan.attend_torch:
-        kwargs["block_n"] = step.block_n
-    out = (attend if step.fused else decode_plan.attend_torch)(step.q, step.plan, **kwargs)
     if probs is not None:
         assert layer.sq_attention is not None and layer.sq_attention.shape[-1] == step.tail
         seen = probs.square() if layer.cache.value_statistic == "sq_attention" else probs
@@ -179,7 +175,7 @@ def prepare(
         if mask.dtype != torch.bool:
             mask = mask > torch.finfo(mask.dtype).min / 2
     tail = layer.length - e_v if stats else 0
-    return Prepared(q, plan, scaling, mask, side_query, settings["block_n"], fused, tail)
+    return Prepared(q, plan, scaling, mask, side_query, fused, tail)
 
 
 def plan_settings(

@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from headq_core import QuantizedKVCache, fused, get_registry
+from headq_core import QuantizedKVCache, fused
 from headq_core import attention as attention_module
 from headq_core.attention import headq_attention
-from headq_core.testing.calibration import synthetic_calibration
+from headq_core.testing.calibration import calibration_for
 from headq_kernels import decode_plan, quantize_affine
 
 # --- plans --------------------------------------------------------------------------------------
@@ -157,10 +157,7 @@ def test_the_fused_step_matches_the_reference_path(monkeypatch, keys, values, wi
     b, hq, hkv, d = 3, 4, 2, 16
     config = LlamaConfig(hidden_size=hq * d, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=d,
                          num_hidden_layers=1, intermediate_size=32, vocab_size=32)  # fmt: skip
-    registry = get_registry()
-    methods = [("key", registry.key_quantizer(keys)), ("value", registry.value_policy(values))]
-    needs = [(kind, m) for kind, m in methods if m.calibration_needs]
-    calibration = synthetic_calibration(needs, config, tokens=256) if needs else None
+    calibration = calibration_for(keys, values, config, tokens=256)
     caches = [
         QuantizedKVCache(keys, values, window=window, sinks=sinks, config=config, calibration=calibration)
         for _ in range(2)

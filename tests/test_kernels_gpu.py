@@ -25,11 +25,11 @@ triton = pytest.importorskip("triton")
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from headq_core import QuantizedKVCache, get_registry  # noqa: E402
+from headq_core import QuantizedKVCache  # noqa: E402
 from headq_core import fused as fused_module  # noqa: E402
 from headq_core.attention import headq_attention  # noqa: E402
 from headq_core.harness.perplexity import CacheSettings, Windowing, perplexity  # noqa: E402
-from headq_core.testing.calibration import synthetic_calibration  # noqa: E402
+from headq_core.testing.calibration import calibration_for  # noqa: E402
 from headq_kernels import affine_reference, triton_affine, triton_decode  # noqa: E402
 
 TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -125,10 +125,7 @@ def _run_pair(
 ) -> list[float]:
     """Identical caches, one attended by the reference and one by the kernel; per-step errors."""
     config = _config(hq, hkv, d)
-    registry = get_registry()
-    methods = [("key", registry.key_quantizer(keys)), ("value", registry.value_policy(values))]
-    needs = [(kind, m) for kind, m in methods if m.calibration_needs]
-    calibration = synthetic_calibration(needs, config, tokens=512) if needs else None
+    calibration = calibration_for(keys, values, config, tokens=512)
     caches = [
         QuantizedKVCache(keys, values, window=window, sinks=sinks, config=config, calibration=calibration)
         for _ in range(2)

@@ -52,6 +52,16 @@ def synthetic_stats(
     return stats
 
 
+def calibration_for(keys: str, values: str, model_config: Any, *, tokens: int = 1024) -> Calibration | None:
+    """A synthetic calibration for whichever of a key and a value spec needs one (None if neither)."""
+    from headq_core.registry import get_registry
+
+    registry = get_registry()
+    methods = [("key", registry.key_quantizer(keys)), ("value", registry.value_policy(values))]
+    needs = [(kind, method) for kind, method in methods if method.calibration_needs]
+    return synthetic_calibration(needs, model_config, tokens=tokens) if needs else None
+
+
 def synthetic_calibration(
     methods: Sequence[tuple[str, Method]], model_config: Any, *, tokens: int = 1024, seed: int = 0
 ) -> Calibration:

@@ -142,6 +142,7 @@ class Plan:
     value_group: int
     side_rank: int
     side_bits: int
+    block_n: int  # tokens per tile: splits start on whole tiles, and tiles on key groups and mixed rows
     parts: list[Segment] = field(default_factory=list)  # keys then values; keeps the tensors alive
     value_segments: int = 0  # the last ones of ``parts``
 
@@ -266,6 +267,7 @@ def plan(
         value_group=value_group,
         side_rank=side_rank,
         side_bits=side_bits,
+        block_n=block_n,
         parts=[*keys, *values],
         value_segments=len(values),
     )

@@ -553,7 +553,6 @@ def attend(
     mask: torch.Tensor | None = None,
     side_query: torch.Tensor | None = None,
     tail_probs: torch.Tensor | None = None,
-    block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
     half: bool = True,
@@ -563,7 +562,7 @@ def attend(
     mask: (b, >= length) bool or uint8, nonzero = attend, read at each token's position.
     side_query: (b, hkv, g, r) float32, ``sign * U^T q`` for the side code, when the keys carry one.
     tail_probs: (b, hkv, g, T) float32, filled with the attention probabilities of the last T
-    tokens (for a value policy's statistics).
+    tokens (for a value policy's statistics). Tiles hold the plan's ``block_n`` tokens.
     """
     b, hkv, g, d = q.shape
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -583,7 +582,9 @@ def attend(
             raise ValueError("these keys carry a side code: pass side_query")
         side_query = side_query.float().contiguous()
     tail = 0 if tail_probs is None else tail_probs.shape[-1]
-    logits = torch.full((b, hkv, g, max(tail, 1)), float("-inf"), dtype=torch.float32, device=q.device)
+    logits = (
+        torch.full((b, hkv, g, tail), float("-inf"), dtype=torch.float32, device=q.device) if tail else ml
+    )
     k_book = _book(plan.first(CODEBOOK, keys=True))
     v_book = _book(plan.first(CODEBOOK, keys=False))
     v_mixed = _mixed(plan.first(MIXED, keys=False))
@@ -594,7 +595,7 @@ def attend(
             q, side_query if r else q, plan.segments, splits, mask if mask is not None else q, parts, ml, logits,
             hkv, plan.n_splits, mask.stride(0) if mask is not None else 0, scale * LOG2E,
             plan.length - tail, max(tail, 1),
-            G=g, G_PAD=g_pad, D=d, BLOCK_N=block_n,
+            G=g, G_PAD=g_pad, D=d, BLOCK_N=plan.block_n,
             K_KIND=k_kind, K_BITS=max(1, plan.key_bits), K_GROUP=max(1, plan.key_group), K_BOOK=k_book,
             V_KIND=v_kind, V_BITS=max(1, plan.value_bits),
             V_GROUP=mixed_group if v_kind == MIXED else max(1, plan.value_group), V_BOOK=v_book, V_MIXED=v_mixed,
