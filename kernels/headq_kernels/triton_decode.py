@@ -11,16 +11,12 @@ the program reads each segment where the cache keeps it, in its own layout:
 - value segments: affine codes grouped along channels (KIVI values; :class:`AffineChannels`),
   the same at per-token widths (A²; :class:`MixedChannels`), codebook indices, or dense tokens.
 
-Codebook tokens are decoded in the tile: each sub-vector's codeword (``dim`` contiguous float16
-channels of a codebook that stays in cache) is gathered per stage and summed, then the tile
-goes through the same matrix products as any other; a channel scale moves to the query (keys)
-or to the split's output (values). Mixed-width tokens find their words from the packed width
-index: a running sum of word counts over the allocation row (tiles start on rows), then each
-width is unpacked from its own tokens.
+Each layout's tile is decoded by :mod:`headq_kernels.triton_tiles`; a channel scale of codebook
+tokens moves to the query (keys) or to the split's output (values).
 
 Segments are described by a small int64 table of device pointers and strides (no copy of the
 cache); ``decode_plan.plan`` builds it, :func:`attend` runs a plan: one launch per pair of segment kinds
-(affine or dense keys, affine or dense values), so that no program branches on the kind inside
+(affine, codebook or dense keys; affine, mixed, codebook or dense values), so that no program branches on the kind inside
 its token loop, and every program reads its segments' pointers once, before the loop. The torch reference for the same
 computation is the cache's attention path (``headq_core.attention.attend_quantized``).
 """
@@ -58,6 +54,13 @@ from headq_kernels.decode_plan import (
     Segment,
     plan,
 )
+from headq_kernels.triton_tiles import (
+    _affine_keys_t,
+    _affine_values,
+    _codebook_tokens,
+    _mixed_values,
+    _side_term,
+)
 
 __all__ = [
     "AffineChannels",
@@ -73,21 +76,6 @@ __all__ = [
 
 LOG2E = 1.4426950408889634
 last_compiled: list[Any] = []  # the split kernels of the last attend, one per launch (for compiler reports)
-
-
-@triton.jit
-def _unpack_rows(words, BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, OUT: tl.constexpr):
-    """(ROWS, COLS // per_word) int32 words -> (ROWS, COLS) codes in OUT, first code lowest."""
-    per_word: tl.constexpr = 32 // BITS
-    shifts = tl.arange(0, per_word) * BITS
-    lanes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-    return tl.reshape(lanes.to(OUT), (ROWS, COLS))
-
-
-@triton.jit
-def _spread(x, ROWS: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr):
-    """(ROWS, GROUPS) -> (ROWS, GROUPS * GROUP), each column repeated GROUP times."""
-    return tl.reshape(tl.broadcast_to(x[:, :, None], (ROWS, GROUPS, GROUP)), (ROWS, GROUPS * GROUP))
 
 
 PTR0_C: tl.constexpr = tl.constexpr(PTR0)
@@ -106,208 +94,6 @@ AFFINE_C: tl.constexpr = tl.constexpr(AFFINE)
 DENSE_C: tl.constexpr = tl.constexpr(DENSE)
 MIXED_C: tl.constexpr = tl.constexpr(MIXED)
 CODEBOOK_C: tl.constexpr = tl.constexpr(CODEBOOK)
-
-
-@triton.jit
-def _affine_keys_t(
-    codes,
-    scale,
-    zero,
-    n_words,
-    n_groups,
-    off,
-    c,
-    D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BITS: tl.constexpr,
-    GROUP: tl.constexpr,
-    MATH: tl.constexpr,
-):
-    """Keys grouped along tokens, tokens off..off+BLOCK_N of one head: a (D, BLOCK_N) tile in MATH.
-
-    Each word is loaded once; its lanes and the group scales are spread in registers by reshapes.
-    """
-    per_word: tl.constexpr = 32 // BITS
-    words: tl.constexpr = BLOCK_N // per_word
-    groups: tl.constexpr = BLOCK_N // GROUP
-    w = off // per_word + tl.arange(0, words)
-    packed = tl.load(codes + c[:, None] * n_words + w[None, :], mask=w[None, :] < n_words, other=0)
-    g = off // GROUP + tl.arange(0, groups)
-    gmask = g[None, :] < n_groups
-    s = tl.load(scale + c[:, None] * n_groups + g[None, :], mask=gmask, other=0.0).to(MATH)
-    z = tl.load(zero + c[:, None] * n_groups + g[None, :], mask=gmask, other=0.0).to(MATH)
-    q = _unpack_rows(packed, BITS, D, BLOCK_N, MATH)
-    return q * _spread(s, D, groups, GROUP) + _spread(z, D, groups, GROUP)
-
-
-@triton.jit
-def _affine_values(
-    codes,
-    scale,
-    zero,
-    t,
-    live,
-    D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BITS: tl.constexpr,
-    GROUP: tl.constexpr,
-    MATH: tl.constexpr,
-):
-    """Values grouped along channels, tokens t (BLOCK_N,) of one head: a (BLOCK_N, D) tile in MATH."""
-    per_word: tl.constexpr = 32 // BITS
-    words: tl.constexpr = D // per_word
-    groups: tl.constexpr = D // GROUP
-    rows = t[:, None].to(tl.int64)
-    packed = tl.load(codes + rows * words + tl.arange(0, words)[None, :], mask=live[:, None], other=0)
-    gi = rows * groups + tl.arange(0, groups)[None, :]
-    s = tl.load(scale + gi, mask=live[:, None], other=0.0).to(MATH)
-    z = tl.load(zero + gi, mask=live[:, None], other=0.0).to(MATH)
-    q = _unpack_rows(packed, BITS, BLOCK_N, D, MATH)
-    return q * _spread(s, BLOCK_N, groups, GROUP) + _spread(z, BLOCK_N, groups, GROUP)
-
-
-@triton.jit
-def _at_width(
-    codes, start, chosen, x, WIDTH: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, MATH: tl.constexpr
-):
-    """x with the rows of ``chosen`` tokens replaced by their codes unpacked at WIDTH bits."""
-    packed = tl.load(
-        codes + start[:, None] + tl.arange(0, D * WIDTH // 32)[None, :], mask=chosen[:, None], other=0
-    )
-    return tl.where(chosen[:, None], _unpack_rows(packed, WIDTH, BLOCK_N, D, MATH), x)
-
-
-@triton.jit
-def _mixed_values(
-    codes,
-    index,
-    scale,
-    zero,
-    row_words,
-    t0,
-    live,
-    D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    W0: tl.constexpr,
-    W1: tl.constexpr,
-    W2: tl.constexpr,
-    W3: tl.constexpr,
-    N_WIDTHS: tl.constexpr,
-    CHUNK: tl.constexpr,
-    INDEX_BITS: tl.constexpr,
-    GROUP: tl.constexpr,
-    MATH: tl.constexpr,
-):
-    """Values at per-token widths W0..W3 (the first N_WIDTHS), tokens t0..t0+BLOCK_N (t0 on an
-    allocation row): (BLOCK_N, D) in MATH."""
-    tok = t0 + tl.arange(0, BLOCK_N)
-    row = tok // CHUNK
-    if INDEX_BITS > 0:
-        index_words: tl.constexpr = (CHUNK * INDEX_BITS + 31) // 32
-        bit = (tok % CHUNK) * INDEX_BITS
-        word = tl.load(index + row * index_words + bit // 32, mask=live, other=0)
-        level = (word >> (bit % 32)) & ((1 << INDEX_BITS) - 1)
-    else:
-        level = tl.zeros((BLOCK_N,), tl.int32)
-    width = tl.where(level == 0, W0, tl.where(level == 1, W1, tl.where(level == 2, W2, W3)))
-    words = tl.reshape(tl.where(live, width * D // 32, 0), (BLOCK_N // CHUNK, CHUNK))
-    start = tl.reshape(tl.cumsum(words, axis=1) - words, (BLOCK_N,)) + row.to(tl.int64) * row_words
-    x = tl.zeros((BLOCK_N, D), MATH)
-    x = _at_width(codes, start, live & (level == 0), x, W0, D, BLOCK_N, MATH)
-    if N_WIDTHS > 1:
-        x = _at_width(codes, start, live & (level == 1), x, W1, D, BLOCK_N, MATH)
-    if N_WIDTHS > 2:
-        x = _at_width(codes, start, live & (level == 2), x, W2, D, BLOCK_N, MATH)
-    if N_WIDTHS > 3:
-        x = _at_width(codes, start, live & (level == 3), x, W3, D, BLOCK_N, MATH)
-    groups: tl.constexpr = D // GROUP
-    gi = tok[:, None].to(tl.int64) * groups + tl.arange(0, groups)[None, :]
-    s = tl.load(scale + gi, mask=live[:, None], other=0.0).to(MATH)
-    z = tl.load(zero + gi, mask=live[:, None], other=0.0).to(MATH)
-    return x * _spread(s, BLOCK_N, groups, GROUP) + _spread(z, BLOCK_N, groups, GROUP)
-
-
-@triton.jit
-def _codewords(
-    indices,
-    book,
-    rows,
-    live,
-    BLOCK_N: tl.constexpr,
-    POSITIONS: tl.constexpr,
-    DIM: tl.constexpr,
-    WIDTH: tl.constexpr,
-    OFFSET: tl.constexpr,
-    TOKEN_BITS: tl.constexpr,
-):
-    """One stage's codewords of every sub-vector: (BLOCK_N, POSITIONS, DIM) float32.
-
-    Sub-vector p's index sits at bit ``p * TOKEN_BITS + OFFSET`` of the token's bytes (a second
-    byte read where it may cross one); its codeword is ``DIM`` contiguous channels.
-    """
-    token_bytes: tl.constexpr = (POSITIONS * TOKEN_BITS + 7) // 8
-    p = tl.arange(0, POSITIONS)
-    bit = p * TOKEN_BITS + OFFSET
-    byte = bit // 8
-    code = tl.load(indices + rows + byte[None, :], mask=live[:, None], other=0).to(tl.int32)
-    if TOKEN_BITS % 8 != 0 or OFFSET % 8 + WIDTH > 8:
-        more = live[:, None] & (byte[None, :] + 1 < token_bytes)
-        code |= tl.load(indices + rows + byte[None, :] + 1, mask=more, other=0).to(tl.int32) << 8
-    code = (code >> (bit % 8)[None, :]) & ((1 << WIDTH) - 1)
-    at = (p[None, :, None] * (1 << WIDTH) + code[:, :, None]) * DIM + tl.arange(0, DIM)[None, None, :]
-    return tl.load(book + at, mask=live[:, None, None], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _codebook_tokens(
-    indices,
-    book0,
-    book1,
-    t,
-    live,
-    D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DIM: tl.constexpr,
-    W0: tl.constexpr,
-    W1: tl.constexpr,
-    STAGES: tl.constexpr,
-):
-    """Codebook tokens t (BLOCK_N,) of one head, decoded (the stages' codewords summed): (BLOCK_N, D) float32."""
-    positions: tl.constexpr = D // DIM
-    token_bits: tl.constexpr = W0 + W1  # W1 is 0 with one stage
-    rows = t[:, None].to(tl.int64) * ((positions * token_bits + 7) // 8)
-    x = _codewords(indices, book0, rows, live, BLOCK_N, positions, DIM, W0, 0, token_bits)
-    if STAGES > 1:
-        x += _codewords(indices, book1, rows, live, BLOCK_N, positions, DIM, W1, W0, token_bits)
-    return tl.reshape(x, (BLOCK_N, D))
-
-
-@triton.jit
-def _side_term(
-    codes,
-    step,
-    n_words,
-    tokens,
-    off,
-    qr,
-    R: tl.constexpr,
-    R_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BITS: tl.constexpr,
-):
-    """HeadQ: (G_PAD, BLOCK_N) logits ``(U^T q) . z_hat`` of tokens off..off+BLOCK_N."""
-    per_word: tl.constexpr = 32 // BITS
-    words: tl.constexpr = BLOCK_N // per_word
-    levels: tl.constexpr = (1 << BITS) - 1
-    r = tl.arange(0, R_PAD)
-    t = off + tl.arange(0, BLOCK_N)
-    st = tl.load(step + t, mask=t < tokens, other=0.0).to(tl.float32)
-    w = off // per_word + tl.arange(0, words)
-    inside = (r[:, None] < R) & (w[None, :] < n_words)
-    packed = tl.load(codes + r[:, None] * n_words + w[None, :], mask=inside, other=0)
-    z = (_unpack_rows(packed, BITS, R_PAD, BLOCK_N, tl.float32) - levels / 2) * st[None, :]
-    z = tl.where(r[:, None] < R, z, 0.0)
-    return tl.dot(qr, z)
 
 
 @triton.jit
