@@ -36,7 +36,14 @@ HQ, HKV, D = 32, 8, 128
 WINDOW = 128
 CHUNK = 8192
 DEVICE = "cuda"  # the CPU works too, under TRITON_INTERPRET=1, for a check of the code at small sizes
-LAUNCH = {"half": True, "block_n": 64, "num_warps": 4, "num_stages": 2}  # --tune replaces it
+LAUNCH = {
+    "half": True,
+    "block_n": 64,
+    "num_warps": 4,
+    "num_stages": 2,
+    "fold": True,
+    "hilo": True,
+}  # --tune sets some
 
 
 def bench(fn: Any) -> float:
@@ -79,6 +86,7 @@ class Cache:
         from headq_core.layouts import block_nbytes
 
         self.km, self.vm = _methods(keys, values)
+        self.context = context
         encoded = (context - WINDOW) // 32 * 32
         self.k_blocks, self.v_blocks = [], []
         gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -130,7 +138,7 @@ class Cache:
             side = first.sign * torch.einsum("bhgd,hdr->bhgr", q.float(), first.basis.decode.float())
         return fused._triton().attend(
             q, self.plan, scale=D**-0.5, side_query=side, half=LAUNCH["half"],
-            num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
+            num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"], fold=LAUNCH["fold"], hilo=LAUNCH["hilo"],
         )  # fmt: skip
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +151,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v)  # q: (b, hkv, g, d), GQA folded into rows
 
 
+FOLDS = ("kivi2", "kivi4", "headq-r8")  # the providers the folded kernel runs
 OURS = {
     "kivi2": ("kivi:bits=2", "kivi:bits=2"),
     "kivi4": ("kivi:bits=4", "kivi:bits=4"),
@@ -160,8 +169,33 @@ def check(cache: Cache, q: torch.Tensor) -> float:
     return float((got - ref).norm() / ref.norm())
 
 
+FOLD_VARIANTS = {
+    "unfolded": {"fold": False},
+    "single": {"hilo": False},
+}  # --fold-variants: beside the default
+
+
+def fold_variants(cache: Cache, q: torch.Tensor) -> dict[str, Any]:
+    """Times (and errors up to 32k) of the same cache with the folded kernel off, and with one float16 operand."""
+    out: dict[str, Any] = {}
+    for name, change in FOLD_VARIANTS.items():
+        saved = dict(LAUNCH)
+        LAUNCH.update(change)
+        try:
+            out[f"ms_{name}"] = bench(lambda: cache.attend(q))
+            out[f"err_{name}"] = check(cache, q) if cache.context <= 32768 else None
+        finally:
+            LAUNCH.clear()
+            LAUNCH.update(saved)
+    return out
+
+
 def run(
-    batches: list[int], contexts: list[int], budget_gib: float, providers: list[str] | None = None
+    batches: list[int],
+    contexts: list[int],
+    budget_gib: float,
+    providers: list[str] | None = None,
+    compare_fold: bool = False,
 ) -> dict[str, Any]:
     from headq_core import fused
 
@@ -205,6 +239,7 @@ def run(
                         "bytes": cache.nbytes,
                         "rel_err": err,
                         "compiler": compiler_report(fused._triton().last_compiled),
+                        **(fold_variants(cache, q) if compare_fold and name in FOLDS else {}),
                     }
                 )
                 print(f"batch {batch} context {context} {name}: {1e3 * t:.0f} us, fp16-sdpa {1e3 * t_fp16:.0f} us",
@@ -310,6 +345,22 @@ def table(result: dict[str, Any]) -> str:
             f"| {r['batch']} | {r['context']} | {r['provider']} | {1e3 * r['ms']:.0f} | {r['vs_fp16']:.2f}x | {dq} | "
             f"{r['bytes'] / 1e9:.3f} | {100 * r['bandwidth_frac']:.0f}% | {err} |"
         )
+    folds = [r for r in result["rows"] if "ms_unfolded" in r]
+    if folds:
+        lines += [
+            "",
+            "| batch | context | provider | folded, two fp16 parts (us) | unfolded (us) | folded, one fp16 part (us) "
+            "| rel err: folded two / unfolded / one |",
+            "| ---: | ---: | --- | ---: | ---: | ---: | --- |",
+        ]
+        for r in folds:
+            errs = " / ".join(
+                "-" if e is None else f"{e:.1e}" for e in (r["rel_err"], r["err_unfolded"], r["err_single"])
+            )
+            lines.append(
+                f"| {r['batch']} | {r['context']} | {r['provider']} | {1e3 * r['ms']:.0f} | "
+                f"{1e3 * r['ms_unfolded']:.0f} | {1e3 * r['ms_single']:.0f} | {errs} |"
+            )
     lines += [
         "",
         "| quantize-and-pack | bits | time (us) | tokens/s | of copy BW |",
@@ -333,12 +384,17 @@ def main() -> None:
         "--tune", action="store_true", help="time launch variants at batch 8, 32k first; use the best"
     )
     parser.add_argument("--asm-dir", default=None, help="where --tune writes each variant's TTGIR")
+    parser.add_argument(
+        "--fold-variants",
+        action="store_true",
+        help="also time KIVI and HeadQ unfolded and with single float16 operands",
+    )
     args = parser.parse_args()
     if args.tune:
         half, block_n, warps, stages = variants(8, 32768, args.asm_dir)
         LAUNCH.update(half=half, block_n=block_n, num_warps=warps, num_stages=stages)
         print(f"chosen: {LAUNCH}")
-    result = run(args.batches, args.contexts, args.budget_gib, args.providers)
+    result = run(args.batches, args.contexts, args.budget_gib, args.providers, args.fold_variants)
     result["launch"] = dict(LAUNCH)
     text = table(result)
     print(text)

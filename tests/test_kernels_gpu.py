@@ -123,7 +123,11 @@ def _run_pair(
     pads: list[int] | None = None,
     kernel_steps: int | None = None,
 ) -> list[float]:
-    """Identical caches, one attended by the reference and one by the kernel; per-step errors."""
+    """Identical caches, one attended by the reference and one by the kernel; per-step errors.
+
+    Float16 KIVI keys (2 or 4 bits, HeadQ's base included) with KIVI values of 2 or 4 bits must run
+    on the folded kernel, and nothing else may.
+    """
     config = _config(hq, hkv, d)
     calibration = calibration_for(keys, values, config, tokens=512)
     caches = [
@@ -136,6 +140,9 @@ def _run_pair(
     calls: list[int] = []
     real = triton_decode.attend
     monkeypatch.setattr(triton_decode, "attend", lambda *a, **k: calls.append(1) or real(*a, **k))
+    folded: list[int] = []
+    real_folded = triton_decode._attend_folded
+    monkeypatch.setattr(triton_decode, "_attend_folded", lambda *a: folded.append(1) or real_folded(*a))
     errors = []
     total = 0
     for step in range(steps + 1):
@@ -159,10 +166,19 @@ def _run_pair(
     assert len(calls) == expected, (
         "the fused kernel did not run" if not calls else f"{len(calls)} kernel calls"
     )
+    foldable = dtype == torch.float16 and _fold_bits(keys, "kivi", "headq") and _fold_bits(values, "kivi")
+    assert bool(folded) == (foldable and bool(calls)), f"{len(folded)} folded launches"
     ref_stats, got_stats = (cache.quantized_layers()[0].sq_attention for cache in caches)
     if ref_stats is not None:  # the value policy's attention statistics, from the kernel's probabilities
         assert got_stats is not None and rel(got_stats, ref_stats) < TOLERANCE[dtype]
     return errors
+
+
+def _fold_bits(spec: str, *methods: str) -> bool:
+    """Whether a spec is one of ``methods`` at 2 or 4 bits (HeadQ's base: KIVI-2 by default)."""
+    name, _, options = spec.partition(":")
+    bits = dict(option.split("=") for option in options.split(",") if option).get("bits", "2")
+    return name in methods and bits in ("2", "4")
 
 
 CASES = [

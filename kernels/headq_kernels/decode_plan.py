@@ -143,6 +143,7 @@ class Plan:
     side_rank: int
     side_bits: int
     block_n: int  # tokens per tile: splits start on whole tiles, and tiles on key groups and mixed rows
+    split: int  # the most tokens of one split
     parts: list[Segment] = field(default_factory=list)  # keys then values; keeps the tensors alive
     value_segments: int = 0  # the last ones of ``parts``
 
@@ -268,6 +269,7 @@ def plan(
         side_rank=side_rank,
         side_bits=side_bits,
         block_n=block_n,
+        split=split,
         parts=[*keys, *values],
         value_segments=len(values),
     )

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from headq_kernels import triton_folded
 from headq_kernels.decode_plan import (
     AFFINE,
     CODEBOOK,
@@ -331,6 +332,37 @@ def _mixed(seg: Segment | None) -> tuple[int, ...]:
     return (*w, *(w[-1],) * (4 - len(w)), len(w), seg.chunk, seg.index_bits)
 
 
+def _attend_folded(
+    q: torch.Tensor,
+    plan: Plan,
+    splits: torch.Tensor,
+    mask: torch.Tensor | None,
+    side_query: torch.Tensor | None,
+    parts: torch.Tensor,
+    ml: torch.Tensor,
+    scale: float,
+    hilo: bool,
+    num_warps: int,
+) -> Any:
+    """One launch of the folded kernel over affine/affine splits, into the same parts as the generic one."""
+    b, hkv, g, d = q.shape
+    ngb = triton_folded.bias_columns(plan)
+    scratch = torch.empty(
+        (b * hkv * plan.n_splits, triton_folded.rows(plan.block_n // plan.key_group, g), ngb),
+        dtype=torch.float32,
+        device=q.device,
+    )
+    r = plan.side_rank
+    return triton_folded._folded_split_kernel[(splits.shape[0], b * hkv)](
+        q, side_query if r else q, plan.segments, splits, mask if mask is not None else q, parts, ml, scratch,
+        hkv, plan.n_splits, mask.stride(0) if mask is not None else 0, scale * LOG2E,
+        G=g, GP=triton.next_power_of_2(g), D=d, BLOCK_N=plan.block_n,
+        K_BITS=plan.key_bits, K_GROUP=plan.key_group, V_BITS=plan.value_bits, V_GROUP=plan.value_group,
+        NGB=ngb, R=r, Z_BITS=max(1, plan.side_bits), HAS_MASK=mask is not None, HILO=hilo,
+        num_warps=num_warps, num_stages=2,
+    )  # fmt: skip
+
+
 def attend(
     q: torch.Tensor,
     plan: Plan,
@@ -342,6 +374,8 @@ def attend(
     num_warps: int = 4,
     num_stages: int = 2,
     half: bool = True,
+    fold: bool = True,
+    hilo: bool = True,
 ) -> torch.Tensor:
     """Attention of q (b, hkv, g, d) (float16 or bfloat16) over a plan's tokens -> (b, hkv, g, d).
 
@@ -349,6 +383,8 @@ def attend(
     side_query: (b, hkv, g, r) float32, ``sign * U^T q`` for the side code, when the keys carry one.
     tail_probs: (b, hkv, g, T) float32, filled with the attention probabilities of the last T
     tokens (for a value policy's statistics). Tiles hold the plan's ``block_n`` tokens.
+    fold: run affine keys with affine values on :mod:`headq_kernels.triton_folded` where it applies
+    (float16); hilo: its folded operands in two float16 parts.
     """
     b, hkv, g, d = q.shape
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -375,8 +411,14 @@ def attend(
     v_book = _book(plan.first(CODEBOOK, keys=False))
     v_mixed = _mixed(plan.first(MIXED, keys=False))
     mixed_group = getattr(plan.first(MIXED, keys=False), "group", 1)
+    folded = fold and q.dtype == torch.float16 and triton_folded.eligible(plan, g, d, tail=tail)
     last_compiled.clear()
     for k_kind, v_kind, splits in plan.launches:
+        if folded and k_kind == AFFINE and v_kind == AFFINE:
+            last_compiled.append(
+                _attend_folded(q, plan, splits, mask, side_query, parts, ml, scale, hilo, num_warps)
+            )
+            continue
         compiled = _decode_split_kernel[(splits.shape[0], b * hkv)](
             q, side_query if r else q, plan.segments, splits, mask if mask is not None else q, parts, ml, logits,
             hkv, plan.n_splits, mask.stride(0) if mask is not None else 0, scale * LOG2E,

@@ -1,0 +1,353 @@
+"""Decode attention over affine keys and values (KIVI, HeadQ's base) with the scales folded into
+the matrix products: the fast path of ``triton_decode.attend`` for float16 queries.
+
+The generic split kernel dequantizes each tile (``code * scale + zero`` per element) before its
+two ``tl.dot``. This one never dequantizes; the products read raw codes and the scales go into
+the small operand instead:
+
+- keys (codes grouped along tokens): with ``x`` a key group of the tile and ``r`` a query head
+  of the KV group, row ``(x, r)`` of the first operand is ``q_r * s_x * qk_scale``; row ``(x, r)``
+  of the product then holds head r's logits for the tokens of group x, up to the zero term
+  ``q_r . z_x``, which one small product per split computes for all of its groups (kept in a
+  scratch buffer and read back a few floats per tile). The logit of (r, j) is picked from row
+  (group(j), r).
+- values (codes grouped along channels): with ``x`` a channel group, row ``(x, r)`` of the second
+  operand is ``p_r * s_x`` per token, kept for the channels of group x at the end of the split;
+  the zero term ``sum_j p_rj z_jx`` is an elementwise accumulator.
+- rows: GQA pads the query heads of a KV group to the 16 rows of the matrix unit anyway, so
+  (groups x heads) rows cost little or no tensor-core work.
+- unpack: ``word & mask`` on a whole int32 gives two float16 subnormals, ``code * 2^(bits*m-24)``
+  (one shift per byte); codes p and p + 16/bits of a word share a register, so tile position
+  2p + h holds code p + h * 16/bits of the word. Token order (key columns, value rows) and
+  channel order (value columns) are permuted inside each word, the same way on both sides; the
+  power of two is undone per logit column and per output channel. No int-to-float conversion and
+  no multiply-add per element.
+- with ``HILO`` each folded operand is split into a float16 part and its float16 remainder (two
+  products on the same codes): the folded sums cancel against the zero terms, which magnifies
+  the rounding of a single float16 operand.
+
+Settings it takes (``eligible``): float16 queries, 2 or 4 bits on both sides, groups of whole
+32-bit words, at most 16 query heads per KV head and 32 rows per product, no statistics tail.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from headq_kernels.decode_plan import COLUMNS, PTR0, PTR1, PTR2, PTR3, PTR4, TOKENS, Plan
+from headq_kernels.triton_tiles import _side_term
+
+# Folded operands carry a factor 2^8, so that small scales stay normal float16; a code of value 1
+# unpacks as 2^(bits*m - 24), so outputs are multiplied back by 2^(16 - bits*m).
+FOLD: tl.constexpr = tl.constexpr(256.0)
+UNFOLD_EXP: tl.constexpr = tl.constexpr(16)
+PTR0_C: tl.constexpr = tl.constexpr(PTR0)
+PTR1_C: tl.constexpr = tl.constexpr(PTR1)
+PTR2_C: tl.constexpr = tl.constexpr(PTR2)
+PTR3_C: tl.constexpr = tl.constexpr(PTR3)
+PTR4_C: tl.constexpr = tl.constexpr(PTR4)
+TOKENS_C: tl.constexpr = tl.constexpr(TOKENS)
+COLUMNS_C: tl.constexpr = tl.constexpr(COLUMNS)
+SPLIT_COLUMNS_C: tl.constexpr = tl.constexpr(7)
+
+FOLD_BITS = (2, 4)
+
+
+def rows(groups: int, heads: int) -> int:
+    """Rows of a folded product: groups x heads (heads padded to a power of two), at least 16."""
+    return max(16, groups * triton.next_power_of_2(heads))
+
+
+def bias_columns(plan: Plan) -> int:
+    """Columns of the key zero-term scratch: the key groups of the longest split, at least 16."""
+    return max(16, triton.next_power_of_2(-(-plan.split // plan.key_group)))
+
+
+def eligible(plan: Plan, heads: int, head_dim: int, *, tail: int) -> bool:
+    """Whether the affine/affine launches of ``plan`` can run folded (float16 queries checked by the caller)."""
+    kb, kg, vb, vg = plan.key_bits, plan.key_group, plan.value_bits, plan.value_group
+    return (
+        tail == 0
+        and kb in FOLD_BITS
+        and vb in FOLD_BITS
+        and kg % (32 // kb) == 0
+        and plan.block_n % kg == 0
+        and vg % (32 // vb) == 0
+        and head_dim % vg == 0
+        and heads <= 16
+        and rows(plan.block_n // kg, heads) <= 32
+        and rows(head_dim // vg, heads) <= 32
+        and (plan.side_rank == 0 or plan.side_rank <= 16)
+    )
+
+
+@triton.jit
+def _pair(words, p: tl.constexpr, BITS: tl.constexpr):
+    """int32 whose halves hold codes p and p + 16/BITS of each word as float16 subnormal bit
+    patterns, ``code * 2^(BITS * m - 24)`` with m = p mod (8 / BITS): one mask, one shift per byte."""
+    mask: tl.constexpr = ((1 << BITS) - 1) | (((1 << BITS) - 1) << 16)
+    per_byte: tl.constexpr = 8 // BITS
+    m: tl.constexpr = p % per_byte
+    if p >= per_byte:
+        v = (words >> 8) & (mask << (BITS * m))
+    else:
+        v = words & (mask << (BITS * m))
+    return v
+
+
+@triton.jit
+def _unpack(words, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """(R, C // (32 / BITS)) int32 words -> (R, C) float16 codes in the permuted order of :func:`_code_of`."""
+    if BITS == 2:
+        e = tl.join(
+            tl.join(_pair(words, 0, BITS), _pair(words, 4, BITS)),
+            tl.join(_pair(words, 2, BITS), _pair(words, 6, BITS)),
+        )
+        o = tl.join(
+            tl.join(_pair(words, 1, BITS), _pair(words, 5, BITS)),
+            tl.join(_pair(words, 3, BITS), _pair(words, 7, BITS)),
+        )
+        v = tl.join(e, o)  # (R, W, 2, 2, 2): pair 4i + 2j + k at [i, j, k]
+    else:
+        tl.static_assert(BITS == 4)
+        v = tl.join(
+            tl.join(_pair(words, 0, BITS), _pair(words, 2, BITS)),
+            tl.join(_pair(words, 1, BITS), _pair(words, 3, BITS)),
+        )
+    lo = v.to(tl.int16).to(tl.float16, bitcast=True)
+    hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return tl.reshape(tl.join(lo, hi), (R, C))
+
+
+@triton.jit
+def _unpack_opaque(words, live, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """:func:`_unpack` inside an ``if`` on a run-time condition that always holds (``live``). The
+    compiler picks a dot operand's register layout from the ops that compute it and sees no further
+    than the ``if``; seeing the join tree it would pick a layout that costs a register move per
+    operand register at every product."""
+    if live:
+        x = _unpack(words, BITS, R, C)
+    else:  # the same: the branches merge again after layout selection
+        x = _unpack(words, BITS, R, C)
+    return x
+
+
+@triton.jit
+def _code_of(idx, BITS: tl.constexpr):
+    """Index along the packed axis of the code at position idx of an unpacked tile."""
+    per_word: tl.constexpr = 32 // BITS
+    pos = idx % per_word
+    return idx - pos + pos // 2 + (pos % 2) * (per_word // 2)
+
+
+@triton.jit
+def _code_scale(idx, BITS: tl.constexpr):
+    """1 / (what a code of value 1 at position idx reads as, times FOLD): undoes both factors."""
+    per_byte: tl.constexpr = 8 // BITS
+    m = ((idx % (32 // BITS)) // 2) % per_byte
+    return tl.exp2(UNFOLD_EXP - (BITS * m).to(tl.float32))
+
+
+@triton.jit
+def _permute_words(x, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
+    """(ROWS, N) in token order -> the tile's order (:func:`_code_of` at BITS)."""
+    per_word: tl.constexpr = 32 // BITS
+    x = tl.reshape(x, (ROWS, N // per_word, 2, per_word // 2))
+    return tl.reshape(tl.permute(x, (0, 1, 3, 2)), (ROWS, N))
+
+
+@triton.jit
+def _spread_rows(x, NX: tl.constexpr, GP: tl.constexpr, N: tl.constexpr):
+    """(NX, N) -> (NX * GP, N): row (x, r) = x's row."""
+    return tl.reshape(tl.broadcast_to(x[:, None, :], (NX, GP, N)), (NX * GP, N))
+
+
+@triton.jit
+def _spread_heads(x, NX: tl.constexpr, GP: tl.constexpr, N: tl.constexpr):
+    """(GP, N) -> (NX * GP, N): row (x, r) = r's row."""
+    return tl.reshape(tl.broadcast_to(x[None, :, :], (NX, GP, N)), (NX * GP, N))
+
+
+@triton.jit
+def _pick_rows(x, keep, NX: tl.constexpr, GP: tl.constexpr, N: tl.constexpr):
+    """(NX * GP, N), keep mask -> (GP, N): the sum over x of the kept entries."""
+    return tl.sum(tl.reshape(tl.where(keep, x, 0.0), (NX, GP, N)), axis=0)
+
+
+@triton.jit
+def _folded_dot(a, b, acc, HILO: tl.constexpr):
+    """acc + a @ b with a (float32) rounded to float16, and with HILO its remainder too."""
+    hi = a.to(tl.float16)
+    acc = tl.dot(hi, b, acc)
+    if HILO:
+        acc = tl.dot((a - hi.to(tl.float32)).to(tl.float16), b, acc)
+    return acc
+
+
+@triton.jit
+def _folded_split_kernel(
+    q_ptr,
+    qr_ptr,
+    seg_ptr,
+    split_ptr,
+    mask_ptr,
+    o_ptr,
+    ml_ptr,
+    zb_ptr,
+    HKV,
+    n_splits,
+    mask_stride,
+    qk_scale,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_BITS: tl.constexpr,
+    K_GROUP: tl.constexpr,
+    V_BITS: tl.constexpr,
+    V_GROUP: tl.constexpr,
+    NGB: tl.constexpr,
+    R: tl.constexpr,
+    Z_BITS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HILO: tl.constexpr,
+):
+    """One split of one (sequence, KV head) over an affine key segment and an affine value segment.
+
+    Same tables and outputs as ``triton_decode._decode_split_kernel``; ``zb_ptr``: scratch of
+    (NGB key groups x key rows) floats per program for the key zero terms.
+    """
+    KX: tl.constexpr = BLOCK_N // K_GROUP  # key groups per tile
+    KROWS: tl.constexpr = 16 if KX * GP < 16 else KX * GP
+    KXP: tl.constexpr = KROWS // GP  # with padding rows that match no token
+    VX: tl.constexpr = D // V_GROUP  # value channel groups
+    VROWS: tl.constexpr = 16 if VX * GP < 16 else VX * GP
+    VXP: tl.constexpr = VROWS // GP
+    K_PW: tl.constexpr = 32 // K_BITS
+    V_W: tl.constexpr = D * V_BITS // 32
+    ZB: tl.constexpr = 32 if NGB > 32 else NGB
+    R_PAD: tl.constexpr = 16  # side-code rank (at most 16) padded for its product
+
+    bh = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)
+    bh64 = bh.to(tl.int64)
+    srow = split_ptr + tl.program_id(0) * SPLIT_COLUMNS_C
+    k_off = tl.load(srow + 1)
+    v_off = tl.load(srow + 3)
+    length = tl.load(srow + 4)
+    position = tl.load(srow + 5)
+    split = tl.load(srow + 6)
+    krow = seg_ptr + tl.load(srow) * COLUMNS_C
+    vrow = seg_ptr + tl.load(srow + 2) * COLUMNS_C
+
+    k_tokens = tl.load(krow + TOKENS_C)
+    k_words = k_tokens // K_PW
+    k_groups = k_tokens // K_GROUP
+    k_codes = tl.load(krow + PTR0_C).to(tl.pointer_type(tl.int32)) + bh64 * D * k_words
+    k_scale = tl.load(krow + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * D * k_groups
+    k_zero = tl.load(krow + PTR2_C).to(tl.pointer_type(tl.float16)) + bh64 * D * k_groups
+    v_tokens = tl.load(vrow + TOKENS_C)
+    v_codes = tl.load(vrow + PTR0_C).to(tl.pointer_type(tl.int32)) + bh64 * v_tokens * V_W
+    v_scale = tl.load(vrow + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * v_tokens * VX
+    v_zero = tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16)) + bh64 * v_tokens * VX
+
+    r = tl.arange(0, GP)
+    c = tl.arange(0, D)
+    n = tl.arange(0, BLOCK_N)
+    krows = tl.arange(0, KROWS)
+    kx = krows // GP
+    q = tl.load(q_ptr + (bh64 * G + r[:, None]) * D + c[None, :], mask=r[:, None] < G, other=0.0)
+    q_t = tl.trans(q.to(tl.float32) * (qk_scale * FOLD))  # (D, GP)
+
+    # Zero terms q_r . z_g * qk_scale of every key group of the split, one product per 32 groups,
+    # into the scratch (row (x, r) holds q_r), read back per tile.
+    qk = krows % GP
+    q_rows = tl.load(q_ptr + (bh64 * G + qk[:, None]) * D + c[None, :], mask=qk[:, None] < G, other=0.0)
+    g0 = k_off // K_GROUP
+    split_groups = (length + K_GROUP - 1) // K_GROUP
+    scratch = zb_ptr + (bh64 * n_splits + split) * (KROWS * NGB)
+    for j in tl.static_range(NGB // ZB):
+        gb = j * ZB + tl.arange(0, ZB)
+        kz_in = (gb[None, :] < split_groups) & (g0 + gb[None, :] < k_groups)
+        kz = tl.load(k_zero + c[:, None] * k_groups + g0 + gb[None, :], mask=kz_in, other=0.0)
+        tl.store(scratch + krows[:, None] * NGB + gb[None, :], tl.dot(q_rows, kz) * qk_scale)
+    tl.debug_barrier()
+
+    if R > 0:  # HeadQ: (U^T q) . z_hat, rows padded to 16 for its product
+        z_words = k_tokens * Z_BITS // 32
+        z_codes = tl.load(krow + PTR3_C).to(tl.pointer_type(tl.int32)) + bh64 * R * z_words
+        z_step = tl.load(krow + PTR4_C).to(tl.pointer_type(tl.float16)) + bh64 * k_tokens
+        g16 = tl.arange(0, 16)
+        rr = tl.arange(0, R_PAD)
+        qr = tl.load(
+            qr_ptr + (bh64 * G + g16[:, None]) * R + rr[None, :],
+            mask=(g16[:, None] < G) & (rr[None, :] < R),
+            other=0.0,
+        )
+
+    tok = _code_of(n, K_BITS)  # token of each tile column (keys) and row (values)
+    k_col = _code_scale(n, K_BITS)
+    keep_k = kx[:, None] == (tok // K_GROUP)[None, :]
+    xk = tl.arange(0, KXP)
+    xv = tl.arange(0, VXP)
+    vx = tl.arange(0, VROWS) // GP
+    live_k = length > 0  # run-time conditions that always hold (see _unpack_opaque); two, so
+    live_v = n_splits > 0  # that both unpacked tiles are not kept alive at once
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_acc = tl.zeros((GP, BLOCK_N), tl.float32)
+    z_acc = tl.zeros((VROWS, BLOCK_N), tl.float32)
+    acc = tl.zeros((VROWS, D), tl.float32)
+    for t in range(0, length, BLOCK_N):
+        live = t + tok < length
+        k_at = k_off + t
+        w = k_at // K_PW + tl.arange(0, BLOCK_N // K_PW)
+        kw = tl.load(k_codes + c[:, None] * k_words + w[None, :], mask=w[None, :] < k_words, other=0)
+        gk = k_at // K_GROUP + xk
+        ks = tl.load(
+            k_scale + c[:, None] * k_groups + gk[None, :],
+            mask=(xk[None, :] < KX) & (gk[None, :] < k_groups),
+            other=0.0,
+        )
+        v_at = (v_off + t + tok).to(tl.int64)
+        vw = tl.load(v_codes + v_at[:, None] * V_W + tl.arange(0, V_W)[None, :], mask=live[:, None], other=0)
+        vg = v_at[None, :] * VX + xv[:, None]
+        v_in = live[None, :] & (xv[:, None] < VX)
+        vs = tl.load(v_scale + vg, mask=v_in, other=0.0).to(tl.float32)
+        vz = tl.load(v_zero + vg, mask=v_in, other=0.0).to(tl.float32)
+        bias = tl.load(scratch + krows * NGB + t // K_GROUP + kx, mask=kx < KX, other=0.0)
+
+        qs = tl.trans(tl.reshape(ks.to(tl.float32)[:, :, None] * q_t[:, None, :], (D, KROWS)))
+        kt = _unpack_opaque(kw, live_k, K_BITS, D, BLOCK_N)
+        s = _folded_dot(qs, kt, tl.zeros((KROWS, BLOCK_N), tl.float32), HILO)
+        s = s * k_col[None, :] + bias[:, None]
+        logits = _pick_rows(s, keep_k, KXP, GP, BLOCK_N)  # (GP, BLOCK_N)
+        if R > 0:
+            side = _side_term(z_codes, z_step, z_words, k_tokens, k_at, qr, R, R_PAD, BLOCK_N, Z_BITS)
+            side = _permute_words(side, 16, BLOCK_N, K_BITS)
+            logits += tl.sum(tl.reshape(side, (16 // GP, GP, BLOCK_N)), axis=0) * qk_scale
+        keep = live
+        if HAS_MASK:
+            keep = keep & (tl.load(mask_ptr + b * mask_stride + position + t + tok, mask=live, other=0) != 0)
+        logits = tl.where(keep[None, :], logits, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(logits - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_acc = l_acc * alpha[:, None] + p
+        m_i = m_new
+
+        p = _spread_heads(p, VXP, GP, BLOCK_N)  # row (x, r) = p_r
+        alpha = tl.reshape(tl.broadcast_to(alpha[None, :], (VXP, GP)), (VROWS,))
+        z_acc = z_acc * alpha[:, None] + p * _spread_rows(vz, VXP, GP, BLOCK_N)
+        vt = _unpack_opaque(vw, live_v, V_BITS, BLOCK_N, D)
+        pv = p * _spread_rows(vs * FOLD, VXP, GP, BLOCK_N)
+        acc = _folded_dot(pv, vt, acc * alpha[:, None], HILO)
+
+    ch = _code_of(c, V_BITS)  # channel of each column
+    out = acc * _code_scale(c, V_BITS)[None, :] + tl.sum(z_acc, axis=1)[:, None]
+    out = _pick_rows(out, vx[:, None] == (ch // V_GROUP)[None, :], VXP, GP, D)  # (GP, D)
+    row_out = (bh64 * n_splits + split) * G + r
+    tl.store(o_ptr + row_out[:, None] * D + ch[None, :], out, mask=r[:, None] < G)
+    tl.store(ml_ptr + row_out * 2, m_i, mask=r < G)
+    tl.store(ml_ptr + row_out * 2 + 1, tl.sum(l_acc, axis=1), mask=r < G)
