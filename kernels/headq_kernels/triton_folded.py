@@ -186,6 +186,63 @@ def _folded_dot(a, b, acc, HILO: tl.constexpr):
 
 
 @triton.jit
+def _tile_loads(
+    k_codes,
+    k_scale,
+    v_codes,
+    v_scale,
+    v_zero,
+    scratch,
+    mask_row,
+    k_words,
+    k_groups,
+    k_off,
+    v_off,
+    t,
+    length,
+    c,
+    tok,
+    krows,
+    BLOCK_N: tl.constexpr,
+    GP: tl.constexpr,
+    K_GROUP: tl.constexpr,
+    KXP: tl.constexpr,
+    K_PW: tl.constexpr,
+    VX: tl.constexpr,
+    VXP: tl.constexpr,
+    V_W: tl.constexpr,
+    NGB: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+):
+    """What the tile at t of a split reads: key words and scales, value words, scales and zero
+    points, the key zero terms; nothing past the split's end."""
+    KX: tl.constexpr = BLOCK_N // K_GROUP
+    here = t < length
+    live = t + tok < length
+    k_at = k_off + t
+    w = k_at // K_PW + tl.arange(0, BLOCK_N // K_PW)
+    kw = tl.load(k_codes + c[:, None] * k_words + w[None, :], mask=(w[None, :] < k_words) & here, other=0)
+    xk = tl.arange(0, KXP)
+    gk = k_at // K_GROUP + xk
+    k_in = (xk[None, :] < KX) & (gk[None, :] < k_groups) & here
+    ks = tl.load(k_scale + c[:, None] * k_groups + gk[None, :], mask=k_in, other=0.0)
+    v_at = (v_off + t + tok).to(tl.int64)
+    vw = tl.load(v_codes + v_at[:, None] * V_W + tl.arange(0, V_W)[None, :], mask=live[:, None], other=0)
+    xv = tl.arange(0, VXP)
+    vg = v_at[None, :] * VX + xv[:, None]
+    v_in = live[None, :] & (xv[:, None] < VX)
+    vs = tl.load(v_scale + vg, mask=v_in, other=0.0)
+    vz = tl.load(v_zero + vg, mask=v_in, other=0.0)
+    kx = krows // GP
+    bias = tl.load(scratch + krows * NGB + t // K_GROUP + kx, mask=(kx < KX) & here, other=0.0)
+    if HAS_MASK:
+        seen = tl.load(mask_row + t + tok, mask=live, other=0)
+    else:
+        seen = live
+    return kw, ks, vw, vs, vz, bias, seen
+
+
+@triton.jit
 def _folded_split_kernel(
     q_ptr,
     qr_ptr,
@@ -289,8 +346,6 @@ def _folded_split_kernel(
     tok = _code_of(n, K_BITS)  # token of each tile column (keys) and row (values)
     k_col = _code_scale(n, K_BITS)
     keep_k = kx[:, None] == (tok // K_GROUP)[None, :]
-    xk = tl.arange(0, KXP)
-    xv = tl.arange(0, VXP)
     vx = tl.arange(0, VROWS) // GP
     live_k = length > 0  # run-time conditions that always hold (see _unpack_opaque); two, so
     live_v = n_splits > 0  # that both unpacked tiles are not kept alive at once
@@ -298,25 +353,20 @@ def _folded_split_kernel(
     l_acc = tl.zeros((GP, BLOCK_N), tl.float32)
     z_acc = tl.zeros((VROWS, BLOCK_N), tl.float32)
     acc = tl.zeros((VROWS, D), tl.float32)
+    mask_row = mask_ptr + b * mask_stride + position
+    loads = _tile_loads(
+        k_codes, k_scale, v_codes, v_scale, v_zero, scratch, mask_row, k_words, k_groups, k_off, v_off, 0, length,
+        c, tok, krows, BLOCK_N, GP, K_GROUP, KXP, K_PW, VX, VXP, V_W, NGB, HAS_MASK,
+    )  # fmt: skip
     for t in range(0, length, BLOCK_N):
+        kw, ks, vw, vs, vz, bias, seen = loads
+        # the next tile's codes and scales are loaded while this one is computed
+        loads = _tile_loads(
+            k_codes, k_scale, v_codes, v_scale, v_zero, scratch, mask_row, k_words, k_groups, k_off, v_off, t + BLOCK_N,
+            length, c, tok, krows, BLOCK_N, GP, K_GROUP, KXP, K_PW, VX, VXP, V_W, NGB, HAS_MASK,
+        )  # fmt: skip
         live = t + tok < length
         k_at = k_off + t
-        w = k_at // K_PW + tl.arange(0, BLOCK_N // K_PW)
-        kw = tl.load(k_codes + c[:, None] * k_words + w[None, :], mask=w[None, :] < k_words, other=0)
-        gk = k_at // K_GROUP + xk
-        ks = tl.load(
-            k_scale + c[:, None] * k_groups + gk[None, :],
-            mask=(xk[None, :] < KX) & (gk[None, :] < k_groups),
-            other=0.0,
-        )
-        v_at = (v_off + t + tok).to(tl.int64)
-        vw = tl.load(v_codes + v_at[:, None] * V_W + tl.arange(0, V_W)[None, :], mask=live[:, None], other=0)
-        vg = v_at[None, :] * VX + xv[:, None]
-        v_in = live[None, :] & (xv[:, None] < VX)
-        vs = tl.load(v_scale + vg, mask=v_in, other=0.0).to(tl.float32)
-        vz = tl.load(v_zero + vg, mask=v_in, other=0.0).to(tl.float32)
-        bias = tl.load(scratch + krows * NGB + t // K_GROUP + kx, mask=kx < KX, other=0.0)
-
         qs = tl.trans(tl.reshape(ks.to(tl.float32)[:, :, None] * q_t[:, None, :], (D, KROWS)))
         kt = _unpack_opaque(kw, live_k, K_BITS, D, BLOCK_N)
         s = _folded_dot(qs, kt, tl.zeros((KROWS, BLOCK_N), tl.float32), HILO)
@@ -328,7 +378,7 @@ def _folded_split_kernel(
             logits += tl.sum(tl.reshape(side, (16 // GP, GP, BLOCK_N)), axis=0) * qk_scale
         keep = live
         if HAS_MASK:
-            keep = keep & (tl.load(mask_ptr + b * mask_stride + position + t + tok, mask=live, other=0) != 0)
+            keep = keep & (seen != 0)
         logits = tl.where(keep[None, :], logits, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -339,10 +389,12 @@ def _folded_split_kernel(
 
         p = _spread_heads(p, VXP, GP, BLOCK_N)  # row (x, r) = p_r
         alpha = tl.reshape(tl.broadcast_to(alpha[None, :], (VXP, GP)), (VROWS,))
-        z_acc = z_acc * alpha[:, None] + p * _spread_rows(vz, VXP, GP, BLOCK_N)
+        z_acc = z_acc * alpha[:, None] + p * _spread_rows(vz.to(tl.float32), VXP, GP, BLOCK_N)
         vt = _unpack_opaque(vw, live_v, V_BITS, BLOCK_N, D)
-        pv = p * _spread_rows(vs * FOLD, VXP, GP, BLOCK_N)
-        acc = _folded_dot(pv, vt, acc * alpha[:, None], HILO)
+        pv = p * _spread_rows(vs.to(tl.float32) * FOLD, VXP, GP, BLOCK_N)
+        # a fresh accumulator: the matrix unit aligns its sums to the largest term (the split's
+        # running sum would truncate this tile's)
+        acc = acc * alpha[:, None] + _folded_dot(pv, vt, tl.zeros((VROWS, D), tl.float32), HILO)
 
     ch = _code_of(c, V_BITS)  # channel of each column
     out = acc * _code_scale(c, V_BITS)[None, :] + tl.sum(z_acc, axis=1)[:, None]
