@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from headq_kernels.decode_plan import COLUMNS, PTR0, PTR1, PTR2, PTR3, PTR4, TOKENS, Plan
-from headq_kernels.triton_tiles import _side_term
+from headq_kernels.triton_tiles import _side_loads, _side_logits
 
 # Folded operands carry a factor 2^8, so that small scales stay normal float16; a code of value 1
 # unpacks as 2^(bits*m - 24), so outputs are multiplied back by 2^(16 - bits*m).
@@ -342,6 +342,7 @@ def _folded_split_kernel(
             mask=(g16[:, None] < G) & (rr[None, :] < R),
             other=0.0,
         )
+        side_next = _side_loads(z_codes, z_step, z_words, k_tokens, k_off, R, R_PAD, BLOCK_N, Z_BITS)
 
     tok = _code_of(n, K_BITS)  # token of each tile column (keys) and row (values)
     k_col = _code_scale(n, K_BITS)
@@ -373,7 +374,11 @@ def _folded_split_kernel(
         s = s * k_col[None, :] + bias[:, None]
         logits = _pick_rows(s, keep_k, KXP, GP, BLOCK_N)  # (GP, BLOCK_N)
         if R > 0:
-            side = _side_term(z_codes, z_step, z_words, k_tokens, k_at, qr, R, R_PAD, BLOCK_N, Z_BITS)
+            z_packed, z_st = side_next
+            side_next = _side_loads(
+                z_codes, z_step, z_words, k_tokens, k_at + BLOCK_N, R, R_PAD, BLOCK_N, Z_BITS
+            )
+            side = _side_logits(z_packed, z_st, qr, R, R_PAD, BLOCK_N, Z_BITS)
             side = _permute_words(side, 16, BLOCK_N, K_BITS)
             logits += tl.sum(tl.reshape(side, (16 // GP, GP, BLOCK_N)), axis=0) * qk_scale
         keep = live

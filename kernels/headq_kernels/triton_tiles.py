@@ -206,6 +206,42 @@ def _codebook_tokens(
 
 
 @triton.jit
+def _side_loads(
+    codes,
+    step,
+    n_words,
+    tokens,
+    off,
+    R: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BITS: tl.constexpr,
+):
+    """HeadQ: the packed side codes (R_PAD, BLOCK_N / per word) and steps (BLOCK_N,) of tokens off..off+BLOCK_N."""
+    per_word: tl.constexpr = 32 // BITS
+    r = tl.arange(0, R_PAD)
+    t = off + tl.arange(0, BLOCK_N)
+    st = tl.load(step + t, mask=t < tokens, other=0.0)
+    w = off // per_word + tl.arange(0, BLOCK_N // per_word)
+    packed = tl.load(
+        codes + r[:, None] * n_words + w[None, :], mask=(r[:, None] < R) & (w[None, :] < n_words), other=0
+    )
+    return packed, st
+
+
+@triton.jit
+def _side_logits(
+    packed, st, qr, R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr
+):
+    """HeadQ: (G_PAD, BLOCK_N) logits ``(U^T q) . z_hat`` from :func:`_side_loads`' codes and steps."""
+    levels: tl.constexpr = (1 << BITS) - 1
+    r = tl.arange(0, R_PAD)
+    z = (_unpack_rows(packed, BITS, R_PAD, BLOCK_N, tl.float32) - levels / 2) * st.to(tl.float32)[None, :]
+    z = tl.where(r[:, None] < R, z, 0.0)
+    return tl.dot(qr, z)
+
+
+@triton.jit
 def _side_term(
     codes,
     step,
@@ -219,15 +255,5 @@ def _side_term(
     BITS: tl.constexpr,
 ):
     """HeadQ: (G_PAD, BLOCK_N) logits ``(U^T q) . z_hat`` of tokens off..off+BLOCK_N."""
-    per_word: tl.constexpr = 32 // BITS
-    words: tl.constexpr = BLOCK_N // per_word
-    levels: tl.constexpr = (1 << BITS) - 1
-    r = tl.arange(0, R_PAD)
-    t = off + tl.arange(0, BLOCK_N)
-    st = tl.load(step + t, mask=t < tokens, other=0.0).to(tl.float32)
-    w = off // per_word + tl.arange(0, words)
-    inside = (r[:, None] < R) & (w[None, :] < n_words)
-    packed = tl.load(codes + r[:, None] * n_words + w[None, :], mask=inside, other=0)
-    z = (_unpack_rows(packed, BITS, R_PAD, BLOCK_N, tl.float32) - levels / 2) * st[None, :]
-    z = tl.where(r[:, None] < R, z, 0.0)
-    return tl.dot(qr, z)
+    packed, st = _side_loads(codes, step, n_words, tokens, off, R, R_PAD, BLOCK_N, BITS)
+    return _side_logits(packed, st, qr, R, R_PAD, BLOCK_N, BITS)
