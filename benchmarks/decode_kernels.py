@@ -389,7 +389,20 @@ def main() -> None:
         action="store_true",
         help="also time KIVI and HeadQ unfolded and with two float16 parts",
     )
+    parser.add_argument(
+        "--profile",
+        choices=list(OURS),
+        default=None,
+        help="only run this provider's attend 5 times (for a profiler)",
+    )
     args = parser.parse_args()
+    if args.profile:
+        cache = Cache(*OURS[args.profile], args.batches[0], args.contexts[0])
+        q = torch.randn((args.batches[0], HKV, HQ // HKV, D), device=DEVICE, dtype=torch.float16)
+        for _ in range(5):
+            cache.attend(q)
+        torch.cuda.synchronize()
+        return
     if args.tune:
         half, block_n, warps, stages = variants(8, 32768, args.asm_dir)
         LAUNCH.update(half=half, block_n=block_n, num_warps=warps, num_stages=stages)
