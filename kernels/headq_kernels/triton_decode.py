@@ -33,19 +33,8 @@ from headq_kernels import triton_folded
 from headq_kernels.decode_plan import (
     AFFINE,
     CODEBOOK,
-    COLUMNS,
     DENSE,
-    EXTRA,
     MIXED,
-    PTR0,
-    PTR1,
-    PTR2,
-    PTR3,
-    PTR4,
-    STRIDE_B,
-    STRIDE_H,
-    STRIDE_T,
-    TOKENS,
     AffineChannels,
     AffineTokens,
     Codebook,
@@ -56,11 +45,25 @@ from headq_kernels.decode_plan import (
     plan,
 )
 from headq_kernels.triton_tiles import (
+    EXTRA_C,
+    PTR0_C,
+    PTR1_C,
+    PTR2_C,
+    PTR3_C,
+    STRIDE_B_C,
+    STRIDE_H_C,
+    STRIDE_T_C,
+    TOKENS_C,
+    _affine_key_segment,
     _affine_keys_t,
+    _affine_value_segment,
     _affine_values,
     _codebook_tokens,
     _mixed_values,
+    _online_softmax,
+    _side_segment,
     _side_term,
+    _split_row,
 )
 
 __all__ = [
@@ -79,18 +82,6 @@ LOG2E = 1.4426950408889634
 last_compiled: list[Any] = []  # the split kernels of the last attend, one per launch (for compiler reports)
 
 
-PTR0_C: tl.constexpr = tl.constexpr(PTR0)
-PTR1_C: tl.constexpr = tl.constexpr(PTR1)
-PTR2_C: tl.constexpr = tl.constexpr(PTR2)
-PTR3_C: tl.constexpr = tl.constexpr(PTR3)
-PTR4_C: tl.constexpr = tl.constexpr(PTR4)
-STRIDE_B_C: tl.constexpr = tl.constexpr(STRIDE_B)
-STRIDE_H_C: tl.constexpr = tl.constexpr(STRIDE_H)
-STRIDE_T_C: tl.constexpr = tl.constexpr(STRIDE_T)
-TOKENS_C: tl.constexpr = tl.constexpr(TOKENS)
-EXTRA_C: tl.constexpr = tl.constexpr(EXTRA)
-COLUMNS_C: tl.constexpr = tl.constexpr(COLUMNS)
-SPLIT_COLUMNS_C: tl.constexpr = tl.constexpr(7)
 AFFINE_C: tl.constexpr = tl.constexpr(AFFINE)
 DENSE_C: tl.constexpr = tl.constexpr(DENSE)
 MIXED_C: tl.constexpr = tl.constexpr(MIXED)
@@ -144,14 +135,7 @@ def _decode_split_kernel(
     b = (bh // HKV).to(tl.int64)
     h = (bh % HKV).to(tl.int64)
     bh64 = bh.to(tl.int64)
-    srow = split_ptr + tl.program_id(0) * SPLIT_COLUMNS_C
-    k_off = tl.load(srow + 1)
-    v_off = tl.load(srow + 3)
-    length = tl.load(srow + 4)
-    position = tl.load(srow + 5)
-    split = tl.load(srow + 6)
-    krow = seg_ptr + tl.load(srow) * COLUMNS_C
-    vrow = seg_ptr + tl.load(srow + 2) * COLUMNS_C
+    krow, k_off, vrow, v_off, length, position, split = _split_row(split_ptr, seg_ptr)
 
     g = tl.arange(0, G_PAD)
     c = tl.arange(0, D)
@@ -161,15 +145,11 @@ def _decode_split_kernel(
     # Everything about the two segments is read once, before the token loop.
     k_tokens = tl.load(krow + TOKENS_C)
     if K_KIND == AFFINE_C:
-        k_words = k_tokens * K_BITS // 32
-        k_groups = k_tokens // K_GROUP
-        k_codes = tl.load(krow + PTR0_C).to(tl.pointer_type(tl.int32)) + bh64 * D * k_words
-        k_scale = tl.load(krow + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * D * k_groups
-        k_zero = tl.load(krow + PTR2_C).to(tl.pointer_type(tl.float16)) + bh64 * D * k_groups
+        k_words, k_groups, k_codes, k_scale, k_zero = _affine_key_segment(
+            krow, k_tokens, bh64, D, K_BITS, K_GROUP
+        )
         if R > 0:
-            z_words = k_tokens * Z_BITS // 32
-            z_codes = tl.load(krow + PTR3_C).to(tl.pointer_type(tl.int32)) + bh64 * R * z_words
-            z_step = tl.load(krow + PTR4_C).to(tl.pointer_type(tl.float16)) + bh64 * k_tokens
+            z_words, z_codes, z_step = _side_segment(krow, k_tokens, bh64, R, Z_BITS)
             rr = tl.arange(0, R_PAD)
             qr = tl.load(
                 qr_ptr + (bh64 * G + g[:, None]) * R + rr[None, :],
@@ -190,9 +170,7 @@ def _decode_split_kernel(
         k_stride = tl.load(krow + STRIDE_T_C)
     v_tokens = tl.load(vrow + TOKENS_C)
     if V_KIND == AFFINE_C:
-        v_codes = tl.load(vrow + PTR0_C).to(tl.pointer_type(tl.int32)) + bh64 * v_tokens * (D * V_BITS // 32)
-        v_scale = tl.load(vrow + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * v_tokens * (D // V_GROUP)
-        v_zero = tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16)) + bh64 * v_tokens * (D // V_GROUP)
+        v_codes, v_scale, v_zero = _affine_value_segment(vrow, v_tokens, bh64, D, V_BITS, V_GROUP)
     elif V_KIND == MIXED_C:
         v_row_words = tl.load(vrow + EXTRA_C)
         index_words: tl.constexpr = (V_MIXED[5] * V_MIXED[6] + 31) // 32
@@ -244,10 +222,7 @@ def _decode_split_kernel(
             seen = live & (at >= 0)
             rows = (bh64 * G + g[:, None]) * tail_len
             tl.store(tail_ptr + rows + at[None, :], s, mask=(g[:, None] < G) & seen[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
+        m_new, p, alpha = _online_softmax(s, m_i)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if V_KIND == AFFINE_C:
             v = _affine_values(

@@ -35,21 +35,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from headq_kernels.decode_plan import COLUMNS, PTR0, PTR1, PTR2, PTR3, PTR4, TOKENS, Plan
-from headq_kernels.triton_tiles import _side_loads, _side_logits
+from headq_kernels.decode_plan import Plan
+from headq_kernels.triton_tiles import (
+    TOKENS_C,
+    _affine_key_segment,
+    _affine_value_segment,
+    _online_softmax,
+    _side_loads,
+    _side_logits,
+    _side_segment,
+    _split_row,
+)
 
 # Folded operands carry a factor 2^8, so that small scales stay normal float16; a code of value 1
 # unpacks as 2^(bits*m - 24), so outputs are multiplied back by 2^(16 - bits*m).
 FOLD: tl.constexpr = tl.constexpr(256.0)
 UNFOLD_EXP: tl.constexpr = tl.constexpr(16)
-PTR0_C: tl.constexpr = tl.constexpr(PTR0)
-PTR1_C: tl.constexpr = tl.constexpr(PTR1)
-PTR2_C: tl.constexpr = tl.constexpr(PTR2)
-PTR3_C: tl.constexpr = tl.constexpr(PTR3)
-PTR4_C: tl.constexpr = tl.constexpr(PTR4)
-TOKENS_C: tl.constexpr = tl.constexpr(TOKENS)
-COLUMNS_C: tl.constexpr = tl.constexpr(COLUMNS)
-SPLIT_COLUMNS_C: tl.constexpr = tl.constexpr(7)
 
 FOLD_BITS = (2, 4)
 
@@ -289,25 +290,12 @@ def _folded_split_kernel(
     bh = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)
     bh64 = bh.to(tl.int64)
-    srow = split_ptr + tl.program_id(0) * SPLIT_COLUMNS_C
-    k_off = tl.load(srow + 1)
-    v_off = tl.load(srow + 3)
-    length = tl.load(srow + 4)
-    position = tl.load(srow + 5)
-    split = tl.load(srow + 6)
-    krow = seg_ptr + tl.load(srow) * COLUMNS_C
-    vrow = seg_ptr + tl.load(srow + 2) * COLUMNS_C
-
+    krow, k_off, vrow, v_off, length, position, split = _split_row(split_ptr, seg_ptr)
     k_tokens = tl.load(krow + TOKENS_C)
-    k_words = k_tokens // K_PW
-    k_groups = k_tokens // K_GROUP
-    k_codes = tl.load(krow + PTR0_C).to(tl.pointer_type(tl.int32)) + bh64 * D * k_words
-    k_scale = tl.load(krow + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * D * k_groups
-    k_zero = tl.load(krow + PTR2_C).to(tl.pointer_type(tl.float16)) + bh64 * D * k_groups
-    v_tokens = tl.load(vrow + TOKENS_C)
-    v_codes = tl.load(vrow + PTR0_C).to(tl.pointer_type(tl.int32)) + bh64 * v_tokens * V_W
-    v_scale = tl.load(vrow + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * v_tokens * VX
-    v_zero = tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16)) + bh64 * v_tokens * VX
+    k_words, k_groups, k_codes, k_scale, k_zero = _affine_key_segment(
+        krow, k_tokens, bh64, D, K_BITS, K_GROUP
+    )
+    v_codes, v_scale, v_zero = _affine_value_segment(vrow, tl.load(vrow + TOKENS_C), bh64, D, V_BITS, V_GROUP)
 
     r = tl.arange(0, GP)
     c = tl.arange(0, D)
@@ -332,9 +320,7 @@ def _folded_split_kernel(
     tl.debug_barrier()
 
     if R > 0:  # HeadQ: (U^T q) . z_hat, rows padded to 16 for its product
-        z_words = k_tokens * Z_BITS // 32
-        z_codes = tl.load(krow + PTR3_C).to(tl.pointer_type(tl.int32)) + bh64 * R * z_words
-        z_step = tl.load(krow + PTR4_C).to(tl.pointer_type(tl.float16)) + bh64 * k_tokens
+        z_words, z_codes, z_step = _side_segment(krow, k_tokens, bh64, R, Z_BITS)
         g16 = tl.arange(0, 16)
         rr = tl.arange(0, R_PAD)
         qr = tl.load(
@@ -385,10 +371,7 @@ def _folded_split_kernel(
         if HAS_MASK:
             keep = keep & (seen != 0)
         logits = tl.where(keep[None, :], logits, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(logits - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
+        m_new, p, alpha = _online_softmax(logits, m_i)
         l_acc = l_acc * alpha[:, None] + p
         m_i = m_new
 

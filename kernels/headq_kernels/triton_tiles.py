@@ -1,5 +1,6 @@
 """Triton tile decoders of the fused decode attention: one layout's tokens of one head, ready
-for the matrix products of ``triton_decode``'s split kernel.
+for the matrix products of ``triton_decode``'s split kernel; and the pieces both split kernels
+(``triton_decode``, ``triton_folded``) share: the split's row, segment pointers, the online softmax.
 
 - affine codes grouped along tokens (keys, a (D, BLOCK_N) tile) or along channels (values, a
   (BLOCK_N, D) tile), and HeadQ's side-code logits;
@@ -14,6 +15,90 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from headq_kernels.decode_plan import (
+    COLUMNS,
+    EXTRA,
+    PTR0,
+    PTR1,
+    PTR2,
+    PTR3,
+    PTR4,
+    STRIDE_B,
+    STRIDE_H,
+    STRIDE_T,
+    TOKENS,
+)
+
+# Columns of the segment table and the split table, as compile-time constants of the kernels
+PTR0_C: tl.constexpr = tl.constexpr(PTR0)
+PTR1_C: tl.constexpr = tl.constexpr(PTR1)
+PTR2_C: tl.constexpr = tl.constexpr(PTR2)
+PTR3_C: tl.constexpr = tl.constexpr(PTR3)
+PTR4_C: tl.constexpr = tl.constexpr(PTR4)
+STRIDE_B_C: tl.constexpr = tl.constexpr(STRIDE_B)
+STRIDE_H_C: tl.constexpr = tl.constexpr(STRIDE_H)
+STRIDE_T_C: tl.constexpr = tl.constexpr(STRIDE_T)
+TOKENS_C: tl.constexpr = tl.constexpr(TOKENS)
+EXTRA_C: tl.constexpr = tl.constexpr(EXTRA)
+COLUMNS_C: tl.constexpr = tl.constexpr(COLUMNS)
+SPLIT_COLUMNS_C: tl.constexpr = tl.constexpr(7)
+
+
+@triton.jit
+def _split_row(split_ptr, seg_ptr):
+    """This program's split: its key segment's table row and offset, its value segment's row and
+    offset, its length, the position of its first token, and its index among all splits."""
+    srow = split_ptr + tl.program_id(0) * SPLIT_COLUMNS_C
+    krow = seg_ptr + tl.load(srow) * COLUMNS_C
+    vrow = seg_ptr + tl.load(srow + 2) * COLUMNS_C
+    return (
+        krow,
+        tl.load(srow + 1),
+        vrow,
+        tl.load(srow + 3),
+        tl.load(srow + 4),
+        tl.load(srow + 5),
+        tl.load(srow + 6),
+    )
+
+
+@triton.jit
+def _affine_key_segment(krow, tokens, bh64, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr):
+    """Affine keys of one (sequence, KV head): words and groups per channel, codes, scales, zero points."""
+    words = tokens * BITS // 32
+    groups = tokens // GROUP
+    codes = tl.load(krow + PTR0_C).to(tl.pointer_type(tl.int32)) + bh64 * D * words
+    scale = tl.load(krow + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * D * groups
+    zero = tl.load(krow + PTR2_C).to(tl.pointer_type(tl.float16)) + bh64 * D * groups
+    return words, groups, codes, scale, zero
+
+
+@triton.jit
+def _affine_value_segment(vrow, tokens, bh64, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr):
+    """Affine values of one (sequence, KV head): codes, scales, zero points."""
+    codes = tl.load(vrow + PTR0_C).to(tl.pointer_type(tl.int32)) + bh64 * tokens * (D * BITS // 32)
+    scale = tl.load(vrow + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * tokens * (D // GROUP)
+    zero = tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16)) + bh64 * tokens * (D // GROUP)
+    return codes, scale, zero
+
+
+@triton.jit
+def _side_segment(krow, tokens, bh64, R: tl.constexpr, BITS: tl.constexpr):
+    """HeadQ's side code of one (sequence, KV head): words per rank, codes, per-token steps."""
+    words = tokens * BITS // 32
+    codes = tl.load(krow + PTR3_C).to(tl.pointer_type(tl.int32)) + bh64 * R * words
+    step = tl.load(krow + PTR4_C).to(tl.pointer_type(tl.float16)) + bh64 * tokens
+    return words, codes, step
+
+
+@triton.jit
+def _online_softmax(s, m_i):
+    """One tile of the base-2 online softmax over rows of logits s: (new running maximum,
+    probabilities, factor for the sums so far); rows with nothing seen yet stay at zero."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, tl.exp2(s - m_use[:, None]), tl.exp2(m_i - m_use)
 
 
 @triton.jit
