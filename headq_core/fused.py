@@ -19,8 +19,6 @@ everything on the reference path.
 
 from __future__ import annotations
 
-import functools
-import importlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -30,18 +28,15 @@ import torch
 
 from headq_core.cache import MAX_BLOCK_TOKENS, QuantizedLayer, _Stream
 from headq_core.layouts import AffineBlock, Codebook, DenseBlock, EncodedBlock, LowRankLogit, MixedAffine
-from headq_kernels import decode_plan
+from headq_kernels import decode_plan, triton_module
 
 ENV = "HEADQ_KERNELS"
 KNOWN_BITS = (1, 2, 4, 8)
 
 
-@functools.cache
 def _triton() -> Any:
-    try:
-        return importlib.import_module("headq_kernels.triton_decode")
-    except ImportError:  # no Triton on this machine
-        return None
+    """The decode kernels' module, or None without Triton."""
+    return triton_module("triton_decode")
 
 
 def available() -> bool:

@@ -29,6 +29,7 @@ from headq_core import QuantizedKVCache  # noqa: E402
 from headq_core import fused as fused_module  # noqa: E402
 from headq_core.attention import headq_attention  # noqa: E402
 from headq_core.harness.perplexity import CacheSettings, Windowing, perplexity  # noqa: E402
+from headq_core.spec import parse_spec  # noqa: E402
 from headq_core.testing.calibration import calibration_for  # noqa: E402
 from headq_kernels import affine_reference, triton_affine, triton_decode  # noqa: E402
 from headq_kernels.decode_plan import AFFINE  # noqa: E402
@@ -184,9 +185,8 @@ def _run_pair(
 
 def _fold_bits(spec: str, *methods: str) -> bool:
     """Whether a spec is one of ``methods`` at 2 or 4 bits (HeadQ's base: KIVI-2 by default)."""
-    name, _, options = spec.partition(":")
-    bits = dict(option.split("=") for option in options.split(",") if option).get("bits", "2")
-    return name in methods and bits in ("2", "4")
+    parsed = parse_spec(spec)
+    return parsed.name in methods and parsed.get("bits") in (None, "2", "4")
 
 
 CASES = [

@@ -28,10 +28,11 @@ from headq_kernels.symmetric_reference import (
 
 
 @functools.cache
-def _triton_affine() -> Any:
+def triton_module(name: str) -> Any:
+    """``headq_kernels.<name>``, a module of Triton kernels, or None on a machine without Triton."""
     try:
-        return importlib.import_module("headq_kernels.triton_affine")
-    except ImportError:  # no Triton on this machine
+        return importlib.import_module(f"headq_kernels.{name}")
+    except ImportError:
         return None
 
 
@@ -43,7 +44,7 @@ def quantize_affine(
     CUDA tensors run the Triton kernel (bit for bit the same codes, scales and minima) where it
     supports the group; everything else runs the torch reference.
     """
-    kernel = _triton_affine() if x.is_cuda else None
+    kernel = triton_module("triton_affine") if x.is_cuda else None
     if kernel is not None and kernel.supports(x, bits, group):
         return kernel.quantize_affine(x, bits, group)  # type: ignore[no-any-return]
     return affine_reference.quantize_affine(x, bits, group)
@@ -58,5 +59,6 @@ __all__ = [
     "quantize_affine",
     "quantize_symmetric",
     "symmetric_step",
+    "triton_module",
     "unpack_codes",
 ]

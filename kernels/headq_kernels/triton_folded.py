@@ -79,7 +79,7 @@ def eligible(plan: Plan, heads: int, head_dim: int, *, tail: int) -> bool:
         and heads <= 16
         and rows(plan.block_n // kg, heads) <= 32
         and rows(head_dim // vg, heads) <= 32
-        and (plan.side_rank == 0 or plan.side_rank <= 16)
+        and plan.side_rank <= 16
     )
 
 
