@@ -43,6 +43,7 @@ LAUNCH = {
     "num_stages": 2,
     "fold": True,
     "hilo": False,
+    "gluon": False,
 }  # --tune sets some
 
 
@@ -139,6 +140,7 @@ class Cache:
         return fused._triton().attend(
             q, self.plan, scale=D**-0.5, side_query=side, half=LAUNCH["half"],
             num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"], fold=LAUNCH["fold"], hilo=LAUNCH["hilo"],
+            gluon=LAUNCH["gluon"],
         )  # fmt: skip
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,6 +173,7 @@ def check(cache: Cache, q: torch.Tensor) -> float:
 
 FOLD_VARIANTS = {
     "unfolded": {"fold": False},
+    "gluon": {"gluon": True},
     "hilo": {"hilo": True},
 }  # --fold-variants: beside the default
 
@@ -349,17 +352,18 @@ def table(result: dict[str, Any]) -> str:
     if folds:
         lines += [
             "",
-            "| batch | context | provider | folded (us) | unfolded (us) | folded, two fp16 parts (us) "
-            "| rel err: folded / unfolded / two parts |",
-            "| ---: | ---: | --- | ---: | ---: | ---: | --- |",
+            "| batch | context | provider | folded (us) | Gluon folded (us) | unfolded (us) "
+            "| folded, two fp16 parts (us) | rel err: folded / Gluon folded / unfolded / two parts |",
+            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |",
         ]
         for r in folds:
             errs = " / ".join(
-                "-" if e is None else f"{e:.1e}" for e in (r["rel_err"], r["err_unfolded"], r["err_hilo"])
+                "-" if e is None else f"{e:.1e}"
+                for e in (r["rel_err"], r["err_gluon"], r["err_unfolded"], r["err_hilo"])
             )
             lines.append(
                 f"| {r['batch']} | {r['context']} | {r['provider']} | {1e3 * r['ms']:.0f} | "
-                f"{1e3 * r['ms_unfolded']:.0f} | {1e3 * r['ms_hilo']:.0f} | {errs} |"
+                f"{1e3 * r['ms_gluon']:.0f} | {1e3 * r['ms_unfolded']:.0f} | {1e3 * r['ms_hilo']:.0f} | {errs} |"
             )
     lines += [
         "",

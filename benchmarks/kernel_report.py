@@ -23,8 +23,9 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 
-from headq_kernels import triton_decode, triton_folded
+from headq_kernels import gluon_folded, triton_decode, triton_folded
 
 COMMON = dict(q_ptr="*fp16", qr_ptr="*fp32", seg_ptr="*i64", split_ptr="*i32", mask_ptr="*u8", o_ptr="*fp32")
 COMMON.update(ml_ptr="*fp32", HKV="i32", n_splits="i32", mask_stride="i32", qk_scale="fp32")
@@ -34,6 +35,8 @@ FOLDED = dict(
     G=4, GP=4, D=128, BLOCK_N=128, K_BITS=2, K_GROUP=32, V_BITS=2, V_GROUP=32, NGB=128, R=0, Z_BITS=4
 )
 FOLDED.update(HAS_MASK=True, HILO=False)
+GLUON_ARGS = {k: v for k, v in FOLDED_ARGS.items() if k != "qr_ptr"}
+GLUON = dict(G=4, GP=4, K_BITS=2, V_BITS=2, NGB=128, HAS_MASK=True)
 GENERIC = dict(G=4, G_PAD=16, D=128, BLOCK_N=128, K_KIND=0, K_BITS=2, K_GROUP=32, K_BOOK=(1, 8, 0, 1, 0))
 GENERIC.update(
     V_KIND=0, V_BITS=2, V_GROUP=32, V_BOOK=(1, 8, 0, 1, 0), V_MIXED=(2, 2, 2, 2, 1, 1, 0), R=0, R_PAD=16
@@ -45,6 +48,8 @@ CASES: dict[str, tuple[Any, dict[str, str], dict[str, Any]]] = {
     "folded kivi2 hilo": (triton_folded._folded_split_kernel, FOLDED_ARGS, dict(FOLDED, HILO=True)),
     "folded kivi4": (triton_folded._folded_split_kernel, FOLDED_ARGS, dict(FOLDED, K_BITS=4, V_BITS=4)),
     "folded headq r8": (triton_folded._folded_split_kernel, FOLDED_ARGS, dict(FOLDED, R=8)),
+    "gluon kivi2": (gluon_folded._folded_split_kernel, GLUON_ARGS, GLUON),
+    "gluon kivi4": (gluon_folded._folded_split_kernel, GLUON_ARGS, dict(GLUON, K_BITS=4, V_BITS=4)),
     "generic kivi2": (triton_decode._decode_split_kernel, GENERIC_ARGS, GENERIC),
     "generic headq r8": (triton_decode._decode_split_kernel, GENERIC_ARGS, dict(GENERIC, R=8)),
 }
@@ -52,11 +57,10 @@ CASES: dict[str, tuple[Any, dict[str, str], dict[str, Any]]] = {
 
 def report(kernel: Any, args: dict[str, str], constants: dict[str, Any]) -> str:
     signature = dict(args, **{name: "constexpr" for name in constants})
-    compiled = triton.compile(
-        ASTSource(kernel, signature, constants),
-        target=GPUTarget("cuda", 90, 32),
-        options=dict(num_warps=4, num_stages=2),
-    )
+    gluon = kernel.is_gluon()
+    source = (GluonASTSource if gluon else ASTSource)(kernel, signature, constants)
+    options = dict(num_warps=1) if gluon else dict(num_warps=4, num_stages=2)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")

@@ -12,6 +12,7 @@ and values dequantized in float32 are rounded once more, as are the softmax weig
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -150,8 +151,11 @@ def _run_pair(
 
     monkeypatch.setattr(triton_decode, "attend", attend)
     folded: list[int] = []
-    real_folded = triton_decode._attend_folded
-    monkeypatch.setattr(triton_decode, "_attend_folded", lambda *a: folded.append(1) or real_folded(*a))
+    for name in ("_attend_folded", "_attend_gluon"):  # either folded kernel
+        real_kernel = getattr(triton_decode, name)
+        monkeypatch.setattr(
+            triton_decode, name, lambda *a, real_kernel=real_kernel: folded.append(1) or real_kernel(*a)
+        )
     errors = []
     total = 0
     for step in range(steps + 1):
@@ -209,6 +213,22 @@ def test_decode_matches_reference_per_layout(monkeypatch, keys: str, values: str
         monkeypatch, keys, values, b=2, hq=8, hkv=2, d=64, prefix=95, steps=3, window=0, sinks=0, dtype=dtype
     )
     assert max(errors) < TOLERANCE[dtype], errors
+
+
+@pytest.mark.parametrize("keys, values", [("kivi:bits=2", "kivi:bits=2"), ("kivi:bits=4", "kivi:bits=2")])
+@pytest.mark.parametrize("pads", [None, [0, 37]])
+def test_gluon_folded_kernel_matches_reference(monkeypatch, keys: str, values: str, pads) -> None:
+    """The Gluon kernel (opt-in) at Llama-3 shapes: partial tiles, left padding, a split per segment."""
+    launches: list[int] = []
+    real_gluon = triton_decode._attend_gluon
+    monkeypatch.setattr(triton_decode, "_attend_gluon", lambda *a: launches.append(1) or real_gluon(*a))
+    monkeypatch.setattr(triton_decode, "attend", functools.partial(triton_decode.attend, gluon=True))
+    errors = _run_pair(
+        monkeypatch, keys, values, b=2, hq=32, hkv=8, d=128, prefix=300, steps=3, window=32, sinks=0,
+        dtype=torch.float16, pads=pads,
+    )  # fmt: skip
+    assert launches, "the Gluon kernel did not run"
+    assert max(errors) < TOLERANCE[torch.float16]
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from headq_kernels import triton_folded
+from headq_kernels import triton_folded, triton_module
 from headq_kernels.decode_plan import (
     AFFINE,
     CODEBOOK,
@@ -338,6 +338,30 @@ def _attend_folded(
     )  # fmt: skip
 
 
+gluon_folded = triton_module("gluon_folded")  # None where Triton has no Gluon
+
+
+def _attend_gluon(
+    q: torch.Tensor,
+    plan: Plan,
+    splits: torch.Tensor,
+    mask: torch.Tensor | None,
+    parts: torch.Tensor,
+    ml: torch.Tensor,
+    scale: float,
+) -> Any:
+    """One launch of the Gluon folded kernel over affine/affine splits, into the same parts."""
+    b, hkv, g, _ = q.shape
+    ngb = triton_folded.bias_columns(plan)
+    scratch = torch.empty((b * hkv * plan.n_splits, 16, ngb), dtype=torch.float32, device=q.device)
+    return gluon_folded._folded_split_kernel[(splits.shape[0], b * hkv)](
+        q, plan.segments, splits, mask if mask is not None else q, parts, ml, scratch,
+        hkv, plan.n_splits, mask.stride(0) if mask is not None else 0, scale * LOG2E,
+        G=g, GP=gluon_folded.padded_heads(g), K_BITS=plan.key_bits, V_BITS=plan.value_bits, NGB=ngb,
+        HAS_MASK=mask is not None, num_warps=1,
+    )  # fmt: skip
+
+
 def attend(
     q: torch.Tensor,
     plan: Plan,
@@ -351,6 +375,7 @@ def attend(
     half: bool = True,
     fold: bool = True,
     hilo: bool = False,
+    gluon: bool = False,
 ) -> torch.Tensor:
     """Attention of q (b, hkv, g, d) (float16 or bfloat16) over a plan's tokens -> (b, hkv, g, d).
 
@@ -359,7 +384,9 @@ def attend(
     tail_probs: (b, hkv, g, T) float32, filled with the attention probabilities of the last T
     tokens (for a value policy's statistics). Tiles hold the plan's ``block_n`` tokens.
     fold: run affine keys with affine values on :mod:`headq_kernels.triton_folded` where it applies
-    (float16); hilo: its folded operands in two float16 parts (a third of the error, more time).
+    (float16); hilo: its folded operands in two float16 parts (a third of the error, more time);
+    gluon: the folded launches on :mod:`headq_kernels.gluon_folded` where it applies (experimental:
+    slower than the Triton kernel so far, see docs/kernels.md).
     """
     b, hkv, g, d = q.shape
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -387,8 +414,18 @@ def attend(
     v_mixed = _mixed(plan.first(MIXED, keys=False))
     mixed_group = getattr(plan.first(MIXED, keys=False), "group", 1)
     folded = fold and q.dtype == torch.float16 and triton_folded.eligible(plan, g, d, tail=tail)
+    on_gluon = (
+        folded
+        and gluon
+        and not hilo
+        and gluon_folded is not None
+        and gluon_folded.eligible(plan, g, d, tail=tail)
+    )
     last_compiled.clear()
     for k_kind, v_kind, splits in plan.launches:
+        if on_gluon and k_kind == AFFINE and v_kind == AFFINE:
+            last_compiled.append(_attend_gluon(q, plan, splits, mask, parts, ml, scale))
+            continue
         if folded and k_kind == AFFINE and v_kind == AFFINE:
             last_compiled.append(
                 _attend_folded(q, plan, splits, mask, side_query, parts, ml, scale, hilo, num_warps)
