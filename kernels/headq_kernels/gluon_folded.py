@@ -35,7 +35,6 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from headq_kernels.decode_plan import AffineChannels, AffineTokens, Plan
 from headq_kernels.triton_tiles import COLUMNS_C, PTR0_C, PTR1_C, PTR2_C, SPLIT_COLUMNS_C, TOKENS_C
 
-TILE = 128  # tokens per tile
 DIM = 128  # head_dim
 GROUP = 32  # key and value group
 BITS = (2, 4)
@@ -320,8 +319,9 @@ def _folded_split_kernel(
     zero3 = gl.reshape(gl.zeros([KROWS, N], gl.float32, layout=MMA), [GP, XP, N])
     L3: gl.constexpr = zero3.type.layout
     n3 = gl.arange(0, N, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
-    tok3 = _code_of(n3)
-    pick = gl.max(zero3, axis=1, keep_dims=True).to(gl.int32) + tok3[None, None, :] // 32  # (GP, 1, N)
+    tok3 = _code_of(n3)  # key product column -> token; value product column -> channel
+    # (GP, 1, N): each column's group (of its token, or of its channel), the row to take it from
+    pick = gl.max(zero3, axis=1, keep_dims=True).to(gl.int32) + tok3[None, None, :] // 32
     k_col = _code_scale(n, K_BITS)
     v_col = _code_scale(n, V_BITS)
     m_i = gl.full_like(gl.max(gl.max(zero3, axis=1, keep_dims=True), axis=2), float("-inf"))  # (GP, 1)
@@ -387,13 +387,11 @@ def _folded_split_kernel(
         acc = gl.convert_layout(gl.reshape(acc3, [KROWS, D]), MMA) + pvv
     async_copy.wait_group(0)
 
-    ch3 = _code_of(n3)  # output column -> channel
-    in_group = gl.convert_layout(gl.reshape(mx[:, None] == (_code_of(n) // 32)[None, :], [GP, XP, D]), L3)
     out3 = gl.reshape(acc * v_col[None, :], [GP, XP, D]) + z_i[:, :, None]
-    out = gl.sum(gl.where(in_group, out3, 0.0), axis=1, keep_dims=True)  # (GP, 1, D)
+    out = gl.gather(out3, pick, axis=1)  # (GP, 1, D): each channel from its group's row
     r3 = gl.arange(0, GP, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
     row_out = ((bh64 * n_splits + split) * G + r3)[:, None]  # (GP, 1)
     r_in = (r3 < G)[:, None]
-    gl.store(o_ptr + row_out[:, :, None] * D + ch3[None, None, :], out, mask=r_in[:, :, None])
+    gl.store(o_ptr + row_out[:, :, None] * D + tok3[None, None, :], out, mask=r_in[:, :, None])
     gl.store(ml_ptr + row_out * 2, m_i, mask=r_in)
     gl.store(ml_ptr + row_out * 2 + 1, l_i, mask=r_in)
