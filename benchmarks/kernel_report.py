@@ -59,7 +59,10 @@ def report(kernel: Any, args: dict[str, str], constants: dict[str, Any]) -> str:
     signature = dict(args, **{name: "constexpr" for name in constants})
     gluon = kernel.is_gluon()
     source = (GluonASTSource if gluon else ASTSource)(kernel, signature, constants)
-    options = dict(num_warps=1) if gluon else dict(num_warps=4, num_stages=2)
+    if gluon:  # as triton_decode launches it
+        options = dict(num_warps=gluon_folded.WARPS.value, maxnreg=gluon_folded.MAX_REGISTERS)
+    else:
+        options = dict(num_warps=4, num_stages=2)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:

@@ -215,16 +215,27 @@ def test_decode_matches_reference_per_layout(monkeypatch, keys: str, values: str
     assert max(errors) < TOLERANCE[dtype], errors
 
 
-@pytest.mark.parametrize("keys, values", [("kivi:bits=2", "kivi:bits=2"), ("kivi:bits=4", "kivi:bits=2")])
+@pytest.mark.parametrize(
+    ("keys", "values", "hkv", "prefix"),
+    [
+        ("kivi:bits=2", "kivi:bits=2", 8, 300),
+        ("kivi:bits=4", "kivi:bits=2", 8, 300),
+        ("kivi:bits=4", "kivi:bits=4", 4, 1100),
+        ("kivi:bits=2", "kivi:bits=4", 4, 1100),
+    ],
+)
 @pytest.mark.parametrize("pads", [None, [0, 37]])
-def test_gluon_folded_kernel_matches_reference(monkeypatch, keys: str, values: str, pads) -> None:
-    """The Gluon kernel (opt-in) at Llama-3 shapes: partial tiles, left padding, a split per segment."""
+def test_gluon_folded_kernel_matches_reference(
+    monkeypatch, keys: str, values: str, hkv: int, prefix: int, pads
+) -> None:
+    """The Gluon kernel (opt-in) at Llama-3 shapes (4 query heads per KV head) and with 8: partial
+    tiles, left padding, a split per segment, several tiles a split."""
     launches: list[int] = []
     real_gluon = triton_decode._attend_gluon
     monkeypatch.setattr(triton_decode, "_attend_gluon", lambda *a: launches.append(1) or real_gluon(*a))
     monkeypatch.setattr(triton_decode, "attend", functools.partial(triton_decode.attend, gluon=True))
     errors = _run_pair(
-        monkeypatch, keys, values, b=2, hq=32, hkv=8, d=128, prefix=300, steps=3, window=32, sinks=0,
+        monkeypatch, keys, values, b=2, hq=32, hkv=hkv, d=128, prefix=prefix, steps=3, window=32, sinks=0,
         dtype=torch.float16, pads=pads,
     )  # fmt: skip
     assert launches, "the Gluon kernel did not run"

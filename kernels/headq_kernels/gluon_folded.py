@@ -2,20 +2,24 @@
 dialect: the same sums as :mod:`headq_kernels.triton_folded`, with the unpacked codes built in the
 registers the matrix unit reads, so that no tile passes through shared memory.
 
-One warp runs one split, 128 tokens per tile, on the ``m16n8k16`` tensor-core instruction:
+Four warps run one split, 128 tokens per tile, on the ``m16n8k16`` tensor-core instruction. Both
+products split their columns over the warps (warp ``w`` takes n-tiles ``w, w + 4, w + 8, w + 12``),
+so each warp holds a quarter of the accumulators:
 
 - keys: ``S = Qs @ K`` with ``Qs`` (key group x query head rows, channels) the queries times the
   key scales, as in the Triton kernel; ``K`` (channels, 128 tokens) is the second operand. In that
   operand lane ``(g, t)`` (``g = lane // 4``, ``t = lane % 4``) holds, for every column ``8j + g``,
-  channels ``2t, 2t + 1`` (and ``+8``, ``+16``...). So lane ``g`` loads the words of tokens
-  ``16g .. 16g + 15`` of its channels, and column ``8j + g`` is token ``16g + j``. Two channels'
-  words are interleaved half by half (one byte permute per pair of words), then one mask per
-  register gives both channels' codes of one token as float16 subnormals.
-- the accumulator of ``S`` has the register layout of the first operand of the value product
-  (columns ``2t, 2t + 1`` of lane ``t``), so the probabilities never leave their registers; the
-  value product's reduction runs over the key product's columns in the same order.
-- values: ``V`` (128 tokens, channels) is the second operand, loaded the same way with lane ``g``
-  owning channels ``16g .. 16g + 15`` (column ``8j + g`` is channel ``16g + j``).
+  channels ``2t, 2t + 1`` (and ``+8``, ``+16``...). Column ``8j + g`` with ``j = w + 4i`` is token
+  ``16g + 4w + i`` (:func:`_code_of`): byte ``w`` of word ``g`` for 2-bit codes, bytes ``2h, 2h + 1``
+  (``h = w % 2``) of word ``2g + w // 2`` for 4-bit ones. One byte permute (``prmt``, its selector
+  set by the warp) puts that byte of two channels' words in bytes 0 and 2 of a register; one mask
+  per register then gives both channels' codes of one token as float16 subnormals.
+- the first operands (``Qs``, and the probabilities times the value scales) pass through shared
+  memory as row-major swizzled tiles read back by ``ldmatrix``, which hands each warp its operand
+  in the register quads the instruction reads (a layout conversion left to the compiler assembled
+  them with a register move per instruction).
+- values: ``V`` (128 tokens in the key product's column order, channels) is the second operand,
+  unpacked the same way (column ``8j + g`` is channel ``16g + 4w + i``).
 - the zero terms: keys from a per-split product into a scratch buffer as in the Triton kernel,
   values as a per-tile sum.
 
@@ -41,8 +45,10 @@ BITS = (2, 4)
 FOLD: gl.constexpr = gl.constexpr(256.0)  # as triton_folded.FOLD
 UNFOLD_EXP: gl.constexpr = gl.constexpr(16)
 
+WARPS: gl.constexpr = gl.constexpr(4)  # a split's warps: each takes a quarter of both products' columns
+MAX_REGISTERS = 168  # three programs (12 warps) a multiprocessor
 MMA: gl.constexpr = gl.constexpr(
-    gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+    gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS.value], instr_shape=[16, 8])
 )
 A_OP: gl.constexpr = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA.value, k_width=2))
 B_OP: gl.constexpr = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA.value, k_width=2))
@@ -82,83 +88,80 @@ def aligned(plan: Plan) -> bool:
 
 
 @gluon.constexpr_function
-def words_layout(k, n_words):
-    """Layout of packed words (k rows, n_words words of 128 codes) whose unpacking is the second
-    operand of the product: lanes (g, t) hold rows 2t, 2t + 1 (+8, +16 ...) of words 2g, 2g + 1
-    (16 codes a lane)."""
-    k, n_words = int(k), int(n_words)
-    regs = [[1, 0]] + [[1 << b, 0] for b in range(3, k.bit_length() - 1)]
-    lanes = [[2, 0], [4, 0]]
-    if n_words == 16:
-        regs.append([0, 1])
-        lanes += [[0, 2], [0, 4], [0, 8]]
-    else:
-        lanes += [[0, 1], [0, 2], [0, 4]]
+def words_layout(k, per_lane):
+    """Layout of packed words as (k rows, 8 lane groups, per_lane words, 4 // per_lane warps) for the
+    second operand's unpacking: lanes (g, t) hold rows 2t, 2t + 1 (+8, +16 ...) of group g's words; of
+    a group's per_lane words (16 codes a group), warp w reads word w // (4 // per_lane), dimension 3
+    only broadcasts them over the warps."""
+    k, per_lane = int(k), int(per_lane)
+    regs = [[1, 0, 0, 0]] + [[1 << b, 0, 0, 0] for b in range(3, k.bit_length() - 1)]
+    lanes = [[2, 0, 0, 0], [4, 0, 0, 0], [0, 1, 0, 0], [0, 2, 0, 0], [0, 4, 0, 0]]
+    warps = [[0, 0, 0, 1], [0, 0, 0, 2]] if per_lane == 1 else [[0, 0, 0, 1], [0, 0, 1, 0]]
     return gl.DistributedLinearLayout(
-        reg_bases=regs, lane_bases=lanes, warp_bases=[], block_bases=[], shape=[k, n_words]
+        reg_bases=regs,
+        lane_bases=lanes,
+        warp_bases=warps,
+        block_bases=[],
+        shape=[k, 8, per_lane, 4 // per_lane],
     )
 
 
 @gluon.jit
 def _code_of(n):
-    """Token (keys) or channel (values) of operand column n: lane g's 16 codes are 16g .. 16g + 15."""
-    return (n % 8) * 16 + n // 8
+    """Token (keys) or channel (values) of operand column n = 8j + g (j = w + 4i on warp w): lane group g,
+    warp w takes codes 16g + 4w .. 16g + 4w + 3, in the order i."""
+    return (n % 8) * 16 + ((n // 8) % 4) * 4 + n // 32
 
 
 @gluon.jit
 def _code_scale(n, BITS: gl.constexpr):
     """1 / (what a code of value 1 in column n reads as, times FOLD)."""
-    per_word: gl.constexpr = 32 // BITS
     per_byte: gl.constexpr = 8 // BITS
-    m = ((n // 8) % per_word) % per_byte
+    m = (n // 32) % per_byte
     return gl.exp2(UNFOLD_EXP - (BITS * m).to(gl.float32))
 
 
 @gluon.jit
+def _prmt(a, b, select):
+    """Bytes of a and b picked by select (the ``prmt`` instruction, its selector per element)."""
+    return gl.inline_asm_elementwise(
+        "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, select], dtype=gl.int32, is_pure=True, pack=1
+    )
+
+
+@gluon.jit
 def _pair(x, m: gl.constexpr, BITS: gl.constexpr):
-    """Codes m of both halves of x (two rows' words interleaved) as float16 subnormal bit patterns."""
-    mask: gl.constexpr = ((1 << BITS) - 1) | (((1 << BITS) - 1) << 16)
-    per_byte: gl.constexpr = 8 // BITS
-    if m >= per_byte:
-        v = (x >> 8) & (mask << (BITS * (m - per_byte)))
-    else:
-        v = x & (mask << (BITS * m))
+    """Codes m of both halves of x (two rows' bytes, in bytes 0 and 2) as float16 subnormal bit patterns."""
+    mask: gl.constexpr = (((1 << BITS) - 1) | (((1 << BITS) - 1) << 16)) << (BITS * m)
+    v = x & mask
     lo = v.to(gl.int16).to(gl.float16, bitcast=True)
     hi = (v >> 16).to(gl.int16).to(gl.float16, bitcast=True)
     return gl.join(lo, hi)  # [..., 2]: the row pair
 
 
 @gluon.jit
-def _quarter(x, base: gl.constexpr, BITS: gl.constexpr):
-    """Codes base .. base + per half-word of x, as a join tree [..., 2 rows, positions...]."""
-    if BITS == 2:
-        v = gl.join(
-            gl.join(_pair(x, base, BITS), _pair(x, base + 1, BITS)),
-            gl.join(_pair(x, base + 2, BITS), _pair(x, base + 3, BITS)),
+def _unpack(words_s, K: gl.constexpr, NW: gl.constexpr, BITS: gl.constexpr):
+    """Packed words (K rows of NW int32 words, 128 codes, in shared memory) -> (K, 128) float16 codes
+    in the second-operand layout: row k, column n = code ``_code_of(n)`` of the row."""
+    PL: gl.constexpr = NW // 8  # words of a lane group
+    L4: gl.constexpr = words_layout(K, PL)
+    w = words_s.reshape([K, 8, PL]).load(gl.SliceLayout(3, L4))
+    w = gl.reshape(gl.expand_dims(w, 3) + gl.zeros([K, 8, PL, 4 // PL], gl.int32, L4), [K // 2, 2, 8, 4])
+    w0, w1 = gl.split(gl.permute(w, [0, 2, 3, 1]))  # (K / 2, lane group, warp) words of rows 2k, 2k + 1
+    warp = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, w0.type.layout)))[None, None, :]
+    if BITS == 2:  # byte w of both rows' words in bytes 0 and 2: four codes each
+        x = _prmt(w0, w1, warp * 0x101 + 0x400 + gl.zeros_like(w0))
+        u = gl.join(
+            gl.join(_pair(x, 0, BITS), _pair(x, 1, BITS)), gl.join(_pair(x, 2, BITS), _pair(x, 3, BITS))
         )
-    else:
-        v = gl.join(_pair(x, base, BITS), _pair(x, base + 1, BITS))
-    return v
-
-
-@gluon.jit
-def _unpack(words, K: gl.constexpr, NW: gl.constexpr, BITS: gl.constexpr):
-    """(K, NW) int32 words in :func:`words_layout` -> (K, 128) float16 codes in the second-operand
-    layout: row k, column 8j + g = code 16g + j of the row."""
-    pr = gl.permute(gl.reshape(words, [K // 2, 2, NW]), [0, 2, 1])
-    w0, w1 = gl.split(pr)  # rows 2k and 2k + 1
-    x = (w0 & 0xFFFF) | (w1 << 16)  # low half-words of both
-    y = ((w0 >> 16) & 0xFFFF) | (w1 & -65536)  # high half-words
-    per_byte: gl.constexpr = 8 // BITS
-    u = gl.join(
-        gl.join(_quarter(x, 0, BITS), _quarter(x, per_byte, BITS)),
-        gl.join(_quarter(y, 0, BITS), _quarter(y, per_byte, BITS)),
-    )
-    if BITS == 2:  # [K/2, 8 words, row bit, position bits 0..3]
-        u = gl.permute(u, [0, 2, 6, 5, 4, 3, 1])
-    else:  # [K/2, 16 words = (g, w0), row bit, position bits 0..2]
-        u = gl.reshape(u, [K // 2, 8, 2, 2, 2, 2, 2])
-        u = gl.permute(u, [0, 3, 2, 6, 5, 4, 1])
+    else:  # bytes 2h, 2h + 1 (h = w % 2) of both rows' words: two codes a byte
+        lo = _prmt(w0, w1, (warp % 2) * 0x202 + 0x400 + gl.zeros_like(w0))
+        hi = _prmt(w0, w1, (warp % 2) * 0x202 + 0x501 + gl.zeros_like(w0))
+        u = gl.join(
+            gl.join(_pair(lo, 0, BITS), _pair(lo, 1, BITS)), gl.join(_pair(hi, 0, BITS), _pair(hi, 1, BITS))
+        )
+    # [K / 2, g, w, row bit, i bit 0, i bit 1] -> (row, column 32i + 8w + g)
+    u = gl.permute(u, [0, 3, 5, 4, 2, 1])
     return gl.convert_layout(gl.reshape(u, [K, 128]), B_OP, assert_trivial=True)
 
 
@@ -186,9 +189,9 @@ def _issue(
     """Start copying tile t's key words, value words (rows in the product's token order), value scales
     and zero points into stage st; one commit group (empty past the split's end)."""
     N: gl.constexpr = 128
-    CK: gl.constexpr = gl.BlockedLayout([1, 2], [32 // (K_NW // 2), K_NW // 2], [1, 1], [1, 0])
-    CV: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (V_W // 4), V_W // 4], [1, 1], [1, 0])
-    CS: gl.constexpr = gl.BlockedLayout([1, VX], [32, 1], [1, 1], [1, 0])
+    CK: gl.constexpr = gl.BlockedLayout([1, 2], [32 // (K_NW // 2), K_NW // 2], [WARPS, 1], [1, 0])
+    CV: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (V_W // 4), V_W // 4], [WARPS, 1], [1, 0])
+    CS: gl.constexpr = gl.BlockedLayout([1, VX], [32, 1], [WARPS, 1], [1, 0])
     here = t < length
     word0 = gl.multiple_of((k_off + t) // K_PW, 2)  # splits start on key groups: whole word pairs
     kc = gl.arange(0, 128, layout=gl.SliceLayout(1, CK))
@@ -219,7 +222,7 @@ def _issue(
 @gluon.jit
 def _key_scales(k_scale, k_groups, k_off, t, length, D: gl.constexpr, XP: gl.constexpr):
     """(D, XP) key scales of tile t's groups (zero past the split's end or the segment's)."""
-    KS: gl.constexpr = gl.BlockedLayout([1, XP], [32, 1], [1, 1], [1, 0])
+    KS: gl.constexpr = gl.BlockedLayout([1, XP], [32, 1], [WARPS, 1], [1, 0])
     c = gl.arange(0, D, layout=gl.SliceLayout(1, KS))
     g = (k_off + t) // 32 + gl.arange(0, XP, layout=gl.SliceLayout(0, KS))
     return gl.load(
@@ -289,8 +292,9 @@ def _folded_split_kernel(
     mx = m % XP
     mr = m // XP
     n = gl.arange(0, N, layout=COLS)
-    # the first operand as (head, group, channel): queries broadcast over groups, key scales over heads
-    A3: gl.constexpr = gl.reshape(gl.zeros([KROWS, D], gl.float16, layout=A_OP), [GP, XP, D]).type.layout
+    # the key product's first operand as (head, group, channel), a channel a thread: queries broadcast
+    # over groups, key scales over heads
+    A3: gl.constexpr = gl.BlockedLayout([1, 1, 8], [GP, XP, 32 // KROWS], [1, 1, WARPS], [2, 1, 0])
     ar = gl.arange(0, GP, layout=gl.SliceLayout(1, gl.SliceLayout(1, A3)))
     qc = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, A3)))
     q_f = gl.load(q_ptr + (bh64 * G + ar[:, None]) * D + qc[None, :], mask=(ar < G)[:, None], other=0.0)
@@ -336,35 +340,42 @@ def _folded_split_kernel(
     vw_s = gl.allocate_shared_memory(gl.int32, [2, N, V_W], S3)
     vs_s = gl.allocate_shared_memory(gl.float16, [2, N, VX], S3)
     vz_s = gl.allocate_shared_memory(gl.float16, [2, N, VX], S3)
+    # the first operands of both products pass through shared memory, rows of channels or tokens
+    # in 16-byte swizzled pieces (read back by ldmatrix)
+    OP_S: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
+    ks_s = gl.allocate_shared_memory(gl.float16, [XP, D], S3)
+    qs_s = gl.allocate_shared_memory(gl.float16, [KROWS, D], OP_S)
+    p_s = gl.allocate_shared_memory(gl.float16, [KROWS, N], OP_S)
     _issue(
         kw_s, vw_s, vs_s, vz_s, 0, k_codes, k_words, v_codes, v_scale, v_zero, k_off, v_off, 0, length, K_PW, K_NW, V_W, VX
     )  # fmt: skip
     ks_next = _key_scales(k_scale, k_groups, k_off, 0, length, D, XP)
-    wk_l: gl.constexpr = words_layout(D, K_NW)
-    wv_l: gl.constexpr = words_layout(N, V_W)
     VS_L: gl.constexpr = gl.SliceLayout(0, L3)  # (group, column)
     KS_L: gl.constexpr = gl.SliceLayout(0, A3)  # (group, channel)
     i = 0
     for t in range(0, length, N):
         st = i % 2
+        gl.thread_barrier()  # every warp has read stage 1 - st (the last tile): it may be overwritten
         _issue(
             kw_s, vw_s, vs_s, vz_s, 1 - st, k_codes, k_words, v_codes, v_scale, v_zero, k_off, v_off, t + N, length, K_PW, K_NW, V_W, VX
         )  # fmt: skip
-        ks = gl.convert_layout(gl.permute(ks_next, [1, 0]), KS_L)
+        ks_s.permute([1, 0]).store(ks_next)
         ks_next = _key_scales(k_scale, k_groups, k_off, t + N, length, D, XP)
         bias = gl.load(scratch + mr * NGB + t // 32 + mx)
         async_copy.wait_group(1)
-        gl.thread_barrier()
-        kwords = kw_s.index(st).load(wk_l)
-        vwords = vw_s.index(st).load(wv_l)
+        gl.thread_barrier()  # stage st's copies by every thread have landed
         vs = vs_s.index(st).permute([1, 0]).load(VS_L).to(gl.float32)[None, :, :]  # (1, XP, N)
         vz = vz_s.index(st).permute([1, 0]).load(VS_L).to(gl.float32)[None, :, :]
-        gl.thread_barrier()  # the stage is read: the next iteration's copies may overwrite it
         i += 1
 
         # keys: the product's rows (r, x) are q_r times group x's scales
-        qs = gl.convert_layout(gl.reshape(q_f * ks[None, :, :], [KROWS, D]), A_OP)
-        s = mma_v2(qs, _unpack(kwords, D, K_NW, K_BITS), gl.zeros([KROWS, N], gl.float32, layout=MMA))
+        qs_s.store(gl.reshape(q_f * ks_s.load(KS_L)[None, :, :], [KROWS, D]))
+        gl.thread_barrier()
+        s = mma_v2(
+            qs_s.load(A_OP),
+            _unpack(kw_s.index(st), D, K_NW, K_BITS),
+            gl.zeros([KROWS, N], gl.float32, layout=MMA),
+        )
         s = s * k_col[None, :] + bias[:, None]
         logits = gl.gather(gl.reshape(s, [GP, XP, N]), pick, axis=1)  # row (r, group of the column)
         keep = t + tok3 < length
@@ -381,8 +392,13 @@ def _folded_split_kernel(
         # values: rows (r, x) = p_r times the scale of channel group x at each token
         p3 = p + zero3
         z_i = z_i * alpha + gl.sum(p3 * vz, axis=2)
-        pv = gl.convert_layout(gl.reshape((p3 * (vs * FOLD)).to(gl.float16), [KROWS, N]), A_OP)
-        pvv = mma_v2(pv, _unpack(vwords, N, V_W, V_BITS), gl.zeros([KROWS, D], gl.float32, layout=MMA))
+        p_s.store(gl.reshape((p3 * (vs * FOLD)).to(gl.float16), [KROWS, N]))
+        gl.thread_barrier()
+        pvv = mma_v2(
+            p_s.load(A_OP),
+            _unpack(vw_s.index(st), N, V_W, V_BITS),
+            gl.zeros([KROWS, D], gl.float32, layout=MMA),
+        )
         acc3 = gl.reshape(acc, [GP, XP, D]) * alpha[:, :, None]
         acc = gl.convert_layout(gl.reshape(acc3, [KROWS, D]), MMA) + pvv
     async_copy.wait_group(0)

@@ -358,7 +358,7 @@ def _attend_gluon(
         q, plan.segments, splits, mask if mask is not None else q, parts, ml, scratch,
         hkv, plan.n_splits, mask.stride(0) if mask is not None else 0, scale * LOG2E,
         G=g, GP=gluon_folded.padded_heads(g), K_BITS=plan.key_bits, V_BITS=plan.value_bits, NGB=ngb,
-        HAS_MASK=mask is not None, num_warps=1,
+        HAS_MASK=mask is not None, num_warps=gluon_folded.WARPS.value, maxnreg=gluon_folded.MAX_REGISTERS,
     )  # fmt: skip
 
 
@@ -386,7 +386,7 @@ def attend(
     fold: run affine keys with affine values on :mod:`headq_kernels.triton_folded` where it applies
     (float16); hilo: its folded operands in two float16 parts (a third of the error, more time);
     gluon: the folded launches on :mod:`headq_kernels.gluon_folded` where it applies (experimental:
-    slower than the Triton kernel so far, see docs/kernels.md).
+    faster for 2-bit keys and values at long context, slower at 4 bits; see docs/kernels.md).
     """
     b, hkv, g, d = q.shape
     if q.dtype not in (torch.float16, torch.bfloat16):
