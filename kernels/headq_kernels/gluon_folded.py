@@ -292,8 +292,8 @@ def _folded_split_kernel(
     mx = m % XP
     mr = m // XP
     n = gl.arange(0, N, layout=COLS)
-    # the key product's first operand as (head, group, channel), a channel a thread: queries broadcast
-    # over groups, key scales over heads
+    # the key product's first operand as (head, group, channel), 8 channels of one row a thread (16-byte
+    # rows into shared memory): queries broadcast over groups, key scales over heads
     A3: gl.constexpr = gl.BlockedLayout([1, 1, 8], [GP, XP, 32 // KROWS], [1, 1, WARPS], [2, 1, 0])
     ar = gl.arange(0, GP, layout=gl.SliceLayout(1, gl.SliceLayout(1, A3)))
     qc = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, A3)))
@@ -363,7 +363,7 @@ def _folded_split_kernel(
         ks_next = _key_scales(k_scale, k_groups, k_off, t + N, length, D, XP)
         bias = gl.load(scratch + mr * NGB + t // 32 + mx)
         async_copy.wait_group(1)
-        gl.thread_barrier()  # stage st's copies by every thread have landed
+        gl.thread_barrier()  # stage st's copies and this tile's key scales (ks_s) are visible to all
         vs = vs_s.index(st).permute([1, 0]).load(VS_L).to(gl.float32)[None, :, :]  # (1, XP, N)
         vz = vz_s.index(st).permute([1, 0]).load(VS_L).to(gl.float32)[None, :, :]
         i += 1
