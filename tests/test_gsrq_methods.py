@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from headq_core.compat import cache_kwargs
+
 pytest.importorskip("headq_gsrq", reason="headq-gsrq not installed")
 
 from headq_gsrq.block import CodebookBlock, pack_indices, unpack_indices
@@ -170,7 +172,7 @@ def test_calibrate_fits_codebooks_saves_and_binds(tmp_path: Path) -> None:
         "gsrq:bits=1,dim=8,scale=fisher", "gsrq:bits=0.5,weighted=false", config=CONFIG, calibration=loaded
     )
     with torch.no_grad():
-        model(torch.randint(0, 128, (2, 24)), past_key_values=cache, use_cache=True)
+        model(torch.randint(0, 128, (2, 24)), **cache_kwargs(model, cache), use_cache=True)
     assert (
         cache.nbytes_by_part()["keys"]["payload"] == 2 * 2 * 2 * 24 * 4
     )  # layers x batch x heads x tokens x bytes

@@ -42,6 +42,7 @@ from headq_core import (
 from headq_core.attention import headq_attention
 from headq_core.builtin import ExactKeys
 from headq_core.calibration import FORMAT, Calibration, model_shape
+from headq_core.compat import cache_kwargs
 from headq_core.layouts import AffineBlock, DenseBlock
 from headq_core.registry import load_registry
 from headq_core.spec import Spec
@@ -342,18 +343,18 @@ def test_a_nan_inside_a_model_names_its_layer_and_a_failed_pass_cannot_continue(
     model.set_attn_implementation("headq")
     cache = QuantizedKVCache("fp16", "fp16", config=model.config)
     ids = torch.randint(1, 128, (1, 12), generator=torch.Generator().manual_seed(0))
-    model(ids[:, :8], past_key_values=cache)
+    model(ids[:, :8], **cache_kwargs(model, cache))
     hook = model.model.layers[1].self_attn.k_proj.register_forward_hook(
         lambda m, i, out: out.fill_(float("nan"))
     )
     try:
         with pytest.raises(CacheStateError, match="layer 1: keys hold nan at batch 0, kv head 0, position 8"):
-            model(ids[:, 8:10], past_key_values=cache)
+            model(ids[:, 8:10], **cache_kwargs(model, cache))
     finally:
         hook.remove()
     assert [layer.length for layer in cache.quantized_layers()] == [10, 8]  # layer 0 finished its pass
     with pytest.raises(CacheStateError, match=r"layer 0: 10 tokens, layer 1: 8 tokens.*start a new one"):
-        model(ids[:, 10:11], past_key_values=cache)
+        model(ids[:, 10:11], **cache_kwargs(model, cache))
 
 
 # --- wrong dtype, device, shape -----------------------------------------------------------------

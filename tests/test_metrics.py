@@ -11,6 +11,15 @@ from headq_core.attention import _softmax
 from headq_core.harness.diagnostics import capture_window, distortion, spearman
 from headq_core.harness.perplexity import CacheSettings
 
+# The exact cache's attention reads the same keys and values as the plain model, but its logits
+# are float32 dot products over the cache's own segments (sinks, blocks, window), summed in
+# another order than one matrix product over the whole sequence: they agree to float32 rounding,
+# |ds| ~ 1e-7 |s|. Every score-space metric is then of order |ds|^2 ~ 1e-16 (seen: 2.2e-16 for
+# attn_kl, 6e-18 for logit_mse); a real quantization error is above 1e-6. Metrics of the stored
+# tensors alone (key_mse, a2_value) see no arithmetic and stay exactly zero.
+EXACT_TOLERANCE = 1e-12
+STORAGE_METRICS = {"key_mse", "a2_value"}
+
 
 def _sample(keys_hat: torch.Tensor | None = None, seed: int = 0, tokens: int = 50) -> AttentionSample:
     g = torch.Generator().manual_seed(seed)
@@ -96,5 +105,8 @@ def test_distortion_on_a_tiny_model_is_zero_exact_and_positive_quantized() -> No
     ).means()
     for name, table in exact.items():
         assert table.shape == (2, 2)
-        assert torch.all(table == 0), name
+        if name in STORAGE_METRICS:  # the exact cache stores the very tensors: no rounding at all
+            assert torch.all(table == 0), name
+        else:  # logits of the same tensors summed in another order: float32 rounding, no more
+            assert torch.all(table < EXACT_TOLERANCE), (name, table.max().item())
         assert torch.all(quant[name] > 0), name

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from headq_core import CacheStateError, QuantizedKVCache, get_registry
+from headq_core.compat import cache_kwargs
 from headq_core.layouts import AffineBlock
 
 ModelFactory = Callable[..., Any]
@@ -47,7 +48,7 @@ def test_architectures_cover_gqa_and_mqa(arch: str, make_model: ModelFactory) ->
     expected = {"llama": 2, "gemma": 2, "qwen2": 1, "gpt2": 4, "gpt_neox": 4}
     assert kv_heads == expected[arch]
     cache = _fp16_cache(_headq(model))
-    model(torch.ones(1, 3, dtype=torch.long), past_key_values=cache, use_cache=True)
+    model(torch.ones(1, 3, dtype=torch.long), **cache_kwargs(model, cache), use_cache=True)
     keys, _ = cache.quantized_layers()[0].decoded()
     assert keys.shape == (1, kv_heads, 3, head_dim)
 
@@ -57,7 +58,7 @@ def test_prefill_matches_plain_model(arch: str, make_model: ModelFactory, make_i
     ids = make_ids(2, 24, seed=1)
     want = model(ids, use_cache=False).logits
     cache = _fp16_cache(_headq(model))
-    got = model(ids, past_key_values=cache, use_cache=True).logits
+    got = model(ids, **cache_kwargs(model, cache), use_cache=True).logits
     assert cache.get_seq_length() == 24
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -72,7 +73,7 @@ def test_decode_matches_plain_model(
     cache = _fp16_cache(_headq(model))
     got, start = [], 0
     for n in chunks:
-        out = model(ids[:, start : start + n], past_key_values=cache, use_cache=True)
+        out = model(ids[:, start : start + n], **cache_kwargs(model, cache), use_cache=True)
         got.append(out.logits)
         start += n
     assert cache.get_seq_length() == start
@@ -88,9 +89,9 @@ def test_fp16_generate_matches_plain_generate(
     greedy = model.generate(ids, **settings)
     beams = model.generate(ids, num_beams=2, **settings)
     _headq(model)
-    assert torch.equal(model.generate(ids, past_key_values=_fp16_cache(model), **settings), greedy)
+    assert torch.equal(model.generate(ids, **cache_kwargs(model, _fp16_cache(model)), **settings), greedy)
     cache = _fp16_cache(model)
-    assert torch.equal(model.generate(ids, num_beams=2, past_key_values=cache, **settings), beams)
+    assert torch.equal(model.generate(ids, num_beams=2, **cache_kwargs(model, cache), **settings), beams)
     assert cache.quantized_layers()[0].decoded()[0].shape[0] == 2 * 2  # beams live in the batch axis
 
 
@@ -119,7 +120,7 @@ def test_kivi_generate(
     cache = QuantizedKVCache("kivi:bits=4", "kivi:bits=4", window=window, config=model.config)
     out = model.generate(
         ids,
-        past_key_values=cache,
+        **cache_kwargs(model, cache),
         max_new_tokens=new,
         do_sample=False,
         num_beams=beams,
@@ -164,7 +165,7 @@ def test_kivi_8bit_greedy_matches_unquantized(make_model: ModelFactory, make_ids
     plain = model.generate(ids, **settings)
     _headq(model)
     cache = QuantizedKVCache("kivi:bits=8", "kivi:bits=8", config=model.config)
-    quant = model.generate(ids, past_key_values=cache, **settings)
+    quant = model.generate(ids, **cache_kwargs(model, cache), **settings)
     assert all(layer.k.encoded >= 32 for layer in cache.quantized_layers())
     assert torch.equal(quant.sequences, plain.sequences)
     scores, scores_q = torch.stack(plain.scores, 1), torch.stack(quant.scores, 1)
@@ -198,12 +199,15 @@ def test_left_padded_batch_matches_rows_alone(
     _headq(model)
     cache = _fp16_cache(model)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = [model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits]
+    logits = [model(ids, attention_mask=mask, position_ids=positions, **cache_kwargs(model, cache)).logits]
     for step in range(steps):
         mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
         positions = positions[:, -1:] + 1
         out = model(
-            follow[:, step : step + 1], attention_mask=mask, position_ids=positions, past_key_values=cache
+            follow[:, step : step + 1],
+            attention_mask=mask,
+            position_ids=positions,
+            **cache_kwargs(model, cache),
         )
         logits.append(out.logits)
     padded = torch.cat(logits, dim=1)
@@ -219,9 +223,9 @@ def test_left_padded_generate_matches_rows_alone(make_model: ModelFactory, make_
     for i, row in enumerate(rows):
         ids[i, 9 - len(row) :], mask[i, 9 - len(row) :] = row, 1
     settings: dict[str, Any] = {"max_new_tokens": 10, "do_sample": False}
-    batch = model.generate(ids, attention_mask=mask, past_key_values=_fp16_cache(model), **settings)
+    batch = model.generate(ids, attention_mask=mask, **cache_kwargs(model, _fp16_cache(model)), **settings)
     for i, row in enumerate(rows):
-        single = model.generate(row[None], past_key_values=_fp16_cache(model), **settings)
+        single = model.generate(row[None], **cache_kwargs(model, _fp16_cache(model)), **settings)
         assert torch.equal(batch[i, 9:], single[0, len(row) :])
 
 
@@ -232,9 +236,9 @@ def test_cache_without_headq_attention_raises(
     model = make_model(arch, attn=attn)
     ids = make_ids(1, 6, seed=5)
     cache = _fp16_cache(model)
-    model(ids, past_key_values=cache, use_cache=True)  # attention over in-flight tokens only
+    model(ids, **cache_kwargs(model, cache), use_cache=True)  # attention over in-flight tokens only
     with pytest.raises(CacheStateError, match="headq"):
-        model(ids[:, :1], past_key_values=cache, use_cache=True)
+        model(ids[:, :1], **cache_kwargs(model, cache), use_cache=True)
 
 
 def test_headq_attention_without_cache_is_exact(

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from headq_core import PluginError, QuantizedKVCache, SpecError, get_registry
+from headq_core.compat import cache_kwargs
 from headq_core.registry import DISABLE_ENV
 from headq_core.testing import check_key_quantizer
 
@@ -178,8 +179,8 @@ def test_a_third_party_plugin_is_found_and_used_by_name(site: Site, make_model: 
     cache = QuantizedKVCache("sign", "fp16", config=model.config)
     assert type(cache.key_method).__name__ == "SignKeys"
     ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-    logits = model(ids[:, :8], past_key_values=cache).logits
-    logits = model(ids[:, 8:9], past_key_values=cache).logits
+    logits = model(ids[:, :8], **cache_kwargs(model, cache)).logits
+    logits = model(ids[:, 8:9], **cache_kwargs(model, cache)).logits
     assert torch.isfinite(logits).all()
     keys, _ = cache.quantized_layers()[0].decoded()
     # every key now has the form +-m per token: one magnitude per (batch, head, token)

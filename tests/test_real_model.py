@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from headq_core import QuantizedKVCache
+from headq_core.compat import cache_kwargs
 from headq_core.harness.loading import LoadedModel, load_model, load_text, tokenize
 
 pytestmark = pytest.mark.model
@@ -48,7 +49,7 @@ def chunked_logits(model: Any, ids: torch.Tensor, cache: Any, sizes: list[int]) 
     out, pos = [], 0
     with torch.inference_mode():
         for size in sizes:
-            out.append(model(ids[:, pos : pos + size], past_key_values=cache, use_cache=True).logits)
+            out.append(model(ids[:, pos : pos + size], **cache_kwargs(model, cache), use_cache=True).logits)
             pos += size
     return torch.cat(out, dim=1)
 
@@ -107,7 +108,7 @@ def test_kivi2_storage_for_4096_tokens(loaded: LoadedModel, wikitext_ids: torch.
     with torch.inference_mode():
         for pos in range(0, STORAGE_TOKENS, STORAGE_CHUNK):
             chunk = ids[:, pos : pos + STORAGE_CHUNK]
-            loaded.model(chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            loaded.model(chunk, **cache_kwargs(loaded.model, cache), use_cache=True, logits_to_keep=1)
     seconds = time.perf_counter() - start
     assert cache.get_seq_length() == STORAGE_TOKENS
 

@@ -23,6 +23,7 @@ import attrs
 import torch
 
 from headq_core.cache import QuantizedKVCache
+from headq_core.compat import cache_kwargs
 
 Mode = Literal["decode", "stream", "prefill"]
 
@@ -93,19 +94,19 @@ def window_nll(
     ids = ids.to(model.device)
     if mode == "prefill":
         cache = settings.build(model.config, emulate_streaming=True)
-        logits = model(ids, past_key_values=cache, use_cache=True).logits[:, prefix - 1 : -1]
+        logits = model(ids, **cache_kwargs(model, cache), use_cache=True).logits[:, prefix - 1 : -1]
         return _nll(logits, ids[:, prefix:]), cache
     cache = settings.build(model.config)
-    first = model(ids[:, :prefix], past_key_values=cache, use_cache=True).logits[:, -1:]
+    first = model(ids[:, :prefix], **cache_kwargs(model, cache), use_cache=True).logits[:, -1:]
     rest = ids[:, prefix:-1]
     if mode == "stream":
         steps = [
-            model(rest[:, i : i + 1], past_key_values=cache, use_cache=True).logits
+            model(rest[:, i : i + 1], **cache_kwargs(model, cache), use_cache=True).logits
             for i in range(rest.shape[1])
         ]
     else:
         cache.emulate_streaming = True
-        steps = [model(rest, past_key_values=cache, use_cache=True).logits] if rest.shape[1] else []
+        steps = [model(rest, **cache_kwargs(model, cache), use_cache=True).logits] if rest.shape[1] else []
     logits = torch.cat([first, *steps], dim=1)
     return _nll(logits, ids[:, prefix:]), cache
 
@@ -143,11 +144,11 @@ def decode_speed(model: Any, ids: torch.Tensor, settings: CacheSettings, steps: 
     """Decode tokens per second of true one-token steps after prefilling ``ids`` (1, n)."""
     cache = settings.build(model.config)
     ids = ids.to(model.device)
-    out = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:]
+    out = model(ids, **cache_kwargs(model, cache), use_cache=True).logits[:, -1:]
     token = out.argmax(-1)
     start = time.perf_counter()
     for _ in range(steps):
-        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        token = model(token, **cache_kwargs(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
     if ids.is_cuda:
         torch.cuda.synchronize()
     return steps / (time.perf_counter() - start)
