@@ -37,6 +37,11 @@ class _Exact(Method):
         dtype = _DTYPES[self.config.dtype]
         return DenseBlock(tokens=x.shape[-2], data=x if dtype is None else x.to(dtype))
 
+    def stores_exactly(self, dtype: torch.dtype) -> bool:
+        # a subclass that encodes its own way is not the identity, whatever it inherits
+        own = type(self).encode in (ExactKeys.encode, ExactValues.encode)  # type: ignore[comparison-overlap]
+        return own and _DTYPES[self.config.dtype] in (None, dtype)
+
     def nominal_bits(self, head_dim: int) -> dict[str, float]:
         dtype = _DTYPES[self.config.dtype]
         return {} if dtype is None else {"payload": float(torch.finfo(dtype).bits)}

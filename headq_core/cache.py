@@ -1,15 +1,20 @@
 """``QuantizedKVCache``: a transformers ``Cache`` that stores keys and values with any pair of methods.
 
 Per layer, tokens live in three places, in order: up to ``sinks`` exact tokens at the start, the
-encoded blocks, and a full-precision window of the latest tokens. A token leaves the window when
+encoded tokens, and a full-precision window of the latest tokens. A token leaves the window when
 ``window`` newer tokens follow it, in whole multiples of the method's ``block_tokens`` (keys in
-groups, KIVI-style; values usually one by one). Keys are encoded in ``update``; values after the
-attention of that step, so a policy can see the squared attention its tokens received in the window.
+groups, KIVI-style; values usually one by one). Keys are encoded in ``update``; values before or
+after the attention of that pass (after it when a policy wants the attention its tokens received
+in this pass). Encoded tokens live in one :class:`~headq_core.storage.BlockArena` per stream and
+the window in an :class:`~headq_core.storage.ExactTokens` buffer, both with room to grow in place;
+a method that keeps tokens as they are (``fp16`` in the model's dtype) keeps them in that buffer.
 
 ``update`` returns only the tokens of the current forward pass (the "in-flight" tokens), tagged
-with their layer; the ``headq`` attention function (:mod:`headq_core.attention`) reads everything
-older from the encoded storage. Nothing older than the window is ever kept unquantized, and a
-model whose attention bypasses the ``headq`` function is caught at the next ``update``.
+with their layer; the ``headq`` attention function (:mod:`headq_core.attention`) takes the pass as
+a :class:`~headq_core.step.Step` from :meth:`QuantizedLayer.begin_step` and gives back what it
+produced through :meth:`QuantizedLayer.end_step`. Nothing older than the window is ever kept
+unquantized, and a model whose attention bypasses the ``headq`` function is caught at the next
+``update``.
 
 In-flight tokens are attended at full precision, as a serving engine attends to the prefill it
 is storing. With ``emulate_streaming=True`` each query of a multi-token pass instead sees every
@@ -27,56 +32,86 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from headq_core.errors import CacheStateError
+from headq_core.finite import DeviceFlag
 from headq_core.interfaces import KeyQuantizer, ValuePolicy
-from headq_core.layouts import (
-    PARTS,
-    EncodedBlock,
-    Part,
-    block_nbytes,
-    concat_blocks,
-    iter_stored,
-    map_batched,
-)
+from headq_core.layouts import PARTS, DenseBlock, EncodedBlock, Part, block_nbytes, iter_stored
 from headq_core.registry import Registry, get_registry
 from headq_core.spec import Spec
+from headq_core.step import Step, StreamView
+from headq_core.storage import BlockArena, ExactTokens
 
 LAYER_ATTR = "_headq_layer"
-MAX_BLOCK_TOKENS = 1024  # consecutive blocks merge up to this size, so attention loops stay short
 
 
-@attrs.define
+@attrs.frozen
 class _Stream:
-    """Tokens of one kind (keys or values) of one layer."""
+    """Tokens of one kind (keys or values) of one layer: a frozen record, so that a copy kept from
+    before a pass is a snapshot of the stream (its buffers are only written past their live rows)."""
 
     method: KeyQuantizer | ValuePolicy
+    identity: bool  # the method stores tokens as they are: its encoded tokens stay in ``exact``
     sinks: torch.Tensor | None = None  # (b, h, s, d) exact
-    blocks: list[EncodedBlock] = attrs.Factory(list)
-    window: torch.Tensor | None = None  # (b, h, w, d) exact
-    encoded: int = 0  # tokens in blocks
+    arenas: tuple[BlockArena, ...] = ()
+    exact: ExactTokens | None = None  # the window; for an identity method, every token after the sinks
+    encoded: int = 0  # tokens encoded
 
     def sink_len(self) -> int:
         return 0 if self.sinks is None else self.sinks.shape[-2]
 
-    def append_block(self, block: EncodedBlock) -> None:
-        if self.blocks and self.blocks[-1].tokens + block.tokens <= MAX_BLOCK_TOKENS:
-            merged = concat_blocks([self.blocks[-1], block])
-            if merged is not None:
-                self.blocks[-1] = merged
-                return
-        self.blocks.append(block)
+    @property
+    def blocks(self) -> list[EncodedBlock]:
+        """The encoded tokens as blocks (views of the storage), in token order."""
+        if self.identity:
+            if not self.encoded or self.exact is None:
+                return []
+            first = self.sink_len()
+            return [DenseBlock(tokens=self.encoded, data=self.exact.rows(first, first + self.encoded))]
+        return [arena.stored() for arena in self.arenas]
 
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.sinks = None if self.sinks is None else fn(self.sinks)
-        self.window = None if self.window is None else fn(self.window)
-        self.blocks = [map_batched(b, fn) for b in self.blocks]
+    @property
+    def window(self) -> torch.Tensor | None:
+        """(b, h, w, d) the exact tokens after the encoded ones, or None."""
+        if self.exact is None:
+            return None
+        if self.identity:
+            first = self.sink_len() + self.encoded
+            return self.exact.rows(first, self.exact.origin + self.exact.stop)
+        return self.exact.view()
 
-    def copy(self) -> _Stream:
-        """A snapshot: the same tensors (never written in place), its own list of blocks."""
-        return attrs.evolve(self, blocks=list(self.blocks))
+    def with_tokens(self, x: torch.Tensor, position: int, capacity: int) -> _Stream:
+        """``x`` (b, h, n, d) appended to the window, its first token at absolute ``position``."""
+        if self.exact is None:
+            return attrs.evolve(self, exact=ExactTokens.of(x, position, capacity if self.identity else 0))
+        return attrs.evolve(self, exact=self.exact.append(x))
 
-    def exact_reference(self) -> torch.Tensor | None:
-        """An exact tensor of this stream, (b, h, *, d), to compare new tokens' geometry with."""
-        return self.window if self.window is not None else self.sinks
+    def view(self, exact_first: int, length: int) -> StreamView:
+        return StreamView(
+            method=self.method,
+            sinks=self.sinks,
+            stored=tuple(self.blocks),
+            arenas=self.arenas,
+            exact=self.exact,
+            exact_first=exact_first,
+            encoded_end=self.sink_len() + self.encoded,
+            length=length,
+            identity=self.identity,
+        )
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> _Stream:
+        return attrs.evolve(
+            self,
+            sinks=None if self.sinks is None else fn(self.sinks),
+            arenas=tuple(arena.map(fn) for arena in self.arenas),
+            exact=None if self.exact is None else self.exact.map(fn),
+        )
+
+    def decoded(self) -> torch.Tensor:
+        """(b, h, tokens, d) float32: every token as the attention reads it."""
+        parts = [] if self.sinks is None else [self.sinks.float()]
+        parts += [b.dequantize(torch.float32) for b in self.blocks]
+        if self.window is not None:
+            parts.append(self.window.float())
+        return torch.cat(parts, dim=-2)
 
 
 @attrs.frozen
@@ -90,11 +125,10 @@ class _LayerState:
     initialized: bool
 
 
-@attrs.define
+@attrs.frozen
 class _InFlight:
     start: int  # absolute position of the first in-flight token
     key_first: int  # absolute position of the first key-window token before this pass's flush
-    key_window: torch.Tensor | None  # (b, h, length - key_first, d): those keys, exact
 
 
 class QuantizedLayer(CacheLayerMixin):
@@ -109,8 +143,8 @@ class QuantizedLayer(CacheLayerMixin):
         self.cache = cache
         self.layer_idx = layer_idx
         self.length = 0
-        self.k = _Stream(cache.key_method)
-        self.v = _Stream(cache.value_method)
+        self.k = _Stream(cache.key_method, identity=False)
+        self.v = _Stream(cache.value_method, identity=False)
         # (b, h, value window) running sum of p^2 (or of p: the policy's attention_statistic)
         self.sq_attention: torch.Tensor | None = None
         self.pending: _InFlight | None = None
@@ -124,23 +158,12 @@ class QuantizedLayer(CacheLayerMixin):
         free = max(0, n_tokens - s - r)
         return min(n_tokens, s) + (free // g) * g
 
-    def quantized_state(
-        self, stream: _Stream, queries: torch.Tensor, tokens: torch.Tensor, inflight_start: int
-    ) -> torch.Tensor:
-        """(n, m) bool: token ``tokens[i]`` is read encoded by query ``queries[j]`` (absolute positions)."""
-        q, k = queries[:, None], tokens[None, :]
-        if self.cache.emulate_streaming:
-            end = torch.tensor(
-                [self.encoded_end(stream, int(j) + 1) for j in queries.tolist()], device=queries.device
-            )[:, None]
-            return (k >= self.cache.sinks) & (k < end) & (k < q)
-        end_now = self.encoded_end(stream, self.length)
-        return ((k >= self.cache.sinks) & (k < end_now) & (k < inflight_start)).expand(q.shape[0], -1)
-
     # --- transformers layer API --------------------------------------------------------------
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.k = _Stream(self.cache.key_method, identity=self.cache.key_method.stores_exactly(self.dtype))
+        self.v = _Stream(self.cache.value_method, identity=self.cache.value_method.stores_exactly(self.dtype))
         self.is_initialized = True
 
     def update(
@@ -161,17 +184,20 @@ class QuantizedLayer(CacheLayerMixin):
             start = self.length
             n = key_states.shape[-2]
             take = max(0, min(n, self.cache.sinks - start))
+            streams = []
             for stream, new in ((self.k, key_states), (self.v, value_states)):
                 if take:
-                    stream.sinks = _cat(stream.sinks, new[..., :take, :])
+                    stream = attrs.evolve(stream, sinks=_cat(stream.sinks, new[..., :take, :]))
                 if n > take:
-                    stream.window = _cat(stream.window, new[..., take:, :])
+                    stream = stream.with_tokens(new[..., take:, :], start + take, self.cache.capacity)
+                streams.append(stream)
+            self.k, self.v = streams
             if self.cache.value_statistic is not None and n > take:
                 zeros = value_states.new_zeros((*value_states.shape[:2], n - take), dtype=torch.float32)
                 self.sq_attention = _cat(self.sq_attention, zeros, dim=-1)
             self.length += n
-            self.pending = _InFlight(start, self.k.sink_len() + self.k.encoded, self.k.window)
-            self._flush(self.k)
+            self.pending = _InFlight(start, self.k.sink_len() + self.k.encoded)
+            self.k = self._flushed(self.k)
         except BaseException:
             self._restore(before)
             raise
@@ -180,13 +206,64 @@ class QuantizedLayer(CacheLayerMixin):
         setattr(tagged, LAYER_ATTR, self)
         return tagged, value_states
 
+    # --- the pass as data ----------------------------------------------------------------------
+
+    def begin_step(self) -> Step:
+        """The pass ``update`` just stored, for the attention function (exactly once per pass).
+
+        A value policy that wants attention statistics has its values encoded in :meth:`end_step`,
+        after this pass's statistic, where the pass's flush reaches a token this pass attends
+        exactly (an in-flight token, or any token when emulating streaming); otherwise this pass's
+        values are encoded here, before the attention, which then reads them encoded.
+        """
+        inflight = self.pending
+        if inflight is None:
+            raise CacheStateError(f"layer {self.layer_idx}: attention called without a pending update")
+        self.pending = None
+        statistic = self.cache.value_statistic
+        v_first = self.v.sink_len() + self.v.encoded
+        early = statistic is None or (
+            not self.cache.emulate_streaming and self.encoded_end(self.v, self.length) <= inflight.start
+        )
+        if early:
+            self.v = self._flushed(self.v)
+        return Step(
+            layer_idx=self.layer_idx,
+            start=inflight.start,
+            length=self.length,
+            keys=self.k.view(inflight.key_first, self.length),
+            values=self.v.view(v_first, self.length),
+            sinks=self.cache.sinks,
+            window=self.cache.window,
+            emulate_streaming=self.cache.emulate_streaming,
+            statistic=statistic,
+            values_flushed=early,
+        )
+
+    def end_step(self, step: Step, statistic: torch.Tensor | None = None) -> StreamView:
+        """Take back what the pass produced; returns the values as stored after it.
+
+        statistic: (b, h, T) float32, the attention (or squared attention, per ``step.statistic``)
+        the pass gave its last T value tokens, summed over queries, zero where a query read the
+        token encoded; only the part for tokens still in the window counts.
+        """
+        if statistic is not None and self.sq_attention is not None and self.sq_attention.shape[-1]:
+            self.sq_attention = self.sq_attention + statistic[..., -self.sq_attention.shape[-1] :]
+        if not step.values_flushed:
+            self.v = self._flushed(self.v)
+        self.before_pass = None  # the pass is complete
+        if self.layer_idx == len(self.cache.layers) - 1:
+            self.cache._end_pass()
+        return self.v.view(step.values.exact_first, self.length)
+
     # --- validation and roll-back --------------------------------------------------------------
 
     def _check_input(self, keys: Any, values: Any) -> None:
         """Refuse what would corrupt the stored state, before anything is stored.
 
-        One ``isfinite`` reduction per update: a NaN or Inf token would otherwise spoil the
-        scale and minimum of every token in its quantization group without a trace.
+        A NaN or Inf token would spoil the scale and minimum of every token in its quantization
+        group without a trace: on the CPU it is refused here, on a GPU the cache's device flag
+        catches it without a sync (:mod:`headq_core.finite`).
         """
         where = f"layer {self.layer_idx}"
         for name, t in (("keys", keys), ("values", values)):
@@ -210,33 +287,39 @@ class QuantizedLayer(CacheLayerMixin):
                     f"{keys.device}; one cache serves one model dtype and device"
                 )
             for name, new, stream in (("keys", keys, self.k), ("values", values, self.v)):
-                ref = stream.exact_reference()
+                ref = stream.window if stream.window is not None else stream.sinks
                 if ref is not None and (ref.shape[:2] != new.shape[:2] or ref.shape[-1] != new.shape[-1]):
                     raise CacheStateError(
                         f"{where}: holds {name} of batch {ref.shape[0]}, {ref.shape[1]} heads of "
                         f"{ref.shape[-1]} channels; was given {tuple(new.shape)} (batch, kv_heads, tokens, head_dim)"
                     )
-        if keys.device.type != "meta" and not bool(torch.isfinite(keys).all() & torch.isfinite(values).all()):
-            name, bad = ("keys", keys) if not bool(torch.isfinite(keys).all()) else ("values", values)
-            b, h, t, c = (~torch.isfinite(bad)).nonzero()[0].tolist()
-            raise CacheStateError(
-                f"{where}: {name} hold {bad[b, h, t, c].item()} at batch {b}, kv head {h}, position "
-                f"{self.length + t} (token {t} of the {bad.shape[-2]} of this pass), channel {c}; nothing "
-                "of this pass was stored (a non-finite token would spoil the scales of its whole group)"
-            )
+        flag = self.cache._flag(keys.device)
+        if flag is not None:
+            flag.watch((keys, values))
+            return
+        if keys.device.type == "meta" or bool(torch.isfinite(keys).all() & torch.isfinite(values).all()):
+            return
+        name, bad = ("keys", keys) if not bool(torch.isfinite(keys).all()) else ("values", values)
+        b, h, t, c = (~torch.isfinite(bad)).nonzero()[0].tolist()
+        raise CacheStateError(
+            f"{where}: {name} hold {bad[b, h, t, c].item()} at batch {b}, kv head {h}, position "
+            f"{self.length + t} (token {t} of the {bad.shape[-2]} of this pass), channel {c}; nothing "
+            "of this pass was stored (a non-finite token would spoil the scales of its whole group)"
+        )
 
     def _snapshot(self) -> _LayerState:
-        return _LayerState(self.length, self.k.copy(), self.v.copy(), self.sq_attention, self.is_initialized)
+        return _LayerState(self.length, self.k, self.v, self.sq_attention, self.is_initialized)
 
     def _restore(self, state: _LayerState) -> None:
-        self.length, self.k, self.v = state.length, state.k.copy(), state.v.copy()
+        self.length, self.k, self.v = state.length, state.k, state.v
         self.sq_attention, self.is_initialized = state.sq_attention, state.initialized
         self.pending = self.before_pass = None
 
-    def _flush(self, stream: _Stream, sq_attention: torch.Tensor | None = None) -> None:
-        """Encode the tokens that leave the window; on failure leave the layer as before the pass."""
+    def _flushed(self, stream: _Stream) -> _Stream:
+        """The stream with the tokens that leave the window encoded; on failure the layer is left as
+        before the pass."""
         try:
-            self._flush_stream(stream)
+            return self._flush_stream(stream)
         except Exception as err:
             if stream is self.v and self.before_pass is not None:
                 self._restore(self.before_pass)  # the value flush runs in attention, after update
@@ -245,31 +328,52 @@ class QuantizedLayer(CacheLayerMixin):
                     f"while layer {self.layer_idx} encoded with {stream.method!r}; nothing was stored"
                 )
             raise
-        if stream is self.v:
-            self.before_pass = None  # the pass is complete
 
-    def _flush_stream(self, stream: _Stream) -> None:
-        end = self.encoded_end(stream, self.length)
-        count = end - stream.sink_len() - stream.encoded
+    def _flush_stream(self, stream: _Stream) -> _Stream:
+        first = stream.sink_len() + stream.encoded
+        count = self.encoded_end(stream, self.length) - first
         if count <= 0:
-            return
-        assert stream.window is not None
-        chunk = stream.window[..., :count, :]
-        stats = None
+            return stream
+        assert stream.exact is not None
+        if stream.identity:  # its encoded form is the exact one, already in place
+            return attrs.evolve(stream, encoded=stream.encoded + count)
+        chunk = stream.exact.view()[..., :count, :]
         if isinstance(stream.method, KeyQuantizer):
             block = stream.method.encode(chunk, self.layer_idx)
         else:
-            if self.sq_attention is not None:
-                stats = self.sq_attention[..., :count]
+            stats = None if self.sq_attention is None else self.sq_attention[..., :count]
             block = stream.method.encode(chunk, self.layer_idx, stats)
         if block.tokens != count:
             raise CacheStateError(f"{stream.method!r} encoded {block.tokens} tokens, was given {count}")
-        _check_block(block, stream, self.layer_idx, stream.sink_len() + stream.encoded)
-        stream.window = stream.window[..., count:, :]
-        if stats is not None and self.sq_attention is not None:
+        self._check_block(block, stream, first)
+        if stream is self.v and self.sq_attention is not None:
             self.sq_attention = self.sq_attention[..., count:]
-        stream.append_block(block)
-        stream.encoded += count
+        arenas = list(stream.arenas)
+        if arenas and arenas[-1].fits(block):
+            arenas[-1] = arenas[-1].append(block)
+        else:
+            arenas.append(BlockArena.of(block, stream.method.block_tokens, self.cache.capacity))
+        return attrs.evolve(
+            stream, arenas=tuple(arenas), exact=stream.exact.drop(count), encoded=stream.encoded + count
+        )
+
+    def _check_block(self, block: EncodedBlock, stream: _Stream, first: int) -> None:
+        """A block whose float tensors are not finite would decode to NaN: refuse it, with where and why."""
+        floats = [(name, t) for name, t, *_ in iter_stored(block) if t.is_floating_point() and t.numel()]
+        if not floats or floats[0][1].device.type == "meta":
+            return
+        flag = self.cache._flag(floats[0][1].device)
+        if flag is not None:
+            flag.watch(t for _, t in floats)
+            return
+        if bool(torch.stack([torch.isfinite(t).all() for _, t in floats]).all()):
+            return
+        name = next(name for name, t in floats if not bool(torch.isfinite(t).all()))
+        raise CacheStateError(
+            f"layer {self.layer_idx}: {stream.method!r} stored non-finite {name!r} for positions {first} to "
+            f"{first + block.tokens - 1}; their values exceed what its storage holds (float16 scales and "
+            "minima stop at 65504)"
+        )
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -290,8 +394,8 @@ class QuantizedLayer(CacheLayerMixin):
         raise CacheStateError("QuantizedKVCache does not support offloading")
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.k.map(fn)
-        self.v.map(fn)
+        self.k = self.k.map(fn)
+        self.v = self.v.map(fn)
         if self.sq_attention is not None:
             self.sq_attention = fn(self.sq_attention)
 
@@ -307,46 +411,46 @@ class QuantizedLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens (transformers' convention: a negative count).
 
-        Tokens that stay but sat in an encoded block the cut runs through come back into the
-        window in their decoded (lossy) form: the exact ones are gone, and nothing exact is invented.
+        Encoded tokens are kept in whole encode units; tokens that stay but sat in a unit the cut
+        runs through come back into the window in their decoded (lossy) form: the exact ones are
+        gone, and nothing exact is invented.
         """
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove")
-        new_length = self.length + tokens_to_remove
         if tokens_to_remove == 0 or self.length == 0:
             return
-        new_length = max(0, new_length)
-        for stream in (self.k, self.v):
-            decoded = self._decoded_stream(stream)
-            ends = self._block_ends(stream)
-            stream.blocks = [b for b, stop in zip(stream.blocks, ends, strict=False) if stop <= new_length]
-            stream.encoded = sum(b.tokens for b in stream.blocks)
-            s = min(new_length, stream.sink_len())
-            stream.sinks = stream.sinks[..., :s, :] if stream.sinks is not None and s else None
-            stream.window = decoded[..., s + stream.encoded : new_length, :].to(self.dtype)
+        new_length = max(0, self.length + tokens_to_remove)
+        self.k, self.v = (self._cropped(stream, new_length) for stream in (self.k, self.v))
         if self.sq_attention is not None:
-            assert self.v.window is not None
-            self.sq_attention = self.sq_attention.new_zeros(self.v.window.shape[:3])
+            window = self.v.window
+            shape = (*self.sq_attention.shape[:2], 0 if window is None else window.shape[-2])
+            self.sq_attention = self.sq_attention.new_zeros(shape)
         self.length = new_length
         self.pending = self.before_pass = None
 
-    def _block_ends(self, stream: _Stream) -> list[int]:
-        ends, pos = [], stream.sink_len()
-        for block in stream.blocks:
-            pos += block.tokens
-            ends.append(pos)
-        return ends
-
-    def _decoded_stream(self, stream: _Stream) -> torch.Tensor:
-        parts = [] if stream.sinks is None else [stream.sinks.float()]
-        parts += [b.dequantize(torch.float32) for b in stream.blocks]
-        if stream.window is not None:
-            parts.append(stream.window.float())
-        return torch.cat(parts, dim=-2)
+    def _cropped(self, stream: _Stream, new_length: int) -> _Stream:
+        s = min(new_length, stream.sink_len())
+        sinks = stream.sinks[..., :s, :] if stream.sinks is not None and s else None
+        if stream.identity:  # every token is still exact
+            exact = None if stream.exact is None else stream.exact.keep(new_length - s)
+            encoded = min(stream.encoded, new_length - s)
+            return attrs.evolve(stream, sinks=sinks, exact=exact, encoded=encoded)
+        decoded = stream.decoded()
+        arenas, pos = [], s
+        for arena in stream.arenas:
+            kept = arena.keep(new_length - pos) if pos + arena.tokens > new_length else arena
+            if kept.tokens:
+                arenas.append(kept)
+            pos += kept.tokens
+            if kept.tokens < arena.tokens:
+                break
+        window = decoded[..., pos:new_length, :].to(self.dtype)
+        exact = ExactTokens.of(window, pos) if window.shape[-2] else None
+        return attrs.evolve(stream, sinks=sinks, arenas=tuple(arenas), exact=exact, encoded=pos - s)
 
     def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values as the attention reads them, (b, h, length, d) float32, for diagnostics."""
-        return self._decoded_stream(self.k), self._decoded_stream(self.v)
+        return self.k.decoded(), self.v.decoded()
 
     # --- accounting -----------------------------------------------------------------------
 
@@ -366,6 +470,15 @@ class QuantizedLayer(CacheLayerMixin):
             out["values"]["other"] += self.sq_attention.numel() * self.sq_attention.element_size()
         return out
 
+    def reserved_nbytes(self) -> int:
+        """Bytes of the buffers this layer's tokens live in, spare room included."""
+        total = 0
+        for stream in (self.k, self.v):
+            total += sum(arena.nbytes() for arena in stream.arenas)
+            for t in (stream.sinks, None if stream.exact is None else stream.exact.data):
+                total += 0 if t is None else t.numel() * t.element_size()
+        return total
+
     def elements(self) -> int:
         """Elements of one of K or V at this length: batch * kv_heads * tokens * head_dim."""
         ref = next((t for t in (self.k.window, self.k.sinks) if t is not None and t.numel()), None)
@@ -375,21 +488,6 @@ class QuantizedLayer(CacheLayerMixin):
             return 0
         b, h, _, d = ref.shape
         return b * h * self.length * d
-
-
-def _check_block(block: EncodedBlock, stream: _Stream, layer_idx: int, first: int) -> None:
-    """A block whose float tensors are not finite would decode to NaN: refuse it, with where and why."""
-    floats = [(name, t) for name, t, *_ in iter_stored(block) if t.is_floating_point() and t.numel()]
-    if not floats or floats[0][1].device.type == "meta":
-        return
-    if bool(torch.stack([torch.isfinite(t).all() for _, t in floats]).all()):
-        return
-    name = next(name for name, t in floats if not bool(torch.isfinite(t).all()))
-    raise CacheStateError(
-        f"layer {layer_idx}: {stream.method!r} stored non-finite {name!r} for positions {first} to "
-        f"{first + block.tokens - 1}; their values exceed what its storage holds (float16 scales and "
-        "minima stop at 65504)"
-    )
 
 
 def _ranges(lengths: dict[int, int]) -> str:
@@ -427,6 +525,9 @@ class QuantizedKVCache(Cache):
         A calibration artifact for methods that need one.
     emulate_streaming:
         Multi-token passes see earlier tokens as token-by-token streaming would (see module doc).
+    capacity:
+        Tokens per layer to make room for when a stream's storage is first allocated, so that a
+        sequence up to that length never moves its buffers (they grow past it as needed).
     """
 
     def __init__(
@@ -439,21 +540,23 @@ class QuantizedKVCache(Cache):
         config: Any = None,
         calibration: Any = None,
         emulate_streaming: bool = False,
+        capacity: int = 0,
         registry: Registry | None = None,
     ) -> None:
         registry = registry or get_registry()
-        if not isinstance(window, int) or window < 0:
-            raise ValueError(f"window must be a non-negative int, got {window!r}")
-        if not isinstance(sinks, int) or sinks < 0:
-            raise ValueError(f"sinks must be a non-negative int, got {sinks!r}")
+        for name, value in (("window", window), ("sinks", sinks), ("capacity", capacity)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         self.key_method = registry.key_quantizer(keys)
         self.value_method = registry.value_policy(values)
         self.value_statistic = self.value_method.attention_statistic
-        self.window, self.sinks = window, sinks
+        self.window, self.sinks, self.capacity = window, sinks, capacity
         self.emulate_streaming = emulate_streaming
         text_config = config.get_text_config(decoder=True) if config is not None else None
         for method in (self.key_method, self.value_method):
             method.bind(text_config, calibration)
+        self._flags: dict[torch.device, DeviceFlag] = {}
+        self._failed: str | None = None
         n_layers = getattr(text_config, "num_hidden_layers", None)
         layers = [QuantizedLayer(self, i) for i in range(n_layers)] if n_layers else []
         super().__init__(layers=layers)  # type: ignore[arg-type]
@@ -470,6 +573,7 @@ class QuantizedKVCache(Cache):
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
             raise CacheStateError(f"layer_idx must be a non-negative int, got {layer_idx!r}")
         if layer_idx == 0:  # a new forward pass: every layer must hold what the others hold
+            self._check_finite(sync=False)
             lengths = {
                 layer.layer_idx: layer.length for layer in self.quantized_layers() if layer.is_initialized
             }
@@ -485,9 +589,56 @@ class QuantizedKVCache(Cache):
     def quantized_layers(self) -> list[QuantizedLayer]:
         return [layer for layer in self.layers if isinstance(layer, QuantizedLayer)]
 
+    # --- non-finite tokens on a GPU ------------------------------------------------------------
+
+    def _flag(self, device: torch.device) -> DeviceFlag | None:
+        """The device flag that checks tokens on ``device`` without a sync (None on the CPU)."""
+        if device.type != "cuda":
+            return None
+        if device not in self._flags:
+            self._flags[device] = DeviceFlag(device)
+        return self._flags[device]
+
+    def _end_pass(self) -> None:
+        for flag in self._flags.values():
+            flag.publish()
+
+    def check_finite(self) -> None:
+        """Raise :class:`CacheStateError` if anything non-finite was stored (synchronizes the device)."""
+        self._check_finite(sync=True)
+
+    def _check_finite(self, *, sync: bool) -> None:
+        if self._failed is None:
+            bad = any((not flag.check()) if sync else flag.tripped() for flag in self._flags.values())
+            if not bad:
+                return
+            self._failed = self._locate_non_finite()
+        raise CacheStateError(self._failed)
+
+    def _locate_non_finite(self) -> str:
+        for layer in self.quantized_layers():
+            for name, tokens in zip(("keys", "values"), layer.decoded(), strict=True):
+                bad = (~torch.isfinite(tokens)).nonzero()
+                if bad.shape[0]:
+                    b, h, t, c = bad[0].tolist()
+                    return (
+                        f"layer {layer.layer_idx}: {name} hold {tokens[b, h, t, c].item()} at batch {b}, kv head "
+                        f"{h}, position {t}, channel {c}, stored by an earlier pass (on a GPU the check runs "
+                        "without stalling the device, so it reports a pass late); this cache cannot continue, "
+                        "start a new one"
+                    )
+        return "a non-finite number was stored (not found again in the decoded tokens); start a new cache"
+
+    # --- accounting ------------------------------------------------------------------------------
+
     def nbytes(self) -> int:
-        """Every byte the cache holds: codes, scales, side codes, windows, sinks, method state."""
+        """Every byte the cache's tokens take: codes, scales, side codes, windows, sinks, method
+        state (the buffers' spare room is in :meth:`reserved_nbytes`)."""
         return sum(n for parts in self.nbytes_by_part().values() for n in parts.values())
+
+    def reserved_nbytes(self) -> int:
+        """Bytes of the buffers the tokens live in, spare room for more tokens included."""
+        return sum(layer.reserved_nbytes() for layer in self.quantized_layers())
 
     def nbytes_by_part(self) -> dict[str, dict[Part, int]]:
         total: dict[str, dict[Part, int]] = {k: dict.fromkeys(PARTS, 0) for k in ("keys", "values")}

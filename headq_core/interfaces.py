@@ -138,6 +138,11 @@ class Method(ABC):
         """Tokens per encode unit: the cache flushes the window in multiples of this."""
         return 1
 
+    def stores_exactly(self, dtype: torch.dtype) -> bool:
+        """Whether encoding tokens of ``dtype`` keeps them exactly as they are (``fp16`` in the
+        model's dtype). The cache then never calls :meth:`encode`: the tokens stay where they are."""
+        return False
+
     def state_nbytes(self, layer_idx: int) -> int:
         """Bytes of per-layer state the method holds besides its blocks (bases, codebooks)."""
         return 0

@@ -15,7 +15,9 @@ from typing import Any, Literal, TypeVar
 import attrs
 import torch
 
-from headq_kernels import dequantize_affine
+from headq_kernels import decode_plan, dequantize_affine
+
+KERNEL_BITS = (1, 2, 4, 8)
 
 Part = Literal["payload", "scales", "side", "exact", "other"]
 PARTS: tuple[Part, ...] = ("payload", "scales", "side", "exact", "other")
@@ -117,6 +119,19 @@ class EncodedBlock:
         """Axis of the stored tensor ``name`` that runs over tokens (for merging blocks)."""
         return 2
 
+    def kernel_segment(self, covered: int) -> decode_plan.Segment:
+        """This block as the fused decode kernel reads it, attending its first ``covered`` tokens.
+
+        The block's tensors are the cache's buffers here (``tokens`` is their capacity), so the
+        segment points at them where they are. A block the kernel cannot read raises
+        :class:`NoKernelLayout` saying why; its tokens are then attended on the reference path.
+        """
+        raise NoKernelLayout(f"{type(self).__name__} describes no kernel layout (kernel_segment)")
+
+
+class NoKernelLayout(Exception):
+    """A block the fused decode kernel cannot read; the message says why."""
+
 
 def iter_stored(block: EncodedBlock) -> Iterator[tuple[str, torch.Tensor, Part, bool]]:
     """(name, tensor, part, batched) for every stored tensor of ``block``, nested blocks included."""
@@ -188,6 +203,9 @@ class DenseBlock(EncodedBlock):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.data.to(dtype)
 
+    def kernel_segment(self, covered: int) -> decode_plan.Segment:
+        return decode_plan.Dense(self.data, length=covered)
+
 
 @attrs.define(kw_only=True)
 class AffineBlock(EncodedBlock):
@@ -214,3 +232,18 @@ class AffineBlock(EncodedBlock):
 
     def token_axis(self, name: str) -> int:
         return 3 if self.axis == "tokens" else 2
+
+    def kernel_segment(self, covered: int) -> decode_plan.Segment:
+        if (
+            self.bits not in KERNEL_BITS
+            or self.group & (self.group - 1)
+            or not 32 // self.bits <= self.group <= 256
+        ):
+            raise NoKernelLayout(
+                f"affine codes of {self.bits} bits in groups of {self.group}: the kernel reads 1, 2, 4 or 8 "
+                "bits in groups of a power of two that fill whole words, up to 256"
+            )
+        segment = decode_plan.AffineTokens if self.axis == "tokens" else decode_plan.AffineChannels
+        return segment(
+            self.codes, self.scale, self.zero, self.tokens, bits=self.bits, group=self.group, covered=covered
+        )

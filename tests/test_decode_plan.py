@@ -15,7 +15,6 @@ import torch
 from transformers import LlamaConfig
 
 from headq_core import QuantizedKVCache, fused
-from headq_core import attention as attention_module
 from headq_core.attention import headq_attention
 from headq_core.testing.calibration import calibration_for
 from headq_kernels import decode_plan, quantize_affine
@@ -64,8 +63,7 @@ def test_splits_partition_the_tokens_inside_segments_and_on_key_groups(seed: int
     rng = random.Random(seed)
     keys, values = _random_streams(rng)
     split = rng.choice([None, 64, 128, 1024])
-    plan = decode_plan.plan(keys, values, batch_heads=rng.choice([1, 6, 96]), key_bits=2, key_group=32,
-                            block_n=64, split=split)  # fmt: skip
+    plan = decode_plan.plan(keys, values, batch_heads=rng.choice([1, 6, 96]), block_n=64, split=split)
     kb, vb = decode_plan._bounds(keys), decode_plan._bounds(values)
     rows = [row for _, _, splits in plan.launches for row in splits.tolist()]
     assert sorted(r[6] for r in rows) == list(range(plan.n_splits))
@@ -89,7 +87,7 @@ def test_the_segment_table_points_into_the_cache_tensors() -> None:
     window = torch.randn(2, 3, 50, 16)[..., 10:, :]
     block = _affine_keys(2, 3, 16, 64, None)
     plan = decode_plan.plan([block, decode_plan.Dense(window)], [decode_plan.Dense(torch.randn(2, 3, 104, 16))],
-                            batch_heads=6, key_bits=2, key_group=32)  # fmt: skip
+                            batch_heads=6)  # fmt: skip
     table = plan.segments.tolist()
     assert table[0][decode_plan.PTR0 : decode_plan.PTR2 + 1] == [
         block.codes.data_ptr(), block.scale.data_ptr(), block.zero.data_ptr()
@@ -101,10 +99,10 @@ def test_the_segment_table_points_into_the_cache_tensors() -> None:
 def test_mismatched_streams_and_split_groups_are_refused() -> None:
     block = _affine_keys(1, 1, 16, 64, None)
     with pytest.raises(ValueError, match="keys cover 64 tokens, values 63"):
-        decode_plan.plan([block], [decode_plan.Dense(torch.randn(1, 1, 63, 16))], batch_heads=1, key_group=32)
+        decode_plan.plan([block], [decode_plan.Dense(torch.randn(1, 1, 63, 16))], batch_heads=1)
     values = [decode_plan.Dense(torch.randn(1, 1, n, 16)) for n in (40, 24)]
     with pytest.raises(ValueError, match="inside a key group"):
-        decode_plan.plan([block], values, batch_heads=1, key_bits=2, key_group=32)
+        decode_plan.plan([block], values, batch_heads=1)
 
 
 # --- the fused step against the reference path ----------------------------------------------------
@@ -122,16 +120,19 @@ def _masks(pads: list[int], n: int, total: int) -> torch.Tensor:
     return mask[:, None]
 
 
-def _emulated(calls: list[int]):
-    def step(layer, query, attention_mask, scaling, softcap):
-        if not getattr(layer.cache, "use_emulation", False):
+def _emulated(calls: list[int], use: list[bool]):
+    """``fused.decode`` with ``attend_torch`` in the kernel's place, for the caches ``use`` says."""
+
+    def decode(step, query, attention_mask, scaling, softcap):
+        if not use[0]:
             return None
-        out = fused.decode_step(layer, query, attention_mask, scaling, softcap, decode_plan.attend_torch)
+        mask = fused.decode_mask(attention_mask, step.length)
+        out = fused.decode_step(step, query, mask, scaling, decode_plan.attend_torch)
         if out is not None:
             calls.append(1)
         return out
 
-    return step
+    return decode
 
 
 CASES = [
@@ -162,24 +163,23 @@ def test_the_fused_step_matches_the_reference_path(monkeypatch, keys, values, wi
         QuantizedKVCache(keys, values, window=window, sinks=sinks, config=config, calibration=calibration)
         for _ in range(2)
     ]
-    caches[1].use_emulation = True  # type: ignore[attr-defined]
     calls: list[int] = []
-    monkeypatch.setattr(attention_module, "fused_decode", _emulated(calls))
+    use = [False]
+    monkeypatch.setattr(fused, "decode", _emulated(calls, use))
     pads, gen, total, steps = [0, 9, 70], torch.Generator().manual_seed(prefix), 0, 3
     for step in range(steps + 1):
         n = prefix if step == 0 else 1
         k, v, q = (torch.randn(b, h, n, d, generator=gen) * 2 for h in (hkv, hkv, hq))
         total += n
-        outs = [headq_attention(_Attn(), q, *cache.update(k, v, 0), _masks(pads, n, total), d**-0.5)[0]
-                for cache in caches]  # fmt: skip
+        outs = []
+        for cache in caches:
+            use[0] = cache is caches[1]
+            outs.append(
+                headq_attention(_Attn(), q, *cache.update(k, v, 0), _masks(pads, n, total), d**-0.5)[0]
+            )
         if step:
             torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
-    if values == "fp16" and keys != "fp16":
-        # Exact values flush one token at a time: where their block boundary falls inside a key group
-        # the step stays on the reference path (no split can start there); the others are fused.
-        assert calls, "the fused step never ran"
-    else:
-        assert len(calls) == steps, "the fused step did not run"
+    assert len(calls) == steps, "the fused step did not run"
     ref_layer, got_layer = (cache.quantized_layers()[0] for cache in caches)
     ref_k, ref_v = ref_layer.decoded()
     got_k, got_v = got_layer.decoded()
@@ -195,11 +195,11 @@ def test_a_plan_that_the_kernel_cannot_run_still_runs_in_torch() -> None:
     block = _affine_keys(2, 2, 16, 64, None)
     v = torch.randn(2, 2, 64, 16, generator=gen)
     values = [decode_plan.Dense(v[..., :40, :]), decode_plan.Dense(v[..., 40:, :])]
-    plan = decode_plan.plan([block], values, batch_heads=4, key_bits=2, key_group=32, strict=False)
+    plan = decode_plan.plan([block], values, batch_heads=4, strict=False)
     q = torch.randn(2, 2, 3, 16, generator=gen)
     mask = torch.ones(2, 64, dtype=torch.bool)
     mask[1, :5] = False  # left padding of the second row
-    keys = decode_plan._decoded(block, 2, 32)
+    keys = decode_plan._decoded(block)
     logits = (q @ keys.transpose(-1, -2) * 0.25).masked_fill(~mask[:, None, None, :], float("-inf"))
     want = torch.softmax(logits, dim=-1) @ v
     got = decode_plan.attend_torch(q, plan, scale=0.25, mask=mask)

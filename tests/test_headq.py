@@ -150,7 +150,7 @@ def test_the_window_is_never_corrected() -> None:
         cache.update(k[..., -1:, :], v[..., -1:, :], 0)
         layer = cache.quantized_layers()[0]
         grouped = q[..., -1:, :].reshape(1, 2, 2, D)
-        _, logits[label] = attend_quantized(layer, grouped, None, 1.0, None, 1)
+        _, logits[label] = attend_quantized(layer, layer.begin_step(), grouped, None, 1.0, None)
         encoded = layer.k.encoded
     exact = grouped @ k.transpose(-1, -2)
     assert encoded == 64 and sinks + encoded + window <= tokens

@@ -61,12 +61,10 @@ def _capture_attention(
 @contextmanager
 def _capturing(model: Any, grads: bool = False) -> Iterator[dict[int, Captured]]:
     global _CAPTURED, _LEAVES
-    from transformers.masking_utils import AttentionMaskInterface
-
-    from headq_core.attention import _headq_mask
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(CAPTURE_NAME, _capture_attention)
-    AttentionMaskInterface.register(CAPTURE_NAME, _headq_mask)
+    AttentionMaskInterface.register(CAPTURE_NAME, sdpa_mask)
     previous = model.config._attn_implementation
     _CAPTURED, _LEAVES = {}, ({} if grads else None)
     model.set_attn_implementation(CAPTURE_NAME)
@@ -150,18 +148,18 @@ def layer_distortion(
 
     layer.update(k[..., :prefix, :], v[..., :prefix, :])
     prefill_mask = _causal(0, prefix, prefix, k.device).repeat(1, 1, g, 1)
-    attend_quantized(layer, grouped(q_all[..., :prefix, :]), prefill_mask, captured.scaling, None, prefix)
+    step = layer.begin_step()
+    attend_quantized(layer, step, grouped(q_all[..., :prefix, :]), prefill_mask, captured.scaling, None)
     cache.emulate_streaming = True
     layer.update(k[..., prefix:, :], v[..., prefix:, :])
     mask = _causal(prefix, n, total, k.device)
+    step = layer.begin_step()
     _, logits_hat = attend_quantized(
-        layer, grouped(q_all[..., prefix:, :]), mask.repeat(1, 1, g, 1), captured.scaling, None, n
+        layer, step, grouped(q_all[..., prefix:, :]), mask.repeat(1, 1, g, 1), captured.scaling, None
     )
     keys_dec, values_dec = layer.decoded()
-    all_pos = torch.arange(total, device=k.device)
-    query_pos = all_pos[prefix:]
-    key_state = layer.quantized_state(layer.k, query_pos, all_pos, prefix)  # (n, T)
-    value_state = layer.quantized_state(layer.v, query_pos, all_pos, prefix)
+    key_state = step.read_encoded(step.keys, 0, k.device)  # (n, T)
+    value_state = step.read_encoded(step.values, 0, k.device)
 
     sums: dict[str, torch.Tensor] = {}
     for j in positions:

@@ -4,6 +4,12 @@ Nothing here needs Triton or a GPU. :func:`plan` turns the segments of one layer
 blocks, window; keys and values) into a table of device pointers and strides and a list of
 splits; ``triton_decode.attend`` runs a plan on the GPU, and :func:`attend_torch` computes the
 same thing split by split in torch, so that the planning is tested wherever the tests run.
+
+Plan once, run many: the splits depend only on where the segments start and end, which every
+layer of a model shares in a step, and the pointer table only on where a layer's buffers are,
+which changes when a buffer grows. :class:`Tables` keeps both on the device, keyed by those
+integers, so a decode step uploads the splits once for all layers and a layer's pointers only
+after its buffers move.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,13 +40,17 @@ AFFINE, DENSE, MIXED, CODEBOOK = range(4)
 
 @dataclass
 class Dense:
-    """Exact tokens (b, h, t, d), any strides with a unit channel stride."""
+    """Exact tokens: ``length`` rows of ``data`` (b, h, rows, d) from row ``start`` (default: all),
+    any strides with a unit channel stride. The table points at row 0, so a buffer that gains
+    tokens keeps its row; ``start`` goes to the splits."""
 
     data: torch.Tensor
+    start: int = 0
+    length: int | None = None
 
     @property
     def tokens(self) -> int:
-        return self.data.shape[-2]
+        return self.data.shape[-2] - self.start if self.length is None else self.length
 
 
 @dataclass
@@ -53,9 +64,18 @@ class AffineTokens:
     scale: torch.Tensor
     zero: torch.Tensor
     tokens: int
+    bits: int = 2
+    group: int = 32
     side_codes: torch.Tensor | None = None
     side_step: torch.Tensor | None = None
     covered: int | None = None  # attend only the first ``covered`` tokens
+    side_bits: int = 0
+    side_basis: torch.Tensor | None = None  # (h, d, r): the side code reads ``side_sign * U^T q``
+    side_sign: float = 1.0
+
+    @property
+    def side_rank(self) -> int:
+        return 0 if self.side_codes is None or self.side_basis is None else self.side_basis.shape[-1]
 
 
 @dataclass
@@ -66,6 +86,8 @@ class AffineChannels:
     scale: torch.Tensor
     zero: torch.Tensor
     tokens: int
+    bits: int = 2
+    group: int = 32
     covered: int | None = None  # attend only the first ``covered`` tokens
 
 
@@ -196,43 +218,35 @@ def _contiguous(tensors: list[torch.Tensor]) -> None:
 
 
 def _bounds(segments: Sequence[Segment]) -> list[int]:
-    out, pos = [0], 0
-    for s in segments:
-        pos += s.tokens if isinstance(s, Dense) or s.covered is None else s.covered
-        out.append(pos)
-    return out
+    return list(itertools.accumulate(map(_covered, segments), initial=0))
 
 
-def plan(
-    keys: Sequence[Segment],
-    values: Sequence[Segment],
-    *,
-    batch_heads: int,
-    key_bits: int = 0,
-    key_group: int = 0,
-    value_bits: int = 0,
-    value_group: int = 0,
-    side_rank: int = 0,
-    side_bits: int = 0,
-    block_n: int = 64,
-    split: int | None = None,
-    strict: bool = True,
-) -> Plan:
-    """Tables for the decode kernel: key and value segments in token order, each covering the same tokens.
+def _covered(seg: Segment) -> int:
+    return seg.tokens if isinstance(seg, Dense) or seg.covered is None else seg.covered
 
-    Splits never cross a segment boundary of either stream and, for the kernel (``strict``), start
-    on a whole key group of an affine key segment and on a whole allocation row of a mixed value
-    segment (:func:`attend_torch` needs neither); ``split`` caps their length (by default chosen so
-    that the splits times ``batch_heads`` fill the GPU a few times over).
-    """
-    kb, vb = _bounds(keys), _bounds(values)
+
+def _first(segments: Sequence[Segment], cls: type) -> Any:
+    return next((seg for seg in segments if isinstance(seg, cls)), None)
+
+
+def split_length(length: int, batch_heads: int, block_n: int) -> int:
+    """Tokens per split: enough splits times ``batch_heads`` programs to fill an H100's 132 SMs a
+    few times over, from the power of two at or above ``length``, so that it changes only when
+    the context crosses one (a kernel specialized on it compiles once per such bucket)."""
+    want = max(1, math.ceil(4 * 132 / max(1, batch_heads)))
+    return min(4096, max(block_n, next_power_of_2(max(1, next_power_of_2(length) // want))))
+
+
+def _splits(
+    layout: tuple[Any, ...], key_group: int, block_n: int, split: int, strict: bool
+) -> tuple[dict[tuple[int, int], list[tuple[int, ...]]], int, int]:
+    """Split rows per pair of segment kinds for a layout (see :func:`plan`): rows, splits, length."""
+    keys, values = layout
+    kb = list(itertools.accumulate((n for _, n, _, _ in keys), initial=0))
+    vb = list(itertools.accumulate((n for _, n, _, _ in values), initial=0))
     length = kb[-1]
     if vb[-1] != length:
         raise ValueError(f"keys cover {length} tokens, values {vb[-1]}")
-    if split is None:
-        want = max(1, math.ceil(4 * 132 / max(1, batch_heads)))
-        split = min(4096, max(block_n, next_power_of_2(max(1, length // want))))
-    split = max(block_n, split // block_n * block_n)
     cuts = sorted(set(kb) | set(vb))
     rows: dict[tuple[int, int], list[tuple[int, ...]]] = {}
     ki = vi = n_splits = 0
@@ -241,33 +255,112 @@ def plan(
             ki += 1
         while vb[vi + 1] <= a:
             vi += 1
-        pair = (kind(keys[ki]), kind(values[vi]))
+        (k_kind, _, k_start, _), (v_kind, _, v_start, chunk) = keys[ki], values[vi]
         for start in range(a, z, split):
             k_off, v_off = start - kb[ki], start - vb[vi]
-            if strict and pair[0] == AFFINE and k_off % key_group:
+            if strict and k_kind == AFFINE and k_off % key_group:
                 raise ValueError(f"a split starts inside a key group (token {start})")
-            mixed = values[vi]
-            if strict and isinstance(mixed, MixedChannels) and (v_off % mixed.chunk or block_n % mixed.chunk):
+            if strict and v_kind == MIXED and (v_off % chunk or block_n % chunk):
                 raise ValueError(f"a split or tile starts inside an allocation row (token {start})")
-            row = (ki, k_off, len(keys) + vi, v_off, min(split, z - start), start, n_splits)
-            rows.setdefault(pair, []).append(row)
+            row = (
+                ki,
+                k_off + k_start,
+                len(keys) + vi,
+                v_off + v_start,
+                min(split, z - start),
+                start,
+                n_splits,
+            )
+            rows.setdefault((k_kind, v_kind), []).append(row)
             n_splits += 1
+    return rows, n_splits, length
+
+
+class Tables:
+    """Device copies of split and pointer tables, by the integers they hold (plan once, run many).
+
+    Tables are uploaded from pinned memory without a sync and kept for the ``size`` latest keys
+    of each kind: a step's splits serve every layer, a layer's pointers every step until a buffer
+    of it moves.
+    """
+
+    def __init__(self, size: int = 512) -> None:
+        self.size = size
+        self._held: dict[Any, Any] = {}
+
+    def get(self, key: Any, make: Any) -> Any:
+        found = self._held.pop(key, None)
+        if found is None:
+            found = make()
+            while self._held and len(self._held) >= self.size:
+                del self._held[next(iter(self._held))]
+        if self.size:
+            self._held[key] = found
+        return found
+
+
+def _upload(rows: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    host = torch.tensor(rows, dtype=dtype)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def plan(
+    keys: Sequence[Segment],
+    values: Sequence[Segment],
+    *,
+    batch_heads: int,
+    block_n: int = 64,
+    split: int | None = None,
+    strict: bool = True,
+    tables: Tables | None = None,
+) -> Plan:
+    """Tables for the decode kernel: key and value segments in token order, each covering the same tokens.
+
+    Splits never cross a segment boundary of either stream and, for the kernel (``strict``), start
+    on a whole key group of an affine key segment and on a whole allocation row of a mixed value
+    segment (:func:`attend_torch` needs neither); ``split`` caps their length (by default
+    :func:`split_length`). The kernel's settings (bits, groups, side code) are the first affine
+    segment's of each stream. ``tables``: reuse device tables made for the same integers.
+    """
+    tables = tables or Tables(size=0)
+    k_affine, v_affine = _first(keys, AffineTokens), _first(values, AffineChannels)
+    key_group = k_affine.group if k_affine is not None else 0
+    layout = tuple(
+        tuple(
+            (kind(seg), _covered(seg), seg.start if isinstance(seg, Dense) else 0, getattr(seg, "chunk", 0))
+            for seg in stream
+        )
+        for stream in (keys, values)
+    )
+    length = sum(n for _, n, _, _ in layout[0])
+    split = split_length(length, batch_heads, block_n) if split is None else split
+    split = max(block_n, split // block_n * block_n)
     device = _first_tensor([*keys, *values]).device
-    table = torch.tensor([_row(s) for s in [*keys, *values]], dtype=torch.int64).to(device, non_blocking=True)
-    launches = [
-        (k, v, torch.tensor(r, dtype=torch.int32).to(device, non_blocking=True)) for (k, v), r in rows.items()
-    ]
+    rows = [_row(seg) for seg in [*keys, *values]]
+
+    def make_splits() -> tuple[list[tuple[int, int, torch.Tensor]], int]:
+        by_pair, n_splits, _ = _splits(layout, key_group, block_n, split, strict)
+        return [(k, v, _upload(r, torch.int32, device)) for (k, v), r in by_pair.items()], n_splits
+
+    launches, n_splits = tables.get(
+        ("splits", layout, key_group, block_n, split, strict, device), make_splits
+    )
+    table = tables.get(
+        ("segments", tuple(map(tuple, rows)), device), lambda: _upload(rows, torch.int64, device)
+    )
     return Plan(
         segments=table,
         launches=launches,
         n_splits=n_splits,
         length=length,
-        key_bits=key_bits,
+        key_bits=k_affine.bits if k_affine is not None else 0,
         key_group=key_group,
-        value_bits=value_bits,
-        value_group=value_group,
-        side_rank=side_rank,
-        side_bits=side_bits,
+        value_bits=v_affine.bits if v_affine is not None else 0,
+        value_group=v_affine.group if v_affine is not None else 0,
+        side_rank=k_affine.side_rank if k_affine is not None else 0,
+        side_bits=k_affine.side_bits if k_affine is not None else 0,
         block_n=block_n,
         split=split,
         parts=[*keys, *values],
@@ -298,21 +391,21 @@ def attend_torch(
     parts = []
     decoded: dict[int, torch.Tensor] = {}
 
-    def tokens(index: int, off: int, length: int, bits: int, group: int) -> torch.Tensor:
+    def tokens(index: int, off: int, length: int) -> torch.Tensor:
         if index not in decoded:
-            decoded[index] = _decoded(plan.parts[index], bits, group)
+            decoded[index] = _decoded(plan.parts[index])
         return decoded[index][..., off : off + length, :]
 
     for _, _, splits in plan.launches:
         for k_seg, k_off, v_seg, v_off, length, position, split in splits.tolist():
-            keys = tokens(k_seg, k_off, length, plan.key_bits, plan.key_group)
-            values = tokens(v_seg, v_off, length, plan.value_bits, plan.value_group)
+            keys = tokens(k_seg, k_off, length)
+            values = tokens(v_seg, v_off, length)
             logits = q.float() @ keys.transpose(-1, -2)
             seg = plan.parts[k_seg]
-            if plan.side_rank and isinstance(seg, AffineTokens) and seg.side_codes is not None:
-                assert side_query is not None and seg.side_step is not None
+            if isinstance(seg, AffineTokens) and seg.side_rank:
+                assert side_query is not None and seg.side_step is not None and seg.side_codes is not None
                 steps = seg.side_step.float().unsqueeze(-2)
-                z = dequantize_symmetric(seg.side_codes, steps, plan.side_bits, seg.tokens)
+                z = dequantize_symmetric(seg.side_codes, steps, seg.side_bits, seg.tokens)
                 logits = logits + side_query.float() @ z[..., k_off : k_off + length]
             logits = logits * scale
             if mask is not None:
@@ -338,11 +431,11 @@ def attend_torch(
     return torch.where(mass > 0, out / mass.clamp_min(1e-30), torch.zeros_like(out)).to(q.dtype)
 
 
-def _decoded(seg: Segment, bits: int, group: int) -> torch.Tensor:
-    """A segment's tokens, dequantized: (b, h, tokens, d) float32."""
+def _decoded(seg: Segment) -> torch.Tensor:
+    """A segment's tokens, dequantized: (b, h, tokens, d) float32 (a dense one: all its rows)."""
     if isinstance(seg, Dense):
         return seg.data.float()
     if isinstance(seg, MixedChannels | Codebook):
         return seg.decode().float()
-    x = dequantize_affine(seg.codes, seg.scale, seg.zero, bits, group)
+    x = dequantize_affine(seg.codes, seg.scale, seg.zero, seg.bits, seg.group)
     return x.transpose(-1, -2) if isinstance(seg, AffineTokens) else x

@@ -79,6 +79,7 @@ __all__ = [
 ]
 
 LOG2E = 1.4426950408889634
+MERGE_SPLITS = 32  # splits the merge kernel reads at a time
 last_compiled: list[Any] = []  # the split kernels of the last attend, one per launch (for compiler reports)
 
 
@@ -88,7 +89,12 @@ MIXED_C: tl.constexpr = tl.constexpr(MIXED)
 CODEBOOK_C: tl.constexpr = tl.constexpr(CODEBOOK)
 
 
-@triton.jit
+# Arguments that change from step to step are not specialized (on value 1 or divisibility by 16):
+# a steady decode must never compile a kernel again.
+PER_STEP = ["n_splits", "mask_stride", "tail_start", "tail_len"]
+
+
+@triton.jit(do_not_specialize=PER_STEP)
 def _decode_split_kernel(
     q_ptr,
     qr_ptr,
@@ -256,7 +262,7 @@ def _decode_split_kernel(
     tl.store(ml_ptr + out * 2 + 1, l_i, mask=g < G)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])
 def _merge_kernel(
     o_ptr, ml_ptr, out_ptr, lse_ptr, n_splits, G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
     LSE: tl.constexpr,
@@ -447,9 +453,9 @@ def attend(
         last_compiled.append(compiled)
     out = torch.empty((b, hkv, g, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hkv, g), dtype=torch.float32, device=q.device) if tail else ml
-    block_s = min(64, max(2, triton.next_power_of_2(plan.n_splits)))  # no size-1 blocks
+    # One block size for every split count, so that the merge compiles once per shape.
     _merge_kernel[(b * hkv * g,)](
-        parts, ml, out, lse, plan.n_splits, G=g, D=d, BLOCK_S=block_s, LSE=tail > 0, num_warps=4
+        parts, ml, out, lse, plan.n_splits, G=g, D=d, BLOCK_S=MERGE_SPLITS, LSE=tail > 0, num_warps=4
     )
     if tail_probs is not None and tail:
         tail_probs.copy_(torch.exp2(logits - lse[..., None]))

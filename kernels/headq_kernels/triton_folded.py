@@ -243,7 +243,7 @@ def _tile_loads(
     return kw, ks, vw, vs, vz, bias, seen
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits", "mask_stride"])
 def _folded_split_kernel(
     q_ptr,
     qr_ptr,

@@ -18,8 +18,8 @@ import attrs
 import torch
 
 from headq_a2.config import words_per_token
-from headq_core.layouts import EncodedBlock, MixedAffine, stored
-from headq_kernels import unpack_codes
+from headq_core.layouts import KERNEL_BITS, EncodedBlock, MixedAffine, NoKernelLayout, stored
+from headq_kernels import decode_plan, unpack_codes
 
 
 def to_rows(x: torch.Tensor, rows: int, chunk: int) -> torch.Tensor:
@@ -93,6 +93,23 @@ class MixedAffineBlock(EncodedBlock):
             span = torch.arange(words_per_token(d, bits), device=stream.device)
             out[chosen] = unpack_codes(stream[starts[chosen].unsqueeze(-1) + span], bits, d)
         return from_rows(out.reshape(*shape, d), b, h, rows, self.chunk)
+
+    def kernel_segment(self, covered: int) -> decode_plan.Segment:
+        """One allocation row per KV head, whole 32-bit words per token at every width."""
+        kv_heads, d = self.scale.shape[1], self.scale.shape[-1] * self.group
+        if self.codes.shape[1] != kv_heads:
+            raise NoKernelLayout("A² allocation rows that span every KV head (scope=layer)")
+        widths_ok = all(
+            w in KERNEL_BITS and 32 // w <= self.group <= 256 and d * w % 32 == 0 for w in self.widths
+        )
+        if not widths_ok or self.group & (self.group - 1) or len(self.widths) > 4:
+            raise NoKernelLayout(f"A² widths {self.widths} in groups of {self.group}")
+        if self.chunk & (self.chunk - 1) or self.chunk > 128:
+            raise NoKernelLayout(f"A² rows of {self.chunk} tokens: the kernel reads a power of two up to 128")
+        return decode_plan.MixedChannels(
+            self.codes, self.width_index, self.scale, self.zero, self.tokens, self.widths, self.group,
+            self.chunk, self.row_words, self.index_bits, self.dequantize, covered=covered,
+        )  # fmt: skip
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(b, kv_heads, T, d) in ``dtype``: ``code * scale + zero`` per group, as in KIVI."""

@@ -14,7 +14,8 @@ from __future__ import annotations
 import attrs
 import torch
 
-from headq_core.layouts import Codebook, EncodedBlock, stored
+from headq_core.layouts import Codebook, EncodedBlock, NoKernelLayout, stored
+from headq_kernels import decode_plan
 
 
 @attrs.define(eq=False)
@@ -100,6 +101,21 @@ class CodebookBlock(EncodedBlock):
     @property
     def layout(self) -> Codebook:
         return Codebook(self.books.dim, tuple(int(c.shape[1]) for c in self.books.stages))
+
+    def kernel_segment(self, covered: int) -> decode_plan.Segment:
+        """One or two stages of at most 256 float16 codewords, sub-vectors of a power of two."""
+        books, widths, dim = self.books, self.books.widths, self.books.dim
+        if len(widths) > 2 or max(widths) > 8 or any(c.dtype != torch.float16 for c in books.stages):
+            raise NoKernelLayout(
+                f"codebooks of widths {widths}: the kernel reads 1 or 2 float16 stages of 8 bits or fewer"
+            )
+        if dim & (dim - 1):
+            raise NoKernelLayout(f"codebook sub-vectors of {dim} channels: the kernel reads powers of two")
+        if books.scale is not None and books.scale.device != books.stages[0].device:
+            raise NoKernelLayout("a channel scale on another device than its codebooks")
+        return decode_plan.Codebook(
+            self.indices, tuple(books.stages), books.scale, self.tokens, self.dequantize, covered=covered
+        )
 
     def codes(self) -> torch.Tensor:
         """Codeword indices (b, kv_heads, tokens, P, M) int64."""

@@ -22,8 +22,8 @@ from typing import Literal
 import attrs
 import torch
 
-from headq_core.layouts import AffineBlock, EncodedBlock, LowRankLogit, stored
-from headq_kernels import dequantize_symmetric, quantize_symmetric
+from headq_core.layouts import KERNEL_BITS, AffineBlock, EncodedBlock, LowRankLogit, NoKernelLayout, stored
+from headq_kernels import decode_plan, dequantize_symmetric, quantize_symmetric
 from headq_scorecorr.threebit import ThreeBitBlock
 
 Scale = Literal["token", "static", "base"]
@@ -162,3 +162,20 @@ class LowRankBlock(EncodedBlock):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.base.dequantize(torch.float32) + self.correction()).to(dtype)
+
+    def kernel_segment(self, covered: int) -> decode_plan.Segment:
+        """The base's affine keys with the side code: the kernel adds ``(sign U^T q) . z_hat``."""
+        if self.scale != "token" or self.lead_codes is not None or self.zbits not in KERNEL_BITS:
+            raise NoKernelLayout(
+                f"HeadQ side codes with scale={self.scale!r}, zbits={self.zbits}"
+                f"{', lead coordinates' if self.lead_codes is not None else ''}: the kernel reads "
+                "per-token steps at 1, 2, 4 or 8 bits, no lead coordinates"
+            )
+        if self.rank > 64:
+            raise NoKernelLayout(f"a side code of rank {self.rank}: the kernel reads up to 64")
+        base = self.base.kernel_segment(covered)
+        if not isinstance(base, decode_plan.AffineTokens):
+            raise NoKernelLayout(f"HeadQ on a {type(self.base).__name__} base: the kernel reads affine keys")
+        base.side_codes, base.side_step, base.side_bits = self.codes, self.step, self.zbits
+        base.side_basis, base.side_sign = self.basis.decode, float(self.sign)
+        return base
