@@ -103,18 +103,13 @@ class Cache:
         self.nbytes = sum(sum(block_nbytes(b).values()) for b in self.k_blocks + self.v_blocks)
         self.nbytes += 2 * self.k_window.numel() * 2
         kernels = fused._triton()
-        like = self.k_window  # the dtype, device and head_dim of the queries
-        kd = fused._describe(self.k_blocks, like, keys=True)
-        vd = fused._describe(self.v_blocks, like, keys=False)
-        assert kd is not None and vd is not None, "a layout the kernel does not know"
-        self.settings = fused.plan_settings(kd, vd, D, batch_heads=batch * HKV)
-        self.settings["block_n"] = max(LAUNCH["block_n"], self.settings["block_n"])
-        k_segments = [fused._segment(b, b.tokens) for b in self.k_blocks]
-        v_segments = [fused._segment(b, b.tokens) for b in self.v_blocks]
         self.segments = (
-            [*k_segments, kernels.Dense(self.k_window)],
-            [*v_segments, kernels.Dense(self.v_window)],
+            [*(b.kernel_segment(b.tokens) for b in self.k_blocks), kernels.Dense(self.k_window)],
+            [*(b.kernel_segment(b.tokens) for b in self.v_blocks), kernels.Dense(self.v_window)],
         )
+        key_group = max((getattr(s, "group", 0) for s in self.segments[0]), default=0)
+        chunk = max((getattr(s, "chunk", 0) for s in self.segments[1]), default=0)
+        self.settings = {"batch_heads": batch * HKV, "block_n": max(LAUNCH["block_n"], 128, key_group, chunk)}
         self.plan = self.make_plan()
 
     @property
@@ -134,9 +129,9 @@ class Cache:
         from headq_core import fused
 
         side = None
-        if self.settings["side_rank"]:
-            first = self.k_blocks[0]
-            side = first.sign * torch.einsum("bhgd,hdr->bhgr", q.float(), first.basis.decode.float())
+        first = self.segments[0][0]
+        if getattr(first, "side_rank", 0):
+            side = first.side_sign * torch.einsum("bhgd,hdr->bhgr", q.float(), first.side_basis.float())
         return fused._triton().attend(
             q, self.plan, scale=D**-0.5, side_query=side, half=LAUNCH["half"],
             num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"], fold=LAUNCH["fold"], hilo=LAUNCH["hilo"],

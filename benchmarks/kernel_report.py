@@ -29,13 +29,11 @@ from headq_kernels import gluon_folded, triton_decode, triton_folded
 
 COMMON = dict(q_ptr="*fp16", qr_ptr="*fp32", seg_ptr="*i64", split_ptr="*i32", mask_ptr="*u8", o_ptr="*fp32")
 COMMON.update(ml_ptr="*fp32", HKV="i32", n_splits="i32", mask_stride="i32", qk_scale="fp32")
-FOLDED_ARGS = dict(COMMON, zb_ptr="*fp32")
+FOLDED_ARGS = dict(COMMON, zb_ptr="*fp32", ngb="i32")
 GENERIC_ARGS = dict(COMMON, tail_ptr="*fp32", tail_start="i32", tail_len="i32")
-FOLDED = dict(
-    G=4, GP=4, D=128, BLOCK_N=128, K_BITS=2, K_GROUP=32, V_BITS=2, V_GROUP=32, NGB=128, R=0, Z_BITS=4
-)
+FOLDED = dict(G=4, GP=4, D=128, BLOCK_N=128, K_BITS=2, K_GROUP=32, V_BITS=2, V_GROUP=32, R=0, Z_BITS=4)
 FOLDED.update(HAS_MASK=True, HILO=False)
-GLUON_ARGS = {k: v for k, v in FOLDED_ARGS.items() if k != "qr_ptr"}
+GLUON_ARGS = {k: v for k, v in FOLDED_ARGS.items() if k not in ("qr_ptr", "ngb")}
 GLUON = dict(G=4, GP=4, K_BITS=2, V_BITS=2, NGB=128, HAS_MASK=True)
 GENERIC = dict(G=4, G_PAD=16, D=128, BLOCK_N=128, K_KIND=0, K_BITS=2, K_GROUP=32, K_BOOK=(1, 8, 0, 1, 0))
 GENERIC.update(

@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from headq_core.errors import CacheStateError
 from headq_core.finite import DeviceFlag
 from headq_core.interfaces import KeyQuantizer, ValuePolicy
-from headq_core.layouts import PARTS, DenseBlock, EncodedBlock, Part, block_nbytes, iter_stored
+from headq_core.layouts import PARTS, EncodedBlock, Part, block_nbytes, iter_stored
 from headq_core.registry import Registry, get_registry
 from headq_core.spec import Spec
 from headq_core.step import Step, StreamView
@@ -61,12 +61,7 @@ class _Stream:
     @property
     def blocks(self) -> list[EncodedBlock]:
         """The encoded tokens as blocks (views of the storage), in token order."""
-        if self.identity:
-            if not self.encoded or self.exact is None:
-                return []
-            first = self.sink_len()
-            return [DenseBlock(tokens=self.encoded, data=self.exact.rows(first, first + self.encoded))]
-        return [arena.stored() for arena in self.arenas]
+        return list(self.view(self.sink_len() + self.encoded, self.sink_len() + self.encoded).stored)
 
     @property
     def window(self) -> torch.Tensor | None:
@@ -88,7 +83,6 @@ class _Stream:
         return StreamView(
             method=self.method,
             sinks=self.sinks,
-            stored=tuple(self.blocks),
             arenas=self.arenas,
             exact=self.exact,
             exact_first=exact_first,
@@ -585,6 +579,14 @@ class QuantizedKVCache(Cache):
         while len(self.layers) <= layer_idx:
             self.layers.append(QuantizedLayer(self, len(self.layers)))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def store(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store tokens whose attention was computed elsewhere (a prefill through another attention
+        function, or a benchmark's tokens): as ``update`` and the attention would store them, with
+        no attention statistic for a value policy. keys, values: (batch, kv_heads, tokens, head_dim)."""
+        key, _ = self.update(keys, values, layer_idx)
+        layer = getattr(key, LAYER_ATTR)
+        layer.end_step(layer.begin_step())
 
     def quantized_layers(self) -> list[QuantizedLayer]:
         return [layer for layer in self.layers if isinstance(layer, QuantizedLayer)]

@@ -21,7 +21,7 @@ import attrs
 import torch
 
 from headq_core.interfaces import AttentionStatistic, KeyQuantizer, ValuePolicy
-from headq_core.layouts import EncodedBlock
+from headq_core.layouts import DenseBlock, EncodedBlock
 from headq_core.storage import BlockArena, ExactTokens
 
 
@@ -39,7 +39,6 @@ class StreamView:
 
     method: KeyQuantizer | ValuePolicy
     sinks: torch.Tensor | None
-    stored: tuple[EncodedBlock, ...]
     arenas: tuple[BlockArena, ...]
     exact: ExactTokens | None
     exact_first: int
@@ -50,6 +49,19 @@ class StreamView:
     @property
     def sink_len(self) -> int:
         return 0 if self.sinks is None else self.sinks.shape[-2]
+
+    @property
+    def stored(self) -> tuple[EncodedBlock, ...]:
+        """The encoded tokens as blocks (views of the storage, made when asked for)."""
+        if not self.identity:
+            return tuple(arena.stored() for arena in self.arenas)
+        if self.exact is None or self.encoded_end <= self.sink_len:
+            return ()
+        return (
+            DenseBlock(
+                tokens=self.encoded_end - self.sink_len, data=self.exact.rows(self.sink_len, self.encoded_end)
+            ),
+        )
 
     def exact_tokens(self, first: int | None = None) -> torch.Tensor | None:
         """(b, h, length - first, d) exact tokens from position ``first`` (default ``exact_first``)."""

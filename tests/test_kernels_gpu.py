@@ -177,7 +177,7 @@ def _run_pair(
             errors.append(rel(got[live], ref[live]))
     expected = steps if kernel_steps is None else kernel_steps
     assert len(calls) == expected, (
-        "the fused kernel did not run" if not calls else f"{len(calls)} kernel calls"
+        "the fused kernel did not run" if not calls and expected else f"{len(calls)} kernel calls"
     )
     foldable = dtype == torch.float16 and _fold_bits(keys, "kivi", "headq") and _fold_bits(values, "kivi")
     assert bool(folded) == (foldable and any(affine_pairs)), f"{len(folded)} folded launches"
@@ -209,9 +209,11 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("keys", "values"), CASES)
 def test_decode_matches_reference_per_layout(monkeypatch, keys: str, values: str, dtype: torch.dtype) -> None:
+    exact = keys == values == "fp16"  # an exact cache decodes through SDPA, not the kernel
     errors = _run_pair(
-        monkeypatch, keys, values, b=2, hq=8, hkv=2, d=64, prefix=95, steps=3, window=0, sinks=0, dtype=dtype
-    )
+        monkeypatch, keys, values, b=2, hq=8, hkv=2, d=64, prefix=95, steps=3, window=0, sinks=0, dtype=dtype,
+        kernel_steps=0 if exact else None,
+    )  # fmt: skip
     assert max(errors) < TOLERANCE[dtype], errors
 
 

@@ -231,10 +231,9 @@ def _first(segments: Sequence[Segment], cls: type) -> Any:
 
 def split_length(length: int, batch_heads: int, block_n: int) -> int:
     """Tokens per split: enough splits times ``batch_heads`` programs to fill an H100's 132 SMs a
-    few times over, from the power of two at or above ``length``, so that it changes only when
-    the context crosses one (a kernel specialized on it compiles once per such bucket)."""
+    few times over (no kernel is specialized on it: it may change from step to step)."""
     want = max(1, math.ceil(4 * 132 / max(1, batch_heads)))
-    return min(4096, max(block_n, next_power_of_2(max(1, next_power_of_2(length) // want))))
+    return min(4096, max(block_n, next_power_of_2(max(1, length // want))))
 
 
 def _splits(

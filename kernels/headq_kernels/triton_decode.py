@@ -336,10 +336,10 @@ def _attend_folded(
     r = plan.side_rank
     return triton_folded._folded_split_kernel[(splits.shape[0], b * hkv)](
         q, side_query if r else q, plan.segments, splits, mask if mask is not None else q, parts, ml, scratch,
-        hkv, plan.n_splits, mask.stride(0) if mask is not None else 0, scale * LOG2E,
+        hkv, plan.n_splits, mask.stride(0) if mask is not None else 0, scale * LOG2E, ngb,
         G=g, GP=triton.next_power_of_2(g), D=d, BLOCK_N=plan.block_n,
         K_BITS=plan.key_bits, K_GROUP=plan.key_group, V_BITS=plan.value_bits, V_GROUP=plan.value_group,
-        NGB=ngb, R=r, Z_BITS=max(1, plan.side_bits), HAS_MASK=mask is not None, HILO=hilo,
+        R=r, Z_BITS=max(1, plan.side_bits), HAS_MASK=mask is not None, HILO=hilo,
         num_warps=num_warps, num_stages=2,
     )  # fmt: skip
 

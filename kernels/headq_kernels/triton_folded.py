@@ -193,7 +193,7 @@ def _tile_loads(
     v_codes,
     v_scale,
     v_zero,
-    scratch,
+    bias_rows,
     mask_row,
     k_words,
     k_groups,
@@ -212,7 +212,6 @@ def _tile_loads(
     VX: tl.constexpr,
     VXP: tl.constexpr,
     V_W: tl.constexpr,
-    NGB: tl.constexpr,
     HAS_MASK: tl.constexpr,
 ):
     """What the tile at t of a split reads: key words and scales, value words, scales and zero
@@ -235,7 +234,7 @@ def _tile_loads(
     vs = tl.load(v_scale + vg, mask=v_in, other=0.0)
     vz = tl.load(v_zero + vg, mask=v_in, other=0.0)
     kx = krows // GP
-    bias = tl.load(scratch + krows * NGB + t // K_GROUP + kx, mask=(kx < KX) & here, other=0.0)
+    bias = tl.load(bias_rows + t // K_GROUP, mask=(kx < KX) & here, other=0.0)
     if HAS_MASK:
         seen = tl.load(mask_row + t + tok, mask=live, other=0)
     else:
@@ -243,7 +242,7 @@ def _tile_loads(
     return kw, ks, vw, vs, vz, bias, seen
 
 
-@triton.jit(do_not_specialize=["n_splits", "mask_stride"])
+@triton.jit(do_not_specialize=["n_splits", "mask_stride", "ngb"])
 def _folded_split_kernel(
     q_ptr,
     qr_ptr,
@@ -257,6 +256,7 @@ def _folded_split_kernel(
     n_splits,
     mask_stride,
     qk_scale,
+    ngb,
     G: tl.constexpr,
     GP: tl.constexpr,
     D: tl.constexpr,
@@ -265,7 +265,6 @@ def _folded_split_kernel(
     K_GROUP: tl.constexpr,
     V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr,
-    NGB: tl.constexpr,
     R: tl.constexpr,
     Z_BITS: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -274,7 +273,8 @@ def _folded_split_kernel(
     """One split of one (sequence, KV head) over an affine key segment and an affine value segment.
 
     Same tables and outputs as ``triton_decode._decode_split_kernel``; ``zb_ptr``: scratch of
-    (NGB key groups x key rows) floats per program for the key zero terms.
+    (ngb key groups x key rows) floats per program for the key zero terms (a run-time count: the
+    split length may change from step to step without a new compilation).
     """
     KX: tl.constexpr = BLOCK_N // K_GROUP  # key groups per tile
     KROWS: tl.constexpr = 16 if KX * GP < 16 else KX * GP
@@ -284,7 +284,7 @@ def _folded_split_kernel(
     VXP: tl.constexpr = VROWS // GP
     K_PW: tl.constexpr = 32 // K_BITS
     V_W: tl.constexpr = D * V_BITS // 32
-    ZB: tl.constexpr = 32 if NGB > 32 else NGB
+    ZB: tl.constexpr = 32  # key groups per zero-term product
     R_PAD: tl.constexpr = 16  # side-code rank (at most 16) padded for its product
 
     bh = tl.program_id(1)
@@ -311,12 +311,16 @@ def _folded_split_kernel(
     q_rows = tl.load(q_ptr + (bh64 * G + qk[:, None]) * D + c[None, :], mask=qk[:, None] < G, other=0.0)
     g0 = k_off // K_GROUP
     split_groups = (length + K_GROUP - 1) // K_GROUP
-    scratch = zb_ptr + (bh64 * n_splits + split) * (KROWS * NGB)
-    for j in tl.static_range(NGB // ZB):
-        gb = j * ZB + tl.arange(0, ZB)
+    scratch = zb_ptr + (bh64 * n_splits + split) * (KROWS * ngb)
+    for j in range(0, length, ZB * K_GROUP):
+        gb = j // K_GROUP + tl.arange(0, ZB)
         kz_in = (gb[None, :] < split_groups) & (g0 + gb[None, :] < k_groups)
         kz = tl.load(k_zero + c[:, None] * k_groups + g0 + gb[None, :], mask=kz_in, other=0.0)
-        tl.store(scratch + krows[:, None] * NGB + gb[None, :], tl.dot(q_rows, kz) * qk_scale)
+        tl.store(
+            scratch + krows[:, None] * ngb + gb[None, :],
+            tl.dot(q_rows, kz) * qk_scale,
+            mask=gb[None, :] < ngb,
+        )
     tl.debug_barrier()
 
     if R > 0:  # HeadQ: (U^T q) . z_hat, rows padded to 16 for its product
@@ -341,16 +345,17 @@ def _folded_split_kernel(
     z_acc = tl.zeros((VROWS, BLOCK_N), tl.float32)
     acc = tl.zeros((VROWS, D), tl.float32)
     mask_row = mask_ptr + b * mask_stride + position
+    bias_rows = scratch + krows * ngb + kx  # each key row's zero terms, from the split's first group
     loads = _tile_loads(
-        k_codes, k_scale, v_codes, v_scale, v_zero, scratch, mask_row, k_words, k_groups, k_off, v_off, 0, length,
-        c, tok, krows, BLOCK_N, GP, K_GROUP, KXP, K_PW, VX, VXP, V_W, NGB, HAS_MASK,
+        k_codes, k_scale, v_codes, v_scale, v_zero, bias_rows, mask_row, k_words, k_groups, k_off, v_off, 0, length,
+        c, tok, krows, BLOCK_N, GP, K_GROUP, KXP, K_PW, VX, VXP, V_W, HAS_MASK,
     )  # fmt: skip
     for t in range(0, length, BLOCK_N):
         kw, ks, vw, vs, vz, bias, seen = loads
         # the next tile's codes and scales are loaded while this one is computed
         loads = _tile_loads(
-            k_codes, k_scale, v_codes, v_scale, v_zero, scratch, mask_row, k_words, k_groups, k_off, v_off, t + BLOCK_N,
-            length, c, tok, krows, BLOCK_N, GP, K_GROUP, KXP, K_PW, VX, VXP, V_W, NGB, HAS_MASK,
+            k_codes, k_scale, v_codes, v_scale, v_zero, bias_rows, mask_row, k_words, k_groups, k_off, v_off, t + BLOCK_N,
+            length, c, tok, krows, BLOCK_N, GP, K_GROUP, KXP, K_PW, VX, VXP, V_W, HAS_MASK,
         )  # fmt: skip
         live = t + tok < length
         k_at = k_off + t

@@ -117,18 +117,23 @@ def _pack_rows(levels: torch.Tensor, codes: list[torch.Tensor], plan: RowPlan, h
     """Each row's tokens' packed codes at their widths, one after the other, then zeros.
 
     levels: (R, n) indices into ``plan.widths``; codes[i]: (R, n, words at width i) int32.
-    Returns (R, row_words) int32.
+    Returns (R, row_words) int32. Device work only (no host sync): every width scatters all
+    tokens, those at another width into one spare word past the rows.
     """
-    widths = torch.tensor(plan.widths, device=levels.device)[levels]
-    offsets = row_offsets(widths, head_dim)
-    used = offsets[:, -1] + torch.div(widths[:, -1] * head_dim + 31, 32, rounding_mode="floor")
-    if bool((used > plan.row_words).any()):
-        raise RuntimeError(f"an allocation row needs {int(used.max())} words, more than {plan.row_words}")
-    stream = torch.zeros((levels.shape[0], plan.row_words), dtype=torch.int32, device=levels.device)
-    flat = stream.view(-1)
+    rows = levels.shape[0]
+    widths = torch.zeros_like(levels)
     for level, bits in enumerate(plan.widths):
-        row, token = (levels == level).nonzero(as_tuple=True)
+        widths += bits * (levels == level)
+    offsets = row_offsets(widths, head_dim)
+    if not levels.is_cuda:  # the plan's row size rules this out; checked where it costs no sync
+        used = offsets[:, -1] + torch.div(widths[:, -1] * head_dim + 31, 32, rounding_mode="floor")
+        if bool((used > plan.row_words).any()):
+            raise RuntimeError(f"an allocation row needs {int(used.max())} words, more than {plan.row_words}")
+    spare = rows * plan.row_words
+    stream = torch.zeros(spare + 1, dtype=torch.int32, device=levels.device)
+    starts = torch.arange(rows, device=levels.device).unsqueeze(-1) * plan.row_words + offsets  # (R, n)
+    for level, bits in enumerate(plan.widths):
         span = torch.arange(words_per_token(head_dim, bits), device=levels.device)
-        where = (row * plan.row_words + offsets[row, token]).unsqueeze(-1) + span
-        flat[where.reshape(-1)] = codes[level][row, token].reshape(-1)
-    return stream
+        where = torch.where((levels == level).unsqueeze(-1), starts.unsqueeze(-1) + span, spare)
+        stream.scatter_(0, where.reshape(-1), codes[level].reshape(-1))
+    return stream[:spare].view(rows, plan.row_words)

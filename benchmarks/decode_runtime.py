@@ -1,0 +1,282 @@
+"""GPU benchmark: whole decode steps of a model, quantized caches against transformers' own.
+
+A random-weight Llama-3-8B-shaped model (32 query heads, 8 KV heads, head_dim 128, hidden 4096,
+MLP 14336, vocabulary 128256) in float16 with ``--layers`` layers. For each batch x context and
+each cache, the cache is filled with ``context`` random tokens per layer (the prefill is not what
+is measured), then the model decodes greedily, one token per step, synchronizing after every step
+as ``generate`` does. Caches:
+
+- ``dynamic``: transformers' ``DynamicCache`` with PyTorch SDPA (the baseline);
+- ``quanto2`` / ``quanto4``: transformers' ``QuantizedCache`` on optimum-quanto, 2 and 4 bits,
+  groups of 64, a 128-token residual (when optimum-quanto is installed);
+- ``headq-fp16``: :class:`~headq_core.QuantizedKVCache` with ``fp16`` keys and values (no
+  quantization: the cost of the runtime itself);
+- ``headq-kivi2`` / ``headq-kivi4``: KIVI keys and values, a 128-token window;
+- ``headq-headq``: HeadQ rank 8 on KIVI-2 keys, KIVI-2 values.
+
+Per cache and shape it reports wall time per step (host clock around the synchronized loop), GPU
+time per step (the sum of the kernels' device times under ``torch.profiler``; their ratio is the
+host's share), tokens per second and the speed against ``dynamic``; every cache is run twice,
+interleaved, and the faster run is kept. It also reports the host time of one layer's decode step
+in the ``headq`` attention (``update`` + attention, nothing waited for) at two contexts, and how
+many Triton kernels were compiled during the timed steps (zero: nothing is specialized on a value
+that changes from step to step). Run::
+
+    python benchmarks/decode_runtime.py --shapes 1x4096 8x16384 1x32768 --layers 4 --out runtime.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from typing import Any
+
+import torch
+
+HQ, HKV, D = 32, 8, 128
+WINDOW = 128
+CACHES = ["dynamic", "quanto2", "quanto4", "headq-fp16", "headq-kivi2", "headq-kivi4", "headq-headq"]
+HEADQ_SPECS = {
+    "headq-fp16": ("fp16", "fp16"),
+    "headq-kivi2": ("kivi:bits=2", "kivi:bits=2"),
+    "headq-kivi4": ("kivi:bits=4", "kivi:bits=4"),
+    "headq-headq": ("headq:rank=8,zbits=4", "kivi:bits=2"),
+}
+
+
+def model_config(layers: int) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=HQ * D, intermediate_size=14336, num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D,
+        num_hidden_layers=layers, vocab_size=128256, max_position_embeddings=1 << 20, dtype="float16",
+    )  # fmt: skip
+
+
+def build_model(layers: int) -> Any:
+    from transformers import LlamaForCausalLM
+
+    import headq_core  # noqa: F401  (registers the headq attention function)
+
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float16)  # built in half precision: no float32 copy of the weights
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(model_config(layers)).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model
+
+
+def compiled_kernels() -> int:
+    """Triton kernels compiled so far by the decode path (every variant of every kernel)."""
+    from headq_kernels import triton_affine, triton_decode, triton_folded
+
+    total = 0
+    for fn in (
+        triton_decode._decode_split_kernel,
+        triton_decode._merge_kernel,
+        triton_folded._folded_split_kernel,
+        triton_affine._quantize_pack_kernel,
+    ):
+        for entry in getattr(fn, "device_caches", {}).values():
+            total += len(entry[0])
+    return total
+
+
+def make_cache(name: str, model: Any, batch: int, context: int) -> Any:
+    """A cache of ``name`` holding ``context`` random tokens in every layer."""
+    from transformers import DynamicCache, QuantizedCache
+
+    from headq_core import QuantizedKVCache
+    from headq_core.testing.calibration import calibration_for
+
+    config = model.config
+    if name == "dynamic":
+        cache: Any = DynamicCache(config=config)
+    elif name.startswith("quanto"):
+        cache = QuantizedCache("quanto", config, nbits=int(name[-1]), q_group_size=64, residual_length=128)
+    else:
+        keys, values = HEADQ_SPECS[name]
+        calibration = calibration_for(keys, values, config) if "headq:" in keys else None
+        cache = QuantizedKVCache(
+            keys, values, window=WINDOW, config=config, calibration=calibration, capacity=context + 4096
+        )
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for layer in range(config.num_hidden_layers):
+        # in slices, so that a quantizing cache never holds a second full-precision copy
+        for start in range(0, context, 8192):
+            n = min(8192, context - start)
+            k = torch.randn((batch, HKV, n, D), generator=gen, device="cuda", dtype=torch.float16)
+            v = torch.randn_like(k)
+            if isinstance(cache, QuantizedKVCache):
+                cache.store(layer, k, v)
+            else:
+                cache.update(k, v, layer)
+    torch.cuda.synchronize()
+    return cache
+
+
+def decode(model: Any, cache: Any, batch: int, steps: int) -> tuple[float, torch.Tensor]:
+    """Seconds per greedy decode step, synchronizing after each as ``generate`` does."""
+    from headq_core import cache_kwargs
+
+    token = torch.zeros((batch, 1), dtype=torch.long, device="cuda")
+    kwargs = cache_kwargs(model, cache)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = model(token, **kwargs, use_cache=True).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps, token
+
+
+def gpu_time(model: Any, cache: Any, batch: int, steps: int) -> float:
+    """Seconds of kernel time per decode step (the device's own clock, via the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decode(model, cache, batch, steps)
+    total_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return total_us * 1e-6 / steps
+
+
+def run_shape(model: Any, batch: int, context: int, caches: list[str], warmup: int, steps: int) -> list[dict]:
+    attn = {"dynamic": "sdpa", "quanto2": "sdpa", "quanto4": "sdpa"}
+    rows: dict[str, dict[str, Any]] = {}
+    for repeat in range(2):
+        for name in caches:
+            model.set_attn_implementation(attn.get(name, "headq"))
+            try:
+                cache = make_cache(name, model, batch, context)
+                decode(model, cache, batch, warmup)
+                before = compiled_kernels()
+                wall, _ = decode(model, cache, batch, steps)
+                compiled = compiled_kernels() - before
+                gpu = gpu_time(model, cache, batch, max(4, steps // 4))
+            except (ImportError, torch.OutOfMemoryError) as err:
+                rows[name] = {"cache": name, "error": f"{type(err).__name__}: {str(err)[:120]}"}
+                print(f"  {batch}x{context} {name}: {rows[name]['error']}", flush=True)
+                continue
+            finally:
+                cache = None
+                gc.collect()
+                torch.cuda.empty_cache()
+            print(
+                f"  {batch}x{context} {name} run {repeat}: wall {1e3 * wall:.2f} ms, GPU {1e3 * gpu:.2f} ms",
+                flush=True,
+            )
+            row = {
+                "cache": name,
+                "batch": batch,
+                "context": context,
+                "wall_ms": 1e3 * wall,
+                "gpu_ms": 1e3 * gpu,
+            }
+            row["compiled_during_steps"] = compiled
+            if name not in rows or "error" in rows[name] or row["wall_ms"] < rows[name]["wall_ms"]:
+                rows[name] = row
+    base = rows.get("dynamic", {}).get("wall_ms")
+    for row in rows.values():
+        if "wall_ms" in row:
+            row["tokens_per_s"] = batch / (row["wall_ms"] * 1e-3)
+            row["wall_over_gpu"] = row["wall_ms"] / row["gpu_ms"]
+            row["vs_dynamic"] = base / row["wall_ms"] if base else None
+    return list(rows.values())
+
+
+def host_per_layer_step(spec: tuple[str, str], context: int, steps: int = 30) -> float:
+    """Microseconds of host work in one layer's decode step (update + headq attention), batch 1."""
+    from transformers import LlamaConfig
+
+    from headq_core import QuantizedKVCache
+    from headq_core.attention import headq_attention
+
+    config = LlamaConfig(hidden_size=HQ * D, num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D,
+                         num_hidden_layers=1, intermediate_size=64, vocab_size=64)  # fmt: skip
+    cache = QuantizedKVCache(*spec, window=WINDOW, config=config, capacity=context + 4096)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for start in range(0, context, 8192):
+        k = torch.randn(
+            (1, HKV, min(8192, context - start), D), generator=gen, device="cuda", dtype=torch.float16
+        )
+        cache.store(0, k, torch.randn_like(k))
+    module = torch.nn.Module().eval()
+    q = torch.randn((1, HQ, 1, D), device="cuda", dtype=torch.float16)
+    kv = torch.randn((1, HKV, 1, D), device="cuda", dtype=torch.float16)
+
+    def step() -> None:
+        key, value = cache.update(kv, kv, 0)
+        headq_attention(module, q, key, value, None, D**-0.5)
+
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    host = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return 1e6 * host / steps
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| batch x context | cache | wall ms/step | GPU ms/step | wall / GPU | tokens/s | vs dynamic | compiled |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| | {r['cache']} | {r['error']} | | | | | |")
+            continue
+        vs = f"{r['vs_dynamic']:.2f}x" if r.get("vs_dynamic") else "-"
+        lines.append(
+            f"| {r['batch']}x{r['context']} | {r['cache']} | {r['wall_ms']:.2f} | {r['gpu_ms']:.2f} | "
+            f"{r['wall_over_gpu']:.2f} | {r['tokens_per_s']:.0f} | {vs} | {r['compiled_during_steps']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["1x4096", "8x16384", "1x32768"], help="BATCHxCONTEXT")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--caches", nargs="+", choices=CACHES, default=CACHES)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument(
+        "--host", nargs="*", type=int, default=[4096, 131072], help="contexts for the host time"
+    )
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "layers": args.layers, "rows": []}
+    result["versions"] = {"torch": torch.__version__}
+    import transformers
+    import triton
+
+    result["versions"].update(transformers=transformers.__version__, triton=triton.__version__)
+    model = build_model(args.layers)
+    for shape in args.shapes:
+        batch, context = map(int, shape.split("x"))
+        print(f"{batch}x{context}, {args.layers} layers", flush=True)
+        result["rows"] += run_shape(model, batch, context, args.caches, args.warmup, args.steps)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    host = {}
+    for name in ("headq-fp16", "headq-kivi2"):
+        for context in args.host:
+            host[f"{name} {context}"] = host_per_layer_step(HEADQ_SPECS[name], context)
+            print(f"host per layer-step, {name}, 1x{context}: {host[f'{name} {context}']:.0f} us", flush=True)
+    result["host_us_per_layer_step"] = host
+    print(f"{result['device']}, {args.layers} layers, versions {result['versions']}")
+    print(table(result["rows"]))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
