@@ -105,10 +105,11 @@ def make_cache(name: str, model: Any, batch: int, context: int) -> Any:
             keys, values, window=WINDOW, config=config, calibration=calibration, capacity=context + 4096
         )
     gen = torch.Generator(device="cuda").manual_seed(1)
+    slices = 8192 if isinstance(cache, QuantizedKVCache) else context  # the others: one prefill pass
     for layer in range(config.num_hidden_layers):
         # in slices, so that a quantizing cache never holds a second full-precision copy
-        for start in range(0, context, 8192):
-            n = min(8192, context - start)
+        for start in range(0, context, slices):
+            n = min(slices, context - start)
             k = torch.randn((batch, HKV, n, D), generator=gen, device="cuda", dtype=torch.float16)
             v = torch.randn_like(k)
             if isinstance(cache, QuantizedKVCache):
@@ -144,18 +145,30 @@ def gpu_time(model: Any, cache: Any, batch: int, steps: int) -> float:
 
 
 def run_shape(model: Any, batch: int, context: int, caches: list[str], warmup: int, steps: int) -> list[dict]:
+    """Wall time of every cache over three interleaved rounds (the median kept), then GPU time."""
     attn = {"dynamic": "sdpa", "quanto2": "sdpa", "quanto4": "sdpa"}
+    walls: dict[str, list[float]] = {name: [] for name in caches}
     rows: dict[str, dict[str, Any]] = {}
-    for repeat in range(2):
+    for measure_gpu in (False, False, False, True):
         for name in caches:
+            if name in rows and "error" in rows[name]:
+                continue
             model.set_attn_implementation(attn.get(name, "headq"))
+            cache = None
             try:
                 cache = make_cache(name, model, batch, context)
                 decode(model, cache, batch, warmup)
+                if measure_gpu:
+                    gpu = gpu_time(model, cache, batch, max(4, steps // 4))
+                    rows[name]["gpu_ms"] = 1e3 * gpu
+                    continue
                 before = compiled_kernels()
                 wall, _ = decode(model, cache, batch, steps)
-                compiled = compiled_kernels() - before
-                gpu = gpu_time(model, cache, batch, max(4, steps // 4))
+                walls[name].append(1e3 * wall)
+                rows.setdefault(
+                    name, {"cache": name, "batch": batch, "context": context, "compiled_during_steps": 0}
+                )
+                rows[name]["compiled_during_steps"] += compiled_kernels() - before
             except (ImportError, torch.OutOfMemoryError) as err:
                 rows[name] = {"cache": name, "error": f"{type(err).__name__}: {str(err)[:120]}"}
                 print(f"  {batch}x{context} {name}: {rows[name]['error']}", flush=True)
@@ -164,30 +177,53 @@ def run_shape(model: Any, batch: int, context: int, caches: list[str], warmup: i
                 cache = None
                 gc.collect()
                 torch.cuda.empty_cache()
-            print(
-                f"  {batch}x{context} {name} run {repeat}: wall {1e3 * wall:.2f} ms, GPU {1e3 * gpu:.2f} ms",
-                flush=True,
-            )
-            row = {
-                "cache": name,
-                "batch": batch,
-                "context": context,
-                "wall_ms": 1e3 * wall,
-                "gpu_ms": 1e3 * gpu,
-            }
-            row["compiled_during_steps"] = compiled
-            if name not in rows or "error" in rows[name] or row["wall_ms"] < rows[name]["wall_ms"]:
-                rows[name] = row
-    base = rows.get("dynamic", {}).get("wall_ms")
+            if not measure_gpu:
+                print(f"  {batch}x{context} {name}: wall {walls[name][-1]:.2f} ms", flush=True)
+    base = None
+    for name, row in rows.items():
+        if "error" in row:
+            continue
+        row["wall_ms"] = sorted(walls[name])[len(walls[name]) // 2]
+        row["wall_runs_ms"] = walls[name]
+        row["tokens_per_s"] = batch / (row["wall_ms"] * 1e-3)
+        row["wall_over_gpu"] = row["wall_ms"] / row["gpu_ms"]
+        if name == "dynamic":
+            base = row["wall_ms"]
     for row in rows.values():
         if "wall_ms" in row:
-            row["tokens_per_s"] = batch / (row["wall_ms"] * 1e-3)
-            row["wall_over_gpu"] = row["wall_ms"] / row["gpu_ms"]
             row["vs_dynamic"] = base / row["wall_ms"] if base else None
     return list(rows.values())
 
 
-def host_per_layer_step(spec: tuple[str, str], context: int, steps: int = 30) -> float:
+def launch_overhead(n: int = 300) -> dict[str, float]:
+    """Host microseconds per launch: a Triton kernel of the decode path, and a torch op, on tiny data."""
+    from headq_kernels import triton_decode
+
+    parts = torch.zeros((1, 1, 1, 128), device="cuda")
+    ml = torch.zeros((1, 1, 1, 2), device="cuda")
+    out = torch.empty((1, 1, 1, 128), device="cuda", dtype=torch.float16)
+
+    def merge() -> None:
+        triton_decode._merge_kernel[(1,)](
+            parts, ml, out, ml, 1, G=1, D=128, BLOCK_S=32, LSE=False, num_warps=4
+        )
+
+    def add() -> None:
+        torch.add(parts, 1.0, out=parts)
+
+    result = {}
+    for name, fn in (("triton", merge), ("torch", add)):
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        result[name] = 1e6 * (time.perf_counter() - start) / n
+        torch.cuda.synchronize()
+    return result
+
+
+def host_per_layer_step(spec: tuple[str, str], context: int, steps: int = 30, profile: bool = False) -> float:
     """Microseconds of host work in one layer's decode step (update + headq attention), batch 1."""
     from transformers import LlamaConfig
 
@@ -219,6 +255,15 @@ def host_per_layer_step(spec: tuple[str, str], context: int, steps: int = 30) ->
         step()
     host = time.perf_counter() - start
     torch.cuda.synchronize()
+    if profile:  # where the host time goes
+        import cProfile
+        import pstats
+
+        with cProfile.Profile() as prof:
+            for _ in range(steps):
+                step()
+        torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     return 1e6 * host / steps
 
 
@@ -249,6 +294,7 @@ def main() -> None:
     parser.add_argument(
         "--host", nargs="*", type=int, default=[4096, 131072], help="contexts for the host time"
     )
+    parser.add_argument("--profile-host", action="store_true", help="cProfile one layer's decode step")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "layers": args.layers, "rows": []}
@@ -265,10 +311,13 @@ def main() -> None:
     del model
     gc.collect()
     torch.cuda.empty_cache()
+    result["launch_us"] = launch_overhead()
+    print(f"host per launch: {result['launch_us']}", flush=True)
     host = {}
     for name in ("headq-fp16", "headq-kivi2"):
         for context in args.host:
-            host[f"{name} {context}"] = host_per_layer_step(HEADQ_SPECS[name], context)
+            profile = args.profile_host and context == args.host[0]
+            host[f"{name} {context}"] = host_per_layer_step(HEADQ_SPECS[name], context, profile=profile)
             print(f"host per layer-step, {name}, 1x{context}: {host[f'{name} {context}']:.0f} us", flush=True)
     result["host_us_per_layer_step"] = host
     print(f"{result['device']}, {args.layers} layers, versions {result['versions']}")
