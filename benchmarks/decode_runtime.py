@@ -20,9 +20,11 @@ host's share), tokens per second and the speed against ``dynamic``; every cache 
 interleaved, and the faster run is kept. It also reports the host time of one layer's decode step
 in the ``headq`` attention (``update`` + attention, nothing waited for) at two contexts, and how
 many Triton kernels were compiled during the timed steps (zero: nothing is specialized on a value
-that changes from step to step). Run::
+that changes from step to step). Run one shape per process (a process that ran the profiler keeps memory and launch costs it
+should not), e.g.::
 
-    python benchmarks/decode_runtime.py --shapes 1x4096 8x16384 1x32768 --layers 4 --out runtime.json
+    python benchmarks/decode_runtime.py --shapes 8x16384 --out runtime-8x16k.json
+    python benchmarks/decode_runtime.py --shapes --host 4096 131072 --out host.json
 """
 
 from __future__ import annotations
@@ -178,7 +180,11 @@ def run_shape(model: Any, batch: int, context: int, caches: list[str], warmup: i
                 gc.collect()
                 torch.cuda.empty_cache()
             if not measure_gpu:
-                print(f"  {batch}x{context} {name}: wall {walls[name][-1]:.2f} ms", flush=True)
+                held = torch.cuda.memory_reserved() / 2**30
+                print(
+                    f"  {batch}x{context} {name}: wall {walls[name][-1]:.2f} ms ({held:.1f} GiB reserved)",
+                    flush=True,
+                )
     base = None
     for name, row in rows.items():
         if "error" in row:
@@ -286,13 +292,13 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["1x4096", "8x16384", "1x32768"], help="BATCHxCONTEXT")
+    parser.add_argument("--shapes", nargs="*", default=["1x4096", "8x16384", "1x32768"], help="BATCHxCONTEXT")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--caches", nargs="+", choices=CACHES, default=CACHES)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument(
-        "--host", nargs="*", type=int, default=[4096, 131072], help="contexts for the host time"
+        "--host", nargs="*", type=int, default=[], help="contexts at which to time one layer's host work"
     )
     parser.add_argument("--profile-host", action="store_true", help="cProfile one layer's decode step")
     parser.add_argument("--out", default=None)
@@ -303,7 +309,7 @@ def main() -> None:
     import triton
 
     result["versions"].update(transformers=transformers.__version__, triton=triton.__version__)
-    model = build_model(args.layers)
+    model = build_model(args.layers) if args.shapes else None
     for shape in args.shapes:
         batch, context = map(int, shape.split("x"))
         print(f"{batch}x{context}, {args.layers} layers", flush=True)
@@ -311,8 +317,9 @@ def main() -> None:
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    result["launch_us"] = launch_overhead()
-    print(f"host per launch: {result['launch_us']}", flush=True)
+    if args.host:
+        result["launch_us"] = launch_overhead()
+        print(f"host per launch: {result['launch_us']}", flush=True)
     host = {}
     for name in ("headq-fp16", "headq-kivi2"):
         for context in args.host:
