@@ -290,6 +290,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()  # as generate runs: no autograd graph keeping every step's tensors alive
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="*", default=["1x4096", "8x16384", "1x32768"], help="BATCHxCONTEXT")
