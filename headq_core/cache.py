@@ -76,8 +76,10 @@ class _Stream:
     def with_tokens(self, x: torch.Tensor, position: int, capacity: int) -> _Stream:
         """``x`` (b, h, n, d) appended to the window, its first token at absolute ``position``."""
         if self.exact is None:
-            return attrs.evolve(self, exact=ExactTokens.of(x, position, capacity if self.identity else 0))
-        return attrs.evolve(self, exact=self.exact.append(x))
+            exact = ExactTokens.of(x, position, capacity if self.identity else 0)
+        else:
+            exact = self.exact.append(x)
+        return _Stream(self.method, self.identity, self.sinks, self.arenas, exact, self.encoded)
 
     def view(self, exact_first: int, length: int) -> StreamView:
         return StreamView(
@@ -330,7 +332,7 @@ class QuantizedLayer(CacheLayerMixin):
             return stream
         assert stream.exact is not None
         if stream.identity:  # its encoded form is the exact one, already in place
-            return attrs.evolve(stream, encoded=stream.encoded + count)
+            return _Stream(stream.method, True, stream.sinks, (), stream.exact, stream.encoded + count)
         chunk = stream.exact.view()[..., :count, :]
         if isinstance(stream.method, KeyQuantizer):
             block = stream.method.encode(chunk, self.layer_idx)
@@ -347,9 +349,8 @@ class QuantizedLayer(CacheLayerMixin):
             arenas[-1] = arenas[-1].append(block)
         else:
             arenas.append(BlockArena.of(block, stream.method.block_tokens, self.cache.capacity))
-        return attrs.evolve(
-            stream, arenas=tuple(arenas), exact=stream.exact.drop(count), encoded=stream.encoded + count
-        )
+        exact = stream.exact.drop(count)
+        return _Stream(stream.method, False, stream.sinks, tuple(arenas), exact, stream.encoded + count)
 
     def _check_block(self, block: EncodedBlock, stream: _Stream, first: int) -> None:
         """A block whose float tensors are not finite would decode to NaN: refuse it, with where and why."""

@@ -100,17 +100,15 @@ def _exact(step: Step, query: torch.Tensor) -> bool:
 
 
 def _sdpa(step: Step, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-    """SDPA over the exact buffers, positions [0, length): the query heads of a KV head as rows."""
+    """SDPA over the exact buffers, positions [0, length), grouped query heads as SDPA takes them
+    (the call transformers makes for a ``DynamicCache``, so the same kernels run)."""
     assert step.keys.exact is not None and step.values.exact is not None
     keys = step.keys.exact.rows(0, step.length)  # (b, hkv, length, d), a view
     values = step.values.exact.rows(0, step.length)
-    b, hq, _, d = query.shape
-    rows = query.reshape(b, keys.shape[1], hq // keys.shape[1], d)
     attn_mask = None if mask is None else mask[:, None, None, :]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        rows, keys, values, attn_mask=attn_mask, scale=scaling
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, keys, values, attn_mask=attn_mask, scale=scaling, enable_gqa=True
     )
-    return out.reshape(b, hq, 1, d)
 
 
 def decode_step(
@@ -185,14 +183,14 @@ def _segments(view: StreamView, stop: int, query: torch.Tensor, *, keys: bool) -
             covered = min(arena.tokens, stop - pos)
             if covered <= 0:
                 break
-            out.append(arena.buffers.kernel_segment(covered))
+            out.append(arena.kernel_segment(covered))
             pos += covered
     except NoKernelLayout as err:
         _decline(str(err))
         return None
     if view.exact is not None and pos < view.length:
         exact = view.exact
-        out.append(decode_plan.Dense(exact.data, start=pos - exact.origin, length=view.length - pos))
+        out.append(decode_plan.Dense(exact.data, start=pos - exact.origin, covered=view.length - pos))
     reason = _unreadable(out, query, keys=keys)
     if reason:
         _decline(reason)

@@ -204,7 +204,7 @@ class DenseBlock(EncodedBlock):
         return self.data.to(dtype)
 
     def kernel_segment(self, covered: int) -> decode_plan.Segment:
-        return decode_plan.Dense(self.data, length=covered)
+        return decode_plan.Dense(self.data, covered=covered)
 
 
 @attrs.define(kw_only=True)

@@ -16,6 +16,7 @@ from before a pass is a snapshot of the state before it (what a failed pass rest
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator
 from fractions import Fraction
@@ -24,7 +25,7 @@ from typing import Any
 import attrs
 import torch
 
-from headq_core.layouts import _META, EncodedBlock
+from headq_core.layouts import _META, EncodedBlock, NoKernelLayout
 
 MIN_SLACK = 128  # spare tokens a buffer is given beyond what it holds when it (re)allocates
 
@@ -74,7 +75,7 @@ class ExactTokens:
         n = x.shape[-2]
         if self.stop + n <= self.data.shape[-2]:
             self.data[..., self.stop : self.stop + n, :].copy_(x)
-            return attrs.evolve(self, stop=self.stop + n)
+            return ExactTokens(self.data, self.start, self.stop + n, self.origin)
         # Compact the live rows to the front of a buffer sized for them (a window shrinks back
         # after a long prefill leaves it) or grow it: either way a quarter of spare room.
         grown = ExactTokens.of(self.view(), self.first, _room(self.tokens + n))
@@ -82,11 +83,11 @@ class ExactTokens:
 
     def drop(self, n: int) -> ExactTokens:
         """Without the first ``n`` live tokens (their rows stay readable until the buffer moves)."""
-        return attrs.evolve(self, start=self.start + n)
+        return ExactTokens(self.data, self.start + n, self.stop, self.origin)
 
     def keep(self, n: int) -> ExactTokens:
         """Only the first ``n`` live tokens."""
-        return attrs.evolve(self, stop=self.start + n)
+        return ExactTokens(self.data, self.start, self.start + n, self.origin)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ExactTokens:
         """``fn`` (a batch reorder or selection) applied to the whole buffer."""
@@ -95,15 +96,17 @@ class ExactTokens:
 
 # --- encoded blocks in arenas -----------------------------------------------------------------
 
+Path = tuple[str, ...]  # attribute names from a block to one of its (nested) tensors
 
-def _batched(block: EncodedBlock, prefix: str = "") -> Iterator[tuple[str, torch.Tensor, int]]:
+
+def _batched(block: EncodedBlock, prefix: Path = ()) -> Iterator[tuple[Path, torch.Tensor, int]]:
     """(path, tensor, token axis) of every batched stored tensor, nested blocks included."""
     for field in attrs.fields(type(block)):
         value = getattr(block, field.name)
         if isinstance(value, EncodedBlock):
-            yield from _batched(value, f"{prefix}{field.name}.")
+            yield from _batched(value, (*prefix, field.name))
         elif _META in field.metadata and value is not None and field.metadata[_META][1]:
-            yield f"{prefix}{field.name}", value, block.token_axis(field.name)
+            yield (*prefix, field.name), value, block.token_axis(field.name)
 
 
 def _settings(block: EncodedBlock) -> tuple[Any, ...]:
@@ -129,17 +132,37 @@ def _settings(block: EncodedBlock) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _rebuilt(block: EncodedBlock, tensors: dict[str, torch.Tensor], tokens: int, prefix: str = "") -> Any:
+def _get(block: Any, path: Path) -> torch.Tensor:
+    for name in path:
+        block = getattr(block, name)
+    return block  # type: ignore[no-any-return]
+
+
+def _rebuilt(block: EncodedBlock, tensors: dict[Path, torch.Tensor], tokens: int, prefix: Path = ()) -> Any:
     """``block`` with the batched tensors at ``tensors``' paths and ``tokens`` tokens (nested too)."""
     changes: dict[str, Any] = {"tokens": tokens}
     for field in attrs.fields(type(block)):
         value = getattr(block, field.name)
-        path = f"{prefix}{field.name}"
+        path = (*prefix, field.name)
         if isinstance(value, EncodedBlock):
-            changes[field.name] = _rebuilt(value, tensors, tokens, f"{path}.")
+            changes[field.name] = _rebuilt(value, tensors, tokens, path)
         elif path in tensors:
             changes[field.name] = tensors[path]
     return attrs.evolve(block, **changes)
+
+
+@attrs.frozen
+class _Layout:
+    """Where an arena's tensors are and how they grow: per batched tensor its path, token axis,
+    and length along that axis per token as ``num / den``; blocks appended must share ``settings``."""
+
+    tensors: tuple[tuple[Path, int, int, int], ...]
+    quantum: int
+    settings: tuple[Any, ...]
+
+    def units(self, index: int, tokens: int) -> int:
+        _, _, num, den = self.tensors[index]
+        return tokens * num // den
 
 
 @attrs.frozen
@@ -147,77 +170,106 @@ class BlockArena:
     """Encoded blocks of one type and settings, merged: ``buffers`` is a block of ``capacity``
     tokens (its batched tensors sized for them), of which the first ``tokens`` are stored.
 
-    ``units[path]``: length of that tensor's token axis per token (e.g. 1/16 of a word for 2-bit
-    codes packed along tokens, 1/32 of a scale for groups of 32). Every block appended must have
-    exactly these and a multiple of ``quantum`` tokens (the method's encode unit, and whole units
-    of every tensor), so that the arena can be cut after any multiple of ``quantum`` tokens.
+    Every tensor's length along its token axis is proportional to the tokens (e.g. 1/16 of a word
+    per token for 2-bit codes packed along tokens, 1/32 of a scale for groups of 32). Every block
+    appended must have exactly these lengths and a multiple of ``quantum`` tokens (the method's
+    encode unit, and whole units of every tensor), so that the arena can be cut after any multiple
+    of ``quantum`` tokens.
     """
 
     buffers: EncodedBlock
     tokens: int
-    units: dict[str, Fraction]
-    quantum: int
-    settings: tuple[Any, ...]
+    layout: _Layout
+    memo: dict[str, Any] = attrs.field(
+        factory=dict, eq=False, repr=False
+    )  # per buffers: their kernel segment
 
     @classmethod
     def of(cls, block: EncodedBlock, unit: int = 1, capacity: int = 0) -> BlockArena:
         """An arena holding ``block`` (a multiple of ``unit`` tokens, the method's encode unit),
         room for ``capacity`` tokens or more."""
-        units = {path: Fraction(t.shape[axis], block.tokens) for path, t, axis in _batched(block)}
-        quantum = math.lcm(unit, *(u.denominator for u in units.values()))
-        empty = cls(block, 0, units, quantum, _settings(block))
+        tensors, quantum = [], unit
+        for path, t, axis in _batched(block):
+            ratio = Fraction(t.shape[axis], block.tokens)
+            tensors.append((path, axis, ratio.numerator, ratio.denominator))
+            quantum = math.lcm(quantum, ratio.denominator)
+        empty = cls(block, 0, _Layout(tuple(tensors), quantum, _settings(block)))
         return empty._moved(max(capacity, _room(block.tokens, quantum))).append(block)
 
     @property
     def capacity(self) -> int:
         return self.buffers.tokens
 
+    @property
+    def quantum(self) -> int:
+        return self.layout.quantum
+
     def fits(self, block: EncodedBlock) -> bool:
-        if _settings(block) != self.settings or block.tokens % self.quantum:
+        layout = self.layout
+        if block.tokens % layout.quantum or _settings(block) != layout.settings:
             return False
-        return all(t.shape[axis] == self.units[path] * block.tokens for path, t, axis in _batched(block))
+        return all(
+            _get(block, path).shape[axis] * den == num * block.tokens
+            for path, axis, num, den in layout.tensors
+        )
 
     def append(self, block: EncodedBlock) -> BlockArena:
         """These tokens, then ``block``'s (which must :meth:`fit`), in place where there is room."""
         arena = self
         if self.tokens + block.tokens > self.capacity:
             arena = self._moved(_room(self.tokens + block.tokens, self.quantum))
-        targets = dict((path, (t, axis)) for path, t, axis in _batched(arena.buffers))
-        for path, t, axis in _batched(block):
-            buf, _ = targets[path]
-            start = int(self.units[path] * arena.tokens)
-            buf.narrow(axis, start, t.shape[axis]).copy_(t)
-        return attrs.evolve(arena, tokens=arena.tokens + block.tokens)
+        for i, (path, axis, _, _) in enumerate(self.layout.tensors):
+            new = _get(block, path)
+            start = self.layout.units(i, arena.tokens)
+            _get(arena.buffers, path).narrow(axis, start, new.shape[axis]).copy_(new)
+        return BlockArena(arena.buffers, arena.tokens + block.tokens, self.layout, arena.memo)
 
     def _moved(self, capacity: int) -> BlockArena:
         """The same tokens in new buffers of ``capacity`` tokens."""
         tensors = {}
-        for path, t, axis in _batched(self.buffers):
+        for i, (path, axis, _, _) in enumerate(self.layout.tensors):
+            t = _get(self.buffers, path)
             shape = list(t.shape)
-            shape[axis] = int(self.units[path] * capacity)
+            shape[axis] = self.layout.units(i, capacity)
             buf = t.new_zeros(shape)  # spare rows decode to something valid (a reference decodes them)
-            filled = int(self.units[path] * self.tokens)
+            filled = self.layout.units(i, self.tokens)
             if filled:
                 buf.narrow(axis, 0, filled).copy_(t.narrow(axis, 0, filled))
             tensors[path] = buf
-        return attrs.evolve(self, buffers=_rebuilt(self.buffers, tensors, capacity))
+        return BlockArena(_rebuilt(self.buffers, tensors, capacity), self.tokens, self.layout)
 
     def stored(self) -> EncodedBlock:
         """A block of the stored tokens: views of the buffers, no copy."""
         tensors = {
-            path: t.narrow(axis, 0, int(self.units[path] * self.tokens))
-            for path, t, axis in _batched(self.buffers)
+            path: _get(self.buffers, path).narrow(axis, 0, self.layout.units(i, self.tokens))
+            for i, (path, axis, _, _) in enumerate(self.layout.tensors)
         }
         return _rebuilt(self.buffers, tensors, self.tokens)  # type: ignore[no-any-return]
 
     def keep(self, tokens: int) -> BlockArena:
         """Only the first ``tokens`` tokens, rounded down to whole units."""
-        return attrs.evolve(self, tokens=tokens // self.quantum * self.quantum)
+        return BlockArena(self.buffers, tokens // self.quantum * self.quantum, self.layout, self.memo)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> BlockArena:
         """``fn`` (a batch reorder or selection) applied to every batched buffer."""
-        tensors = {path: fn(t) for path, t, _ in _batched(self.buffers)}
-        return attrs.evolve(self, buffers=_rebuilt(self.buffers, tensors, self.capacity))
+        tensors = {path: fn(_get(self.buffers, path)) for path, _, _, _ in self.layout.tensors}
+        return BlockArena(_rebuilt(self.buffers, tensors, self.capacity), self.tokens, self.layout)
+
+    def kernel_segment(self, covered: int) -> Any:
+        """The buffers as the fused kernel reads them (:meth:`EncodedBlock.kernel_segment`),
+        attending the first ``covered`` tokens; described once per buffers, not per step."""
+        segment = self.memo.get("segment")
+        if segment is None:
+            try:
+                segment = self.buffers.kernel_segment(self.capacity)
+            except NoKernelLayout as err:
+                segment = err
+            self.memo["segment"] = segment
+        if isinstance(segment, NoKernelLayout):
+            raise segment
+        out = copy.copy(segment)
+        out.covered = covered
+        return out
 
     def nbytes(self) -> int:
         """Bytes the buffers take (stored tokens and spare room; shared state not included)."""

@@ -40,17 +40,17 @@ AFFINE, DENSE, MIXED, CODEBOOK = range(4)
 
 @dataclass
 class Dense:
-    """Exact tokens: ``length`` rows of ``data`` (b, h, rows, d) from row ``start`` (default: all),
-    any strides with a unit channel stride. The table points at row 0, so a buffer that gains
-    tokens keeps its row; ``start`` goes to the splits."""
+    """Exact tokens: the rows of ``data`` (b, h, rows, d) from row ``start``, any strides with a
+    unit channel stride. The table points at row 0, so a buffer that gains tokens keeps its row;
+    ``start`` goes to the splits."""
 
     data: torch.Tensor
     start: int = 0
-    length: int | None = None
+    covered: int | None = None  # attend only the first ``covered`` rows from ``start``
 
     @property
     def tokens(self) -> int:
-        return self.data.shape[-2] - self.start if self.length is None else self.length
+        return self.data.shape[-2] - self.start
 
 
 @dataclass
@@ -222,7 +222,7 @@ def _bounds(segments: Sequence[Segment]) -> list[int]:
 
 
 def _covered(seg: Segment) -> int:
-    return seg.tokens if isinstance(seg, Dense) or seg.covered is None else seg.covered
+    return seg.tokens if seg.covered is None else seg.covered
 
 
 def _first(segments: Sequence[Segment], cls: type) -> Any:
