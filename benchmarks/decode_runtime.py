@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+import headq_kernels
+
 HQ, HKV, D = 32, 8, 128
 WINDOW = 128
 CACHES = ["dynamic", "quanto2", "quanto4", "headq-fp16", "headq-kivi2", "headq-kivi4", "headq-headq"]
@@ -70,22 +72,6 @@ def build_model(layers: int) -> Any:
     finally:
         torch.set_default_dtype(torch.float32)
     return model
-
-
-def compiled_kernels() -> int:
-    """Triton kernels compiled so far by the decode path (every variant of every kernel)."""
-    from headq_kernels import triton_affine, triton_decode, triton_folded
-
-    total = 0
-    for fn in (
-        triton_decode._decode_split_kernel,
-        triton_decode._merge_kernel,
-        triton_folded._folded_split_kernel,
-        triton_affine._quantize_pack_kernel,
-    ):
-        for entry in getattr(fn, "device_caches", {}).values():
-            total += len(entry[0])
-    return total
 
 
 def make_cache(name: str, model: Any, batch: int, context: int) -> Any:
@@ -164,13 +150,13 @@ def run_shape(model: Any, batch: int, context: int, caches: list[str], warmup: i
                     gpu = gpu_time(model, cache, batch, max(4, steps // 4))
                     rows[name]["gpu_ms"] = 1e3 * gpu
                     continue
-                before = compiled_kernels()
+                before = headq_kernels.compiled_kernels()
                 wall, _ = decode(model, cache, batch, steps)
                 walls[name].append(1e3 * wall)
                 rows.setdefault(
                     name, {"cache": name, "batch": batch, "context": context, "compiled_during_steps": 0}
                 )
-                rows[name]["compiled_during_steps"] += compiled_kernels() - before
+                rows[name]["compiled_during_steps"] += headq_kernels.compiled_kernels() - before
             except (ImportError, torch.OutOfMemoryError) as err:
                 rows[name] = {"cache": name, "error": f"{type(err).__name__}: {str(err)[:120]}"}
                 print(f"  {batch}x{context} {name}: {rows[name]['error']}", flush=True)

@@ -32,82 +32,15 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from headq_core.errors import CacheStateError
-from headq_core.finite import DeviceFlag
+from headq_core.finite import DeviceFlag, locate_non_finite
 from headq_core.interfaces import KeyQuantizer, ValuePolicy
 from headq_core.layouts import PARTS, EncodedBlock, Part, block_nbytes, iter_stored
 from headq_core.registry import Registry, get_registry
 from headq_core.spec import Spec
 from headq_core.step import Step, StreamView
-from headq_core.storage import BlockArena, ExactTokens
+from headq_core.storage import BlockArena, ExactTokens, Stream
 
 LAYER_ATTR = "_headq_layer"
-
-
-@attrs.frozen
-class _Stream:
-    """Tokens of one kind (keys or values) of one layer: a frozen record, so that a copy kept from
-    before a pass is a snapshot of the stream (its buffers are only written past their live rows)."""
-
-    method: KeyQuantizer | ValuePolicy
-    identity: bool  # the method stores tokens as they are: its encoded tokens stay in ``exact``
-    sinks: torch.Tensor | None = None  # (b, h, s, d) exact
-    arenas: tuple[BlockArena, ...] = ()
-    exact: ExactTokens | None = None  # the window; for an identity method, every token after the sinks
-    encoded: int = 0  # tokens encoded
-
-    def sink_len(self) -> int:
-        return 0 if self.sinks is None else self.sinks.shape[-2]
-
-    @property
-    def blocks(self) -> list[EncodedBlock]:
-        """The encoded tokens as blocks (views of the storage), in token order."""
-        return list(self.view(self.sink_len() + self.encoded, self.sink_len() + self.encoded).stored)
-
-    @property
-    def window(self) -> torch.Tensor | None:
-        """(b, h, w, d) the exact tokens after the encoded ones, or None."""
-        if self.exact is None:
-            return None
-        if self.identity:
-            first = self.sink_len() + self.encoded
-            return self.exact.rows(first, self.exact.origin + self.exact.stop)
-        return self.exact.view()
-
-    def with_tokens(self, x: torch.Tensor, position: int, capacity: int) -> _Stream:
-        """``x`` (b, h, n, d) appended to the window, its first token at absolute ``position``."""
-        if self.exact is None:
-            exact = ExactTokens.of(x, position, capacity if self.identity else 0)
-        else:
-            exact = self.exact.append(x)
-        return _Stream(self.method, self.identity, self.sinks, self.arenas, exact, self.encoded)
-
-    def view(self, exact_first: int, length: int) -> StreamView:
-        return StreamView(
-            method=self.method,
-            sinks=self.sinks,
-            arenas=self.arenas,
-            exact=self.exact,
-            exact_first=exact_first,
-            encoded_end=self.sink_len() + self.encoded,
-            length=length,
-            identity=self.identity,
-        )
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> _Stream:
-        return attrs.evolve(
-            self,
-            sinks=None if self.sinks is None else fn(self.sinks),
-            arenas=tuple(arena.map(fn) for arena in self.arenas),
-            exact=None if self.exact is None else self.exact.map(fn),
-        )
-
-    def decoded(self) -> torch.Tensor:
-        """(b, h, tokens, d) float32: every token as the attention reads it."""
-        parts = [] if self.sinks is None else [self.sinks.float()]
-        parts += [b.dequantize(torch.float32) for b in self.blocks]
-        if self.window is not None:
-            parts.append(self.window.float())
-        return torch.cat(parts, dim=-2)
 
 
 @attrs.frozen
@@ -115,8 +48,8 @@ class _LayerState:
     """What a failed update or value flush restores: the layer as it was before the pass."""
 
     length: int
-    k: _Stream
-    v: _Stream
+    k: Stream
+    v: Stream
     sq_attention: torch.Tensor | None
     initialized: bool
 
@@ -139,8 +72,8 @@ class QuantizedLayer(CacheLayerMixin):
         self.cache = cache
         self.layer_idx = layer_idx
         self.length = 0
-        self.k = _Stream(cache.key_method, identity=False)
-        self.v = _Stream(cache.value_method, identity=False)
+        self.k = Stream(cache.key_method, identity=False)
+        self.v = Stream(cache.value_method, identity=False)
         # (b, h, value window) running sum of p^2 (or of p: the policy's attention_statistic)
         self.sq_attention: torch.Tensor | None = None
         self.pending: _InFlight | None = None
@@ -148,7 +81,7 @@ class QuantizedLayer(CacheLayerMixin):
 
     # --- the flush rule ----------------------------------------------------------------------
 
-    def encoded_end(self, stream: _Stream, n_tokens: int) -> int:
+    def encoded_end(self, stream: Stream, n_tokens: int) -> int:
         """Absolute end of the encoded region once ``n_tokens`` tokens have arrived."""
         s, r, g = self.cache.sinks, self.cache.window, stream.method.block_tokens
         free = max(0, n_tokens - s - r)
@@ -158,8 +91,8 @@ class QuantizedLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.k = _Stream(self.cache.key_method, identity=self.cache.key_method.stores_exactly(self.dtype))
-        self.v = _Stream(self.cache.value_method, identity=self.cache.value_method.stores_exactly(self.dtype))
+        self.k = Stream(self.cache.key_method, identity=self.cache.key_method.stores_exactly(self.dtype))
+        self.v = Stream(self.cache.value_method, identity=self.cache.value_method.stores_exactly(self.dtype))
         self.is_initialized = True
 
     def update(
@@ -227,8 +160,8 @@ class QuantizedLayer(CacheLayerMixin):
             layer_idx=self.layer_idx,
             start=inflight.start,
             length=self.length,
-            keys=self.k.view(inflight.key_first, self.length),
-            values=self.v.view(v_first, self.length),
+            keys=_view(self.k, inflight.key_first, self.length),
+            values=_view(self.v, v_first, self.length),
             sinks=self.cache.sinks,
             window=self.cache.window,
             emulate_streaming=self.cache.emulate_streaming,
@@ -250,7 +183,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.before_pass = None  # the pass is complete
         if self.layer_idx == len(self.cache.layers) - 1:
             self.cache._end_pass()
-        return self.v.view(step.values.exact_first, self.length)
+        return _view(self.v, step.values.exact_first, self.length)
 
     # --- validation and roll-back --------------------------------------------------------------
 
@@ -311,7 +244,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.sq_attention, self.is_initialized = state.sq_attention, state.initialized
         self.pending = self.before_pass = None
 
-    def _flushed(self, stream: _Stream) -> _Stream:
+    def _flushed(self, stream: Stream) -> Stream:
         """The stream with the tokens that leave the window encoded; on failure the layer is left as
         before the pass."""
         try:
@@ -325,14 +258,14 @@ class QuantizedLayer(CacheLayerMixin):
                 )
             raise
 
-    def _flush_stream(self, stream: _Stream) -> _Stream:
+    def _flush_stream(self, stream: Stream) -> Stream:
         first = stream.sink_len() + stream.encoded
         count = self.encoded_end(stream, self.length) - first
         if count <= 0:
             return stream
         assert stream.exact is not None
         if stream.identity:  # its encoded form is the exact one, already in place
-            return _Stream(stream.method, True, stream.sinks, (), stream.exact, stream.encoded + count)
+            return Stream(stream.method, True, stream.sinks, (), stream.exact, stream.encoded + count)
         chunk = stream.exact.view()[..., :count, :]
         if isinstance(stream.method, KeyQuantizer):
             block = stream.method.encode(chunk, self.layer_idx)
@@ -350,9 +283,9 @@ class QuantizedLayer(CacheLayerMixin):
         else:
             arenas.append(BlockArena.of(block, stream.method.block_tokens, self.cache.capacity))
         exact = stream.exact.drop(count)
-        return _Stream(stream.method, False, stream.sinks, tuple(arenas), exact, stream.encoded + count)
+        return Stream(stream.method, False, stream.sinks, tuple(arenas), exact, stream.encoded + count)
 
-    def _check_block(self, block: EncodedBlock, stream: _Stream, first: int) -> None:
+    def _check_block(self, block: EncodedBlock, stream: Stream, first: int) -> None:
         """A block whose float tensors are not finite would decode to NaN: refuse it, with where and why."""
         floats = [(name, t) for name, t, *_ in iter_stored(block) if t.is_floating_point() and t.numel()]
         if not floats or floats[0][1].device.type == "meta":
@@ -423,7 +356,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.length = new_length
         self.pending = self.before_pass = None
 
-    def _cropped(self, stream: _Stream, new_length: int) -> _Stream:
+    def _cropped(self, stream: Stream, new_length: int) -> Stream:
         s = min(new_length, stream.sink_len())
         sinks = stream.sinks[..., :s, :] if stream.sinks is not None and s else None
         if stream.identity:  # every token is still exact
@@ -483,6 +416,20 @@ class QuantizedLayer(CacheLayerMixin):
             return 0
         b, h, _, d = ref.shape
         return b * h * self.length * d
+
+
+def _view(stream: Stream, exact_first: int, length: int) -> StreamView:
+    """The stream as a pass reads it."""
+    return StreamView(
+        method=stream.method,
+        sinks=stream.sinks,
+        arenas=stream.arenas,
+        exact=stream.exact,
+        exact_first=exact_first,
+        encoded_end=stream.sink_len() + stream.encoded,
+        length=length,
+        identity=stream.identity,
+    )
 
 
 def _ranges(lengths: dict[int, int]) -> str:
@@ -615,22 +562,8 @@ class QuantizedKVCache(Cache):
             bad = any((not flag.check()) if sync else flag.tripped() for flag in self._flags.values())
             if not bad:
                 return
-            self._failed = self._locate_non_finite()
+            self._failed = locate_non_finite(self.quantized_layers())
         raise CacheStateError(self._failed)
-
-    def _locate_non_finite(self) -> str:
-        for layer in self.quantized_layers():
-            for name, tokens in zip(("keys", "values"), layer.decoded(), strict=True):
-                bad = (~torch.isfinite(tokens)).nonzero()
-                if bad.shape[0]:
-                    b, h, t, c = bad[0].tolist()
-                    return (
-                        f"layer {layer.layer_idx}: {name} hold {tokens[b, h, t, c].item()} at batch {b}, kv head "
-                        f"{h}, position {t}, channel {c}, stored by an earlier pass (on a GPU the check runs "
-                        "without stalling the device, so it reports a pass late); this cache cannot continue, "
-                        "start a new one"
-                    )
-        return "a non-finite number was stored (not found again in the decoded tokens); start a new cache"
 
     # --- accounting ------------------------------------------------------------------------------
 

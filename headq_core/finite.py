@@ -13,6 +13,7 @@ the flag at once, with a sync, for callers that want to know now.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -59,3 +60,20 @@ class DeviceFlag:
         """Whether everything checked so far was finite, now (synchronizes with the device)."""
         self.publish()
         return bool(self.ok)
+
+
+def locate_non_finite(layers: Iterable[Any]) -> str:
+    """The message for the first non-finite number the cache layers hold (found with syncs: this
+    runs only once something was found)."""
+    for layer in layers:
+        for name, tokens in zip(("keys", "values"), layer.decoded(), strict=True):
+            bad = (~torch.isfinite(tokens)).nonzero()
+            if bad.shape[0]:
+                b, h, t, c = bad[0].tolist()
+                return (
+                    f"layer {layer.layer_idx}: {name} hold {tokens[b, h, t, c].item()} at batch {b}, kv head "
+                    f"{h}, position {t}, channel {c}, stored by an earlier pass (on a GPU the check runs "
+                    "without stalling the device, so it reports a pass late); this cache cannot continue, "
+                    "start a new one"
+                )
+    return "a non-finite number was stored (not found again in the decoded tokens); start a new cache"

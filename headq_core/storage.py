@@ -12,6 +12,7 @@ from before a pass is a snapshot of the state before it (what a failed pass rest
 - :class:`BlockArena`: the blocks a method encoded, merged into one block whose stored tensors
   are buffers of ``capacity`` tokens: :meth:`BlockArena.stored` is a block of the tokens stored so
   far, :meth:`BlockArena.kernel_segment` describes the buffers to the fused kernel.
+- :class:`Stream`: one layer's keys or values: sinks, arenas, the window.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Any
 import attrs
 import torch
 
-from headq_core.layouts import _META, EncodedBlock, NoKernelLayout
+from headq_core.interfaces import KeyQuantizer, ValuePolicy
+from headq_core.layouts import _META, DenseBlock, EncodedBlock, NoKernelLayout
 
 MIN_SLACK = 128  # spare tokens a buffer is given beyond what it holds when it (re)allocates
 
@@ -274,3 +276,64 @@ class BlockArena:
     def nbytes(self) -> int:
         """Bytes the buffers take (stored tokens and spare room; shared state not included)."""
         return sum(t.numel() * t.element_size() for _, t, _ in _batched(self.buffers))
+
+
+@attrs.frozen
+class Stream:
+    """Tokens of one kind (keys or values) of one layer: sinks, arenas of encoded tokens, the exact
+    window. A frozen record, so that a copy kept from before a pass is a snapshot of the stream
+    (its buffers are only written past their live rows)."""
+
+    method: KeyQuantizer | ValuePolicy
+    identity: bool  # the method stores tokens as they are: its encoded tokens stay in ``exact``
+    sinks: torch.Tensor | None = None  # (b, h, s, d) exact
+    arenas: tuple[BlockArena, ...] = ()
+    exact: ExactTokens | None = None  # the window; for an identity method, every token after the sinks
+    encoded: int = 0  # tokens encoded
+
+    def sink_len(self) -> int:
+        return 0 if self.sinks is None else self.sinks.shape[-2]
+
+    @property
+    def blocks(self) -> list[EncodedBlock]:
+        """The encoded tokens as blocks (views of the storage), in token order."""
+        if not self.identity:
+            return [arena.stored() for arena in self.arenas]
+        if self.exact is None or not self.encoded:
+            return []
+        first = self.sink_len()
+        return [DenseBlock(tokens=self.encoded, data=self.exact.rows(first, first + self.encoded))]
+
+    @property
+    def window(self) -> torch.Tensor | None:
+        """(b, h, w, d) the exact tokens after the encoded ones, or None."""
+        if self.exact is None:
+            return None
+        if self.identity:
+            first = self.sink_len() + self.encoded
+            return self.exact.rows(first, self.exact.origin + self.exact.stop)
+        return self.exact.view()
+
+    def with_tokens(self, x: torch.Tensor, position: int, capacity: int) -> Stream:
+        """``x`` (b, h, n, d) appended to the window, its first token at absolute ``position``."""
+        if self.exact is None:
+            exact = ExactTokens.of(x, position, capacity if self.identity else 0)
+        else:
+            exact = self.exact.append(x)
+        return Stream(self.method, self.identity, self.sinks, self.arenas, exact, self.encoded)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Stream:
+        return attrs.evolve(
+            self,
+            sinks=None if self.sinks is None else fn(self.sinks),
+            arenas=tuple(arena.map(fn) for arena in self.arenas),
+            exact=None if self.exact is None else self.exact.map(fn),
+        )
+
+    def decoded(self) -> torch.Tensor:
+        """(b, h, tokens, d) float32: every token as the attention reads it."""
+        parts = [] if self.sinks is None else [self.sinks.float()]
+        parts += [b.dequantize(torch.float32) for b in self.blocks]
+        if self.window is not None:
+            parts.append(self.window.float())
+        return torch.cat(parts, dim=-2)

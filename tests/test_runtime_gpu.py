@@ -4,7 +4,6 @@ non-finite tokens caught without a sync (skipped without CUDA and Triton)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from transformers import LlamaConfig  # noqa: E402
 from headq_core import CacheStateError, QuantizedKVCache  # noqa: E402
 from headq_core.attention import headq_attention  # noqa: E402
 from headq_core.testing.calibration import calibration_for  # noqa: E402
-from headq_kernels import triton_affine, triton_decode, triton_folded  # noqa: E402
+from headq_kernels import compiled_kernels  # noqa: E402
 
 CUDA = torch.device("cuda")
 HQ, HKV, D = 8, 2, 128
@@ -104,20 +103,6 @@ def test_decode_steps_make_no_device_to_host_sync(keys: str, values: str, padded
             out = _step(cache, mask, gen)
     assert bool(torch.isfinite(out).all())
     assert cache.get_seq_length() == total + 40
-
-
-def compiled_kernels() -> int:
-    total = 0
-    for fn in (
-        triton_decode._decode_split_kernel,
-        triton_decode._merge_kernel,
-        triton_folded._folded_split_kernel,
-        triton_affine._quantize_pack_kernel,
-    ):
-        caches: Any = getattr(fn, "device_caches", None)
-        assert caches is not None, "this Triton keeps its compiled kernels elsewhere: update the count"
-        total += sum(len(entry[0]) for entry in caches.values())
-    return total
 
 
 @pytest.mark.parametrize(("keys", "values"), [("kivi:bits=2", "kivi:bits=2"), ("kivi:bits=2", "a2")])

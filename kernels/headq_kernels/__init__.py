@@ -12,7 +12,10 @@ from typing import Any
 
 import torch
 
-from headq_kernels import affine_reference
+from headq_kernels import (
+    affine_reference,
+    decode_plan,
+)
 from headq_kernels.affine_reference import (
     SUPPORTED_BITS,
     codes_per_word,
@@ -36,6 +39,26 @@ def triton_module(name: str) -> Any:
         return None
 
 
+def compiled_kernels() -> int:
+    """Triton kernels the decode path has compiled in this process, every variant of every kernel
+    (0 without Triton): a count that must not grow once a decode is warm."""
+    kernels = [
+        (triton_module("triton_decode"), "_decode_split_kernel"),
+        (triton_module("triton_decode"), "_merge_kernel"),
+        (triton_module("triton_folded"), "_folded_split_kernel"),
+        (triton_module("triton_affine"), "_quantize_pack_kernel"),
+    ]
+    total = 0
+    for module, name in kernels:
+        if module is None:
+            continue
+        caches = getattr(getattr(module, name), "device_caches", None)
+        if caches is None:
+            raise RuntimeError("this Triton keeps its compiled kernels elsewhere: update compiled_kernels")
+        total += sum(len(entry[0]) for entry in caches.values())
+    return total
+
+
 def quantize_affine(
     x: torch.Tensor, bits: int, group: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,6 +76,8 @@ def quantize_affine(
 __all__ = [
     "SUPPORTED_BITS",
     "codes_per_word",
+    "compiled_kernels",
+    "decode_plan",
     "dequantize_affine",
     "dequantize_symmetric",
     "pack_codes",
