@@ -37,7 +37,7 @@ from headq_core.interfaces import KeyQuantizer, ValuePolicy
 from headq_core.layouts import PARTS, EncodedBlock, Part, block_nbytes, iter_stored
 from headq_core.registry import Registry, get_registry
 from headq_core.spec import Spec
-from headq_core.step import Step, StreamView
+from headq_core.step import Step, StreamView, encoded_end
 from headq_core.storage import BlockArena, ExactTokens, Stream
 
 LAYER_ATTR = "_headq_layer"
@@ -83,9 +83,7 @@ class QuantizedLayer(CacheLayerMixin):
 
     def encoded_end(self, stream: Stream, n_tokens: int) -> int:
         """Absolute end of the encoded region once ``n_tokens`` tokens have arrived."""
-        s, r, g = self.cache.sinks, self.cache.window, stream.method.block_tokens
-        free = max(0, n_tokens - s - r)
-        return min(n_tokens, s) + (free // g) * g
+        return encoded_end(n_tokens, self.cache.sinks, self.cache.window, stream.method.block_tokens)
 
     # --- transformers layer API --------------------------------------------------------------
 
@@ -160,8 +158,8 @@ class QuantizedLayer(CacheLayerMixin):
             layer_idx=self.layer_idx,
             start=inflight.start,
             length=self.length,
-            keys=_view(self.k, inflight.key_first, self.length),
-            values=_view(self.v, v_first, self.length),
+            keys=StreamView(self.k, inflight.key_first, self.length),
+            values=StreamView(self.v, v_first, self.length),
             sinks=self.cache.sinks,
             window=self.cache.window,
             emulate_streaming=self.cache.emulate_streaming,
@@ -183,7 +181,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.before_pass = None  # the pass is complete
         if self.layer_idx == len(self.cache.layers) - 1:
             self.cache._end_pass()
-        return _view(self.v, step.values.exact_first, self.length)
+        return StreamView(self.v, step.values.exact_first, self.length)
 
     # --- validation and roll-back --------------------------------------------------------------
 
@@ -226,6 +224,7 @@ class QuantizedLayer(CacheLayerMixin):
         if flag is not None:
             flag.watch((keys, values))
             return
+        # the CPU from here on: reading the check back costs no sync
         if keys.device.type == "meta" or bool(torch.isfinite(keys).all() & torch.isfinite(values).all()):
             return
         name, bad = ("keys", keys) if not bool(torch.isfinite(keys).all()) else ("values", values)
@@ -294,6 +293,7 @@ class QuantizedLayer(CacheLayerMixin):
         if flag is not None:
             flag.watch(t for _, t in floats)
             return
+        # the CPU from here on: reading the check back costs no sync
         if bool(torch.stack([torch.isfinite(t).all() for _, t in floats]).all()):
             return
         name = next(name for name, t in floats if not bool(torch.isfinite(t).all()))
@@ -416,20 +416,6 @@ class QuantizedLayer(CacheLayerMixin):
             return 0
         b, h, _, d = ref.shape
         return b * h * self.length * d
-
-
-def _view(stream: Stream, exact_first: int, length: int) -> StreamView:
-    """The stream as a pass reads it."""
-    return StreamView(
-        method=stream.method,
-        sinks=stream.sinks,
-        arenas=stream.arenas,
-        exact=stream.exact,
-        exact_first=exact_first,
-        encoded_end=stream.sink_len() + stream.encoded,
-        length=length,
-        identity=stream.identity,
-    )
 
 
 def _ranges(lengths: dict[int, int]) -> str:

@@ -21,47 +21,62 @@ import attrs
 import torch
 
 from headq_core.interfaces import AttentionStatistic, KeyQuantizer, ValuePolicy
-from headq_core.layouts import DenseBlock, EncodedBlock
-from headq_core.storage import BlockArena, ExactTokens
+from headq_core.layouts import EncodedBlock
+from headq_core.storage import BlockArena, ExactTokens, Stream
+
+
+def encoded_end(n_tokens: int, sinks: int, window: int, block_tokens: int) -> int:
+    """The flush rule: the absolute end of a stream's encoded tokens once ``n_tokens`` have
+    arrived (the first ``sinks`` stay exact, then whole units of ``block_tokens`` leave the window
+    once ``window`` newer tokens follow them)."""
+    free = max(0, n_tokens - sinks - window)
+    return min(n_tokens, sinks) + (free // block_tokens) * block_tokens
 
 
 @attrs.frozen
 class StreamView:
-    """Keys or values of one layer as one pass reads them, positions ``[0, length)`` in order.
+    """Keys or values of one layer as one pass reads them, positions ``[0, length)`` in order:
+    the ``stream`` (sinks, encoded tokens as blocks for the reference path and as arenas for the
+    kernel, the exact buffer), and where this pass's exact tokens start (``exact_first``: the
+    window as it was when the pass began; rows of a buffer that may hold more, see
+    :meth:`exact_tokens`)."""
 
-    sinks: (b, h, s, d) exact, positions ``[0, s)``, or None;
-    stored / arenas: the encoded tokens, positions ``[s, encoded_end)``: blocks (views, for the
-    reference path) and the arenas they live in (for the kernel; empty for an identity method,
-    whose encoded tokens are its exact ones);
-    exact: the exact tokens from ``exact_first`` to the end of the pass (rows of a buffer that may
-    hold more: see :meth:`exact_tokens`).
-    """
-
-    method: KeyQuantizer | ValuePolicy
-    sinks: torch.Tensor | None
-    arenas: tuple[BlockArena, ...]
-    exact: ExactTokens | None
+    stream: Stream
     exact_first: int
-    encoded_end: int
     length: int
-    identity: bool
+
+    @property
+    def method(self) -> KeyQuantizer | ValuePolicy:
+        return self.stream.method
+
+    @property
+    def sinks(self) -> torch.Tensor | None:
+        return self.stream.sinks
 
     @property
     def sink_len(self) -> int:
-        return 0 if self.sinks is None else self.sinks.shape[-2]
+        return self.stream.sink_len()
 
     @property
-    def stored(self) -> tuple[EncodedBlock, ...]:
+    def arenas(self) -> tuple[BlockArena, ...]:
+        return self.stream.arenas
+
+    @property
+    def exact(self) -> ExactTokens | None:
+        return self.stream.exact
+
+    @property
+    def identity(self) -> bool:
+        return self.stream.identity
+
+    @property
+    def encoded_end(self) -> int:
+        return self.stream.sink_len() + self.stream.encoded
+
+    @property
+    def stored(self) -> list[EncodedBlock]:
         """The encoded tokens as blocks (views of the storage, made when asked for)."""
-        if not self.identity:
-            return tuple(arena.stored() for arena in self.arenas)
-        if self.exact is None or self.encoded_end <= self.sink_len:
-            return ()
-        return (
-            DenseBlock(
-                tokens=self.encoded_end - self.sink_len, data=self.exact.rows(self.sink_len, self.encoded_end)
-            ),
-        )
+        return self.stream.blocks
 
     def exact_tokens(self, first: int | None = None) -> torch.Tensor | None:
         """(b, h, length - first, d) exact tokens from position ``first`` (default ``exact_first``)."""
@@ -90,19 +105,14 @@ class Step:
     def queries(self) -> int:
         return self.length - self.start
 
-    def encoded_end(self, block_tokens: int, n_tokens: int) -> int:
-        """Absolute end of a stream's encoded region once ``n_tokens`` tokens have arrived."""
-        free = max(0, n_tokens - self.sinks - self.window)
-        return min(n_tokens, self.sinks) + (free // block_tokens) * block_tokens
-
     def read_encoded(self, view: StreamView, first: int, device: torch.device) -> torch.Tensor:
         """(queries, length - first) bool: whether in-flight query ``i`` reads token ``first + j`` encoded."""
         q = torch.arange(self.start, self.length, device=device)[:, None]
         k = torch.arange(first, self.length, device=device)[None, :]
         g = view.method.block_tokens
         if self.emulate_streaming:
-            ends = [self.encoded_end(g, j + 1) for j in range(self.start, self.length)]
+            ends = [encoded_end(j + 1, self.sinks, self.window, g) for j in range(self.start, self.length)]
             end = torch.tensor(ends, device=device)[:, None]
             return (k >= self.sinks) & (k < end) & (k < q)
-        end_now = self.encoded_end(g, self.length)
+        end_now = encoded_end(self.length, self.sinks, self.window, g)
         return ((k >= self.sinks) & (k < end_now) & (k < self.start)).expand(q.shape[0], -1)

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig
 
 from headq_core import QuantizedKVCache, fused
-from headq_core.attention import headq_attention
+from headq_core.attention import _row_mask, attend_quantized, headq_attention
 from headq_core.layouts import concat_blocks
 from headq_core.registry import get_registry
 from headq_core.storage import BlockArena, ExactTokens
@@ -102,8 +102,6 @@ def test_an_exact_cache_decodes_through_sdpa_as_the_reference_does() -> None:
     caches[1].update(k, v, 0)
     step = layer.begin_step()
     assert fused._exact(step, q)
-    from headq_core.attention import _row_mask, attend_quantized
-
     ref, _ = attend_quantized(
         layer, step, q.reshape(2, 2, 2, 16), _row_mask(mask, 2, 1, 50, 51, q.device), 0.25, None
     )
