@@ -1,13 +1,18 @@
 """The ``headq`` attention function for transformers models.
 
-It computes attention over ``[sinks | encoded tokens | window]`` of a :class:`QuantizedLayer`, from
-the :class:`~headq_core.step.Step` the layer hands it, block by block, so that a key method can
-correct its own logits and a value policy can read out its own blocks; it gives the layer back
-the (squared) attention its value tokens received, for policies that want it. Decode steps go to
-:func:`headq_core.fused.decode` first (SDPA over an exact cache, the fused kernel over the layouts
-it knows); everything else, and whatever those decline, runs on the torch reference here. On keys
-that do not come from a quantized cache (no cache, or another cache class) it is plain exact
-attention.
+On keys from a :class:`QuantizedLayer` it computes attention over ``[sinks | encoded tokens |
+window]`` from the :class:`~headq_core.step.Step` the layer hands it, so that a key method can
+correct its own logits and a value policy can read out its own blocks, and gives the layer back
+the (squared) attention its value tokens received, for policies that want it:
+
+- a decode step goes to :func:`headq_core.fused.decode` first (SDPA over an exact cache, the
+  fused kernel over the layouts it knows);
+- a pass that reads nothing encoded and owes no statistic (a prompt into an empty cache, an exact
+  cache) is PyTorch's SDPA over the exact tokens, in the model's dtype;
+- everything else runs on :func:`headq_core.tiled.attend_tiled`, in memory bounded by a tile of
+  logits however long the prompt and the cache are.
+
+On keys that do not come from a quantized cache (no cache, or another cache class) it is SDPA.
 
 Register it once with :func:`register_attention` (importing :mod:`headq_core` does), then load a
 model with ``attn_implementation="headq"`` or call :func:`use_headq_attention` on it.
@@ -23,7 +28,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from headq_core import fused
 from headq_core.cache import LAYER_ATTR, QuantizedLayer
-from headq_core.step import Step, StreamView
+from headq_core.reference import masked_softmax, row_mask
+from headq_core.step import Step, StreamView, encoded_end
+from headq_core.tiled import attend_tiled
 
 ATTN_NAME = "headq"
 
@@ -52,139 +59,88 @@ def headq_attention(
     hkv = key.shape[1]
     if hq % hkv:
         raise ValueError(f"{hq} query heads cannot share {hkv} key/value heads")
-    if isinstance(layer, QuantizedLayer):
-        step = layer.begin_step()
-        if n == 1:
-            decoded = fused.decode(step, query, attention_mask, scaling, softcap)
-            if decoded is not None:
-                out, statistic = decoded
-                layer.end_step(step, statistic)
-                return out.transpose(1, 2).contiguous(), None
-    g = hq // hkv
+    if not isinstance(layer, QuantizedLayer):
+        out = _exact(query, key, value, attention_mask, scaling, softcap)
+        return out.transpose(1, 2).contiguous(), None
+    step = layer.begin_step()
+    if n == 1:
+        decoded = fused.decode(step, query, attention_mask, scaling, softcap)
+        if decoded is not None:
+            out, statistic = decoded
+            layer.end_step(step, statistic)
+            return out.transpose(1, 2).contiguous(), None
+    reads_encoded = _reads_encoded(step, step.keys) or _reads_encoded(step, step.values)
+    if not softcap and step.statistic is None and not reads_encoded:
+        layer.end_step(step)
+        out = _sdpa(query, _exact_tokens(step.keys), _exact_tokens(step.values), attention_mask, scaling)
+        return out.transpose(1, 2).contiguous(), None
     # GQA folded into rows: row = head_in_group * n + position.
-    q = query.float().reshape(b, hkv, g * n, d)
-    if isinstance(layer, QuantizedLayer):
-        mask = _row_mask(attention_mask, g, n, step.start, step.length, q.device)
-        out, _ = attend_quantized(layer, step, q, mask, scaling, softcap)
-    else:
-        total = key.shape[-2]
-        mask = _row_mask(attention_mask, g, n, total - n, total, q.device)
-        logits = _softcap(q @ key.float().transpose(-1, -2) * scaling, softcap)
-        probs = _softmax(logits, mask)
-        out = probs @ value.float()
-    out = out.reshape(b, hkv * g, n, d).to(query.dtype)
+    q = query.float().reshape(b, hkv, hq // hkv * n, d)
+    out = attend_tiled(layer, step, q, attention_mask, scaling, softcap)
+    out = out.reshape(b, hq, n, d).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
 
 
-def attend_quantized(
-    layer: QuantizedLayer,
-    step: Step,
-    q: torch.Tensor,
+def _reads_encoded(step: Step, view: StreamView) -> bool:
+    """Whether some query of the pass may read some token of ``view`` encoded."""
+    if view.identity:
+        return False
+    if step.emulate_streaming or view.exact_first > view.sink_len:
+        return True  # tokens encoded before the pass, or a per-query state
+    end_now = encoded_end(step.length, step.sinks, step.window, view.method.block_tokens)
+    return min(end_now, step.start) > view.exact_first
+
+
+def _exact_tokens(view: StreamView) -> torch.Tensor:
+    """(b, h, length, d): every token of a stream that nothing reads encoded, as stored."""
+    parts = [] if view.sinks is None else [view.sinks]
+    if view.length > view.sink_len:
+        assert view.exact is not None
+        parts.append(view.exact.rows(view.sink_len, view.length))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+
+def _sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """PyTorch's SDPA in the query's dtype, grouped heads as SDPA takes them; (b, hq, n, d).
+
+    mask as transformers gives it (None: causal); rows with nothing to attend to give zeros."""
+    n, total = query.shape[-2], key.shape[-2]
+    key, value = key.to(query.dtype), value.to(query.dtype)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    causal = mask is None and n > 1
+    if causal and n != total:  # SDPA's causal flag aligns the corners the other way
+        mask = (
+            torch.arange(total, device=query.device)
+            <= torch.arange(total - n, total, device=query.device)[:, None]
+        )
+        causal = False
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True
+    )
+    return out if mask is None else out.nan_to_num(0.0)
+
+
+def _exact(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
     mask: torch.Tensor | None,
     scaling: float,
     softcap: float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of grouped queries q (b, hkv, rows, d) over the pass ``step`` of ``layer``, on the
-    torch reference; ends the step.
-
-    Returns the output (b, hkv, rows, d) and the scaled logits (b, hkv, rows, tokens) as read,
-    before masking; both float32.
-    """
-    g = q.shape[-2] // step.queries
-    keys = step.keys
-    # Logits, segment by segment in token order: sinks, blocks (method's own logits), window.
-    parts = []
-    if keys.sinks is not None:
-        parts.append(q @ keys.sinks.float().transpose(-1, -2))
-    parts += [keys.method.logits(q, block, step.layer_idx) for block in keys.stored]  # type: ignore[union-attr]
-    window = keys.exact_tokens(keys.encoded_end)
-    if window is not None:
-        parts.append(q @ window.float().transpose(-1, -2))
-    logits = torch.cat(parts, dim=-1)
-    # Tokens that were in the window when this pass began are exact, unless the query reads
-    # them encoded: in serving, those flushed by this pass; when emulating, by the streaming rule.
-    first = keys.exact_first
-    exact = keys.exact_tokens()
-    if exact is not None:
-        state = step.read_encoded(keys, first, q.device).repeat(g, 1)
-        logits[..., first:] = torch.where(state, logits[..., first:], q @ exact.float().transpose(-1, -2))
-    logits = _softcap(logits * scaling, softcap)
-    probs = _softmax(logits, mask)
-
-    # Values: the statistic of the tokens read exact, then the layer stores what leaves the window.
-    first = step.values.exact_first
-    state = step.read_encoded(step.values, first, q.device).repeat(g, 1)
-    statistic = None
-    if step.statistic is not None:
-        seen = probs[..., first:] * ~state
-        statistic = (seen.square() if step.statistic == "sq_attention" else seen).sum(dim=-2)
-    exact = step.values.exact_tokens()
-    values = layer.end_step(step, statistic)
-
-    # Readout: encoded-state weight through the storage, exact-state weight on the old window.
-    tail = probs[..., first:]
-    out = _readout(values, probs, first, tail * state, q.shape[-1], step.layer_idx)
-    if exact is not None:
-        out = out + (tail * ~state) @ exact.float()
-    return out, logits
-
-
-def _readout(
-    values: StreamView, probs: torch.Tensor, first: int, tail: torch.Tensor, head_dim: int, layer_idx: int
 ) -> torch.Tensor:
-    """Readout of the stored values with ``probs``, whose part from ``first`` on is replaced by ``tail``."""
-
-    def weights(start: int, stop: int) -> torch.Tensor:
-        if stop <= first:
-            return probs[..., start:stop]
-        if start >= first:
-            return tail[..., start - first : stop - first]
-        return torch.cat([probs[..., start:first], tail[..., : stop - first]], dim=-1)
-
-    pos = values.sink_len
-    out = torch.zeros((*probs.shape[:-1], head_dim), device=probs.device)
-    if values.sinks is not None:
-        out = out + weights(0, pos) @ values.sinks.float()
-    for block in values.stored:
-        out = out + values.method.readout(weights(pos, pos + block.tokens), block, layer_idx)  # type: ignore[union-attr]
-        pos += block.tokens
-    window = values.exact_tokens(pos)
-    if window is not None:
-        out = out + weights(pos, values.length) @ window.float()
-    return out
-
-
-def _row_mask(
-    mask: torch.Tensor | None, g: int, n: int, start: int, total: int, device: torch.device
-) -> torch.Tensor | None:
-    """(b, 1, n, T) -> (b or 1, 1, g*n, T) matching the folded rows; bool, True = attend.
-
-    None (transformers' causal mask left out) is the causal mask of queries at positions
-    ``[start, total)`` over keys ``[0, total)``; None stays None for one query.
-    """
-    if mask is None:
-        if n == 1:
-            return None
-        mask = (torch.arange(total, device=device) <= torch.arange(start, total, device=device)[:, None])[
-            None, None
-        ]
-    if mask.dtype != torch.bool:
-        mask = mask > torch.finfo(mask.dtype).min / 2  # additive masks: 0 attend, min block
-    if mask.shape[-2] == 1:
-        return mask
-    return mask.repeat(1, 1, g, 1)
-
-
-def _softcap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    return logits if not softcap else softcap * torch.tanh(logits / softcap)
-
-
-def _softmax(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if mask is None:
-        return torch.softmax(logits, dim=-1)
-    logits = logits.masked_fill(~mask[..., -logits.shape[-1] :], float("-inf"))
-    # rows with nothing to attend to (left padding) give NaN: zeros instead, without asking which
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    """Plain attention over keys that no quantized cache holds; (b, hq, n, d)."""
+    if not softcap:
+        return _sdpa(query, key, value, mask, scaling)
+    b, hq, n, d = query.shape
+    hkv, total = key.shape[1], key.shape[-2]
+    q = query.float().reshape(b, hkv, hq // hkv * n, d)
+    logits = q @ key.float().transpose(-1, -2) * scaling
+    logits = softcap * torch.tanh(logits / softcap)
+    probs = masked_softmax(logits, row_mask(mask, hq // hkv, n, total - n, total, q.device))
+    return (probs @ value.float()).reshape(b, hq, n, d).to(query.dtype)
 
 
 def register_attention() -> None:

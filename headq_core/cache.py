@@ -178,6 +178,9 @@ class QuantizedLayer(CacheLayerMixin):
             self.sq_attention = self.sq_attention + statistic[..., -self.sq_attention.shape[-1] :]
         if not step.values_flushed:
             self.v = self._flushed(self.v)
+        # A long prompt leaves a window in a buffer sized for the prompt: free it now (the step
+        # keeps the old buffers for whoever still reads the pass's exact tokens).
+        self.k, self.v = self.k.compacted(), self.v.compacted()
         self.before_pass = None  # the pass is complete
         if self.layer_idx == len(self.cache.layers) - 1:
             self.cache._end_pass()

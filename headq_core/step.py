@@ -105,14 +105,21 @@ class Step:
     def queries(self) -> int:
         return self.length - self.start
 
-    def read_encoded(self, view: StreamView, first: int, device: torch.device) -> torch.Tensor:
-        """(queries, length - first) bool: whether in-flight query ``i`` reads token ``first + j`` encoded."""
-        q = torch.arange(self.start, self.length, device=device)[:, None]
-        k = torch.arange(first, self.length, device=device)[None, :]
+    def encoded_limit(self, view: StreamView, device: torch.device) -> torch.Tensor:
+        """(queries,) int64: in-flight query ``i`` reads the tokens from the sinks up to this
+        position encoded, and later ones exact (the flush rule applied to what it has seen)."""
         g = view.method.block_tokens
-        if self.emulate_streaming:
-            ends = [encoded_end(j + 1, self.sinks, self.window, g) for j in range(self.start, self.length)]
-            end = torch.tensor(ends, device=device)[:, None]
-            return (k >= self.sinks) & (k < end) & (k < q)
+        if self.emulate_streaming:  # the state streaming would have left: the rule at the query's own length
+            q = torch.arange(self.start, self.length, device=device)
+            free = (q + 1 - self.sinks - self.window).clamp(min=0)
+            return torch.minimum((q + 1).clamp(max=self.sinks) + free // g * g, q)
         end_now = encoded_end(self.length, self.sinks, self.window, g)
-        return ((k >= self.sinks) & (k < end_now) & (k < self.start)).expand(q.shape[0], -1)
+        return torch.full((self.queries,), min(end_now, self.start), device=device)
+
+    def read_encoded(
+        self, view: StreamView, first: int, device: torch.device, stop: int | None = None
+    ) -> torch.Tensor:
+        """(queries, stop - first) bool: whether in-flight query ``i`` reads token ``first + j``
+        encoded (``stop`` defaults to the pass's length)."""
+        k = torch.arange(first, self.length if stop is None else stop, device=device)
+        return (k >= self.sinks) & (k < self.encoded_limit(view, device)[:, None])

@@ -87,6 +87,13 @@ class ExactTokens:
         """Without the first ``n`` live tokens (their rows stay readable until the buffer moves)."""
         return ExactTokens(self.data, self.start + n, self.stop, self.origin)
 
+    def compacted(self) -> ExactTokens:
+        """These tokens in a buffer sized for them, where this one is more than twice that (the
+        window after a long prompt was encoded); else the same record."""
+        if self.data.shape[-2] <= 2 * _room(self.tokens):
+            return self
+        return ExactTokens.of(self.view(), self.first)
+
     def keep(self, n: int) -> ExactTokens:
         """Only the first ``n`` live tokens."""
         return ExactTokens(self.data, self.start, self.start + n, self.origin)
@@ -242,11 +249,22 @@ class BlockArena:
 
     def stored(self) -> EncodedBlock:
         """A block of the stored tokens: views of the buffers, no copy."""
+        return self.slice(0, self.tokens)
+
+    def slice(self, start: int, stop: int) -> EncodedBlock:
+        """A block of the stored tokens ``[start, stop)`` (multiples of :attr:`quantum`): views of
+        the buffers, no copy."""
+        if start % self.quantum or stop % self.quantum or not 0 <= start <= stop <= self.tokens:
+            raise ValueError(
+                f"tokens [{start}, {stop}) of an arena of {self.tokens} cut in units of {self.quantum}"
+            )
         tensors = {
-            path: _get(self.buffers, path).narrow(axis, 0, self.layout.units(i, self.tokens))
+            path: _get(self.buffers, path).narrow(
+                axis, self.layout.units(i, start), self.layout.units(i, stop) - self.layout.units(i, start)
+            )
             for i, (path, axis, _, _) in enumerate(self.layout.tensors)
         }
-        return _rebuilt(self.buffers, tensors, self.tokens)  # type: ignore[no-any-return]
+        return _rebuilt(self.buffers, tensors, stop - start)  # type: ignore[no-any-return]
 
     def keep(self, tokens: int) -> BlockArena:
         """Only the first ``tokens`` tokens, rounded down to whole units."""
@@ -321,6 +339,14 @@ class Stream:
         else:
             exact = self.exact.append(x)
         return Stream(self.method, self.identity, self.sinks, self.arenas, exact, self.encoded)
+
+    def compacted(self) -> Stream:
+        """The stream with its window in a buffer sized for it (:meth:`ExactTokens.compacted`);
+        an identity stream keeps its buffer, which holds every token."""
+        if self.identity or self.exact is None:
+            return self
+        exact = self.exact.compacted()
+        return self if exact is self.exact else attrs.evolve(self, exact=exact)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Stream:
         return attrs.evolve(

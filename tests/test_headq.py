@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from headq_core import CalibrationError, QuantizedKVCache, get_registry
-from headq_core.attention import attend_quantized
 from headq_core.calibration import Calibration
 from headq_core.layouts import LowRankLogit, block_nbytes, concat_blocks
+from headq_core.reference import attend_reference
 from headq_core.testing import (
     check_key_quantizer,
     feed,
@@ -150,7 +150,7 @@ def test_the_window_is_never_corrected() -> None:
         cache.update(k[..., -1:, :], v[..., -1:, :], 0)
         layer = cache.quantized_layers()[0]
         grouped = q[..., -1:, :].reshape(1, 2, 2, D)
-        _, logits[label] = attend_quantized(layer, layer.begin_step(), grouped, None, 1.0, None)
+        _, logits[label] = attend_reference(layer, layer.begin_step(), grouped, None, 1.0, None)
         encoded = layer.k.encoded
     exact = grouped @ k.transpose(-1, -2)
     assert encoded == 64 and sinks + encoded + window <= tokens

@@ -7,9 +7,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from headq_core import AttentionSample, get_registry
-from headq_core.attention import _softmax
 from headq_core.harness.diagnostics import capture_window, distortion, spearman
 from headq_core.harness.perplexity import CacheSettings
+from headq_core.reference import masked_softmax
 
 # The exact cache's attention reads the same keys and values as the plain model, but its logits
 # are float32 dot products over the cache's own segments (sinks, blocks, window), summed in
@@ -40,8 +40,8 @@ def _sample(keys_hat: torch.Tensor | None = None, seed: int = 0, tokens: int = 5
         values_hat=v,
         logits=logits,
         logits_hat=logits_hat,
-        probs=_softmax(logits, mask),
-        probs_hat=_softmax(logits_hat, mask),
+        probs=masked_softmax(logits, mask),
+        probs_hat=masked_softmax(logits_hat, mask),
         mask=mask,
     )
 

@@ -7,8 +7,9 @@ import torch
 from transformers import LlamaConfig
 
 from headq_core import QuantizedKVCache, fused
-from headq_core.attention import _row_mask, attend_quantized, headq_attention
+from headq_core.attention import headq_attention
 from headq_core.layouts import concat_blocks
+from headq_core.reference import attend_reference, row_mask
 from headq_core.registry import get_registry
 from headq_core.storage import BlockArena, ExactTokens
 from headq_core.testing import outlier_data
@@ -102,7 +103,7 @@ def test_an_exact_cache_decodes_through_sdpa_as_the_reference_does() -> None:
     caches[1].update(k, v, 0)
     step = layer.begin_step()
     assert fused._exact(step, q)
-    ref, _ = attend_quantized(
-        layer, step, q.reshape(2, 2, 2, 16), _row_mask(mask, 2, 1, 50, 51, q.device), 0.25, None
+    ref, _ = attend_reference(
+        layer, step, q.reshape(2, 2, 2, 16), row_mask(mask, 2, 1, 50, 51, q.device), 0.25, None
     )
     torch.testing.assert_close(sdpa, ref.reshape(2, 4, 1, 16).transpose(1, 2), rtol=1e-5, atol=1e-6)

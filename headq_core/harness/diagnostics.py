@@ -19,10 +19,11 @@ import attrs
 import torch
 from transformers import AttentionInterface
 
-from headq_core.attention import ATTN_NAME, _softmax, attend_quantized, headq_attention
+from headq_core.attention import ATTN_NAME, headq_attention
 from headq_core.cache import QuantizedLayer
 from headq_core.harness.perplexity import CacheSettings
 from headq_core.interfaces import AttentionSample, DistortionMetric
+from headq_core.reference import attend_reference, masked_softmax
 from headq_core.registry import get_registry
 
 CAPTURE_NAME = "headq_capture"
@@ -149,12 +150,12 @@ def layer_distortion(
     layer.update(k[..., :prefix, :], v[..., :prefix, :])
     prefill_mask = _causal(0, prefix, prefix, k.device).repeat(1, 1, g, 1)
     step = layer.begin_step()
-    attend_quantized(layer, step, grouped(q_all[..., :prefix, :]), prefill_mask, captured.scaling, None)
+    attend_reference(layer, step, grouped(q_all[..., :prefix, :]), prefill_mask, captured.scaling, None)
     cache.emulate_streaming = True
     layer.update(k[..., prefix:, :], v[..., prefix:, :])
     mask = _causal(prefix, n, total, k.device)
     step = layer.begin_step()
-    _, logits_hat = attend_quantized(
+    _, logits_hat = attend_reference(
         layer, step, grouped(q_all[..., prefix:, :]), mask.repeat(1, 1, g, 1), captured.scaling, None
     )
     keys_dec, values_dec = layer.decoded()
@@ -176,8 +177,8 @@ def layer_distortion(
             values_hat=torch.where(value_state[j][:, None], values_dec, v),
             logits=logits,
             logits_hat=lh,
-            probs=_softmax(logits, row_mask),
-            probs_hat=_softmax(lh, row_mask),
+            probs=masked_softmax(logits, row_mask),
+            probs_hat=masked_softmax(lh, row_mask),
             mask=row_mask,
         )
         for metric in metrics:

@@ -18,7 +18,7 @@ Segments are described by a small int64 table of device pointers and strides (no
 cache); ``decode_plan.plan`` builds it, :func:`attend` runs a plan: one launch per pair of segment kinds
 (affine, codebook or dense keys; affine, mixed, codebook or dense values), so that no program branches on the kind inside
 its token loop, and every program reads its segments' pointers once, before the loop. The torch reference for the same
-computation is the cache's attention path (``headq_core.attention.attend_quantized``).
+computation is the cache's attention path (``headq_core.reference.attend_reference``).
 """
 
 from __future__ import annotations
