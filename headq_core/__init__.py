@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from headq_core.attention import register_attention, use_headq_attention
 from headq_core.cache import QuantizedKVCache
+from headq_core.chunked import prefill
 from headq_core.compat import cache_kwargs
 from headq_core.errors import CacheStateError, CalibrationError, HeadqError, PluginError, SpecError
 from headq_core.hookspecs import hookimpl
@@ -39,6 +40,7 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "parse_spec",
+    "prefill",
     "register_attention",
     "use_headq_attention",
 ]

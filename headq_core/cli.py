@@ -123,6 +123,9 @@ def bench(
     batch: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
     window: Annotated[int | None, typer.Option(help="full-precision recent tokens (R)")] = None,
     sinks: Annotated[int | None, typer.Option(help="exact attention-sink tokens at the start")] = None,
+    prefill_chunk: Annotated[
+        int | None, typer.Option(help="feed prompts in chunks of this many tokens (bounded memory)")
+    ] = None,
     diag_windows: Annotated[int, typer.Option(help="windows used for the distortion metrics")] = 2,
     baseline_keys: Annotated[str, typer.Option(help="baseline keys for '% excess removed'")] = "kivi:bits=2",
     baseline_values: Annotated[str, typer.Option(help="baseline values for '% excess removed'")] = "fp16",
@@ -154,6 +157,7 @@ def bench(
             baseline=(baseline_keys, baseline_values),
             calibration=calibration,
             skip=skip,
+            prefill_chunk=prefill_chunk,
         )
         run_bench(options, out_dir=out, stem=name, console=console)
     except HeadqError as err:

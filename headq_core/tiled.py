@@ -263,36 +263,34 @@ def _finite(m: torch.Tensor) -> torch.Tensor:
 def _online(attn: _Pass, values: _Stream, chunk: _Chunk) -> torch.Tensor:
     """One pass: logits and readout piece by piece, merged by a running maximum and sum."""
     columns = attn.columns(chunk)
-    m = s = acc = None
+    m, s, acc = _empty(chunk)
     for piece in pieces(values.view, attn.tile):
         logits = columns.take(piece.start, piece.stop)
-        top = logits.amax(dim=-1, keepdim=True)
-        m_new = top if m is None else torch.maximum(m, top)
+        m_new = torch.maximum(m, logits.amax(dim=-1, keepdim=True))
         base = _finite(m_new)
         p = torch.exp(logits - base)
-        part = attn.readout(values, piece, p, chunk)
-        if m is None:
-            s, acc = p.sum(dim=-1, keepdim=True), part
-        else:
-            alpha = torch.exp(m - base)
-            s, acc = s * alpha + p.sum(dim=-1, keepdim=True), acc * alpha + part
+        alpha = torch.exp(m - base)
+        s = s * alpha + p.sum(dim=-1, keepdim=True)
+        acc = acc * alpha + attn.readout(values, piece, p, chunk)
         m = m_new
-    assert s is not None and acc is not None
     return acc / s.clamp(min=torch.finfo(s.dtype).tiny)  # rows that attend to nothing: zeros
+
+
+def _empty(chunk: _Chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Running maximum (-inf), sum and output (zeros) of the chunk's rows before any piece."""
+    shape = (*chunk.q.shape[:-1], 1)
+    return chunk.q.new_full(shape, float("-inf")), chunk.q.new_zeros(shape), torch.zeros_like(chunk.q)
 
 
 def _log_sum_exp(attn: _Pass, chunk: _Chunk) -> torch.Tensor:
     """(b, hkv, rows, 1) log-sum-exp of every row's logits; -inf for a row that attends to nothing."""
-    m = s = None
+    m, s, _ = _empty(chunk)
     for piece in pieces(attn.step.keys, attn.tile):
         logits = attn.logits(piece, chunk)
-        top = logits.amax(dim=-1, keepdim=True)
-        m_new = top if m is None else torch.maximum(m, top)
+        m_new = torch.maximum(m, logits.amax(dim=-1, keepdim=True))
         base = _finite(m_new)
-        total = torch.exp(logits - base).sum(dim=-1, keepdim=True)
-        s = total if s is None else s * torch.exp(m - base) + total
+        s = s * torch.exp(m - base) + torch.exp(logits - base).sum(dim=-1, keepdim=True)
         m = m_new
-    assert m is not None and s is not None
     return _finite(m) + torch.log(s)
 
 

@@ -23,6 +23,7 @@ import attrs
 import torch
 
 from headq_core.cache import QuantizedKVCache
+from headq_core.chunked import prefill
 from headq_core.compat import cache_kwargs
 
 Mode = Literal["decode", "stream", "prefill"]
@@ -36,6 +37,10 @@ class Windowing:
     scored: int = attrs.field(default=256, validator=attrs.validators.ge(1))
     windows: int = attrs.field(default=8, validator=attrs.validators.ge(1))
     batch: int = attrs.field(default=4, validator=attrs.validators.ge(1))
+    # feed the prefix (and a prefill-mode window) in chunks of this many tokens (headq_core.prefill)
+    prefill_chunk: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
+    )
 
     @property
     def length(self) -> int:
@@ -85,19 +90,30 @@ def _batches(windows: list[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
 
 @torch.no_grad()
 def window_nll(
-    model: Any, ids: torch.Tensor, prefix: int, settings: CacheSettings, mode: Mode = "decode"
+    model: Any,
+    ids: torch.Tensor,
+    prefix: int,
+    settings: CacheSettings,
+    mode: Mode = "decode",
+    prefill_chunk: int | None = None,
 ) -> tuple[torch.Tensor, QuantizedKVCache]:
     """Summed negative log-likelihood of ``ids[:, prefix:]`` for a batch of windows.
 
-    ids: (batch, prefix + scored). Returns ((batch,) float64 NLL sums, the cache at the end).
+    ids: (batch, prefix + scored). prefill_chunk: feed the prompt in pieces of this many tokens.
+    Returns ((batch,) float64 NLL sums, the cache at the end).
     """
     ids = ids.to(model.device)
     if mode == "prefill":
         cache = settings.build(model.config, emulate_streaming=True)
-        logits = model(ids, **cache_kwargs(model, cache), use_cache=True).logits[:, prefix - 1 : -1]
-        return _nll(logits, ids[:, prefix:]), cache
+        scored: list[torch.Tensor] = []
+
+        def keep(start: int, logits: torch.Tensor) -> None:  # the logits that predict a scored token
+            scored.append(logits[:, max(0, prefix - 1 - start) :])
+
+        prefill(model, ids, cache, chunk=prefill_chunk or ids.shape[1], on_logits=keep)
+        return _nll(torch.cat(scored, dim=1)[:, :-1], ids[:, prefix:]), cache
     cache = settings.build(model.config)
-    first = model(ids[:, :prefix], **cache_kwargs(model, cache), use_cache=True).logits[:, -1:]
+    first = prefill(model, ids[:, :prefix], cache, chunk=prefill_chunk or prefix)[:, None]
     rest = ids[:, prefix:-1]
     if mode == "stream":
         steps = [
@@ -129,7 +145,7 @@ def perplexity(
     total, count, caches = 0.0, 0, []
     start = time.perf_counter()
     for batch in _batches(windows, windowing.batch):
-        nll, cache = window_nll(model, batch, windowing.prefix, settings, mode)
+        nll, cache = window_nll(model, batch, windowing.prefix, settings, mode, windowing.prefill_chunk)
         total += float(nll.sum())
         count += batch.shape[0] * windowing.scored
         caches.append(cache)

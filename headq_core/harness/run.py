@@ -68,6 +68,7 @@ class BenchOptions:
         baseline: tuple[str, str],
         calibration: Path | None = None,
         skip: list[str] | None = None,
+        prefill_chunk: int | None = None,
     ) -> BenchOptions:
         """Flags override the suite file's [bench] table, which overrides the defaults."""
         settings: dict[str, Any] = {}
@@ -87,6 +88,7 @@ class BenchOptions:
             scored=pick(scored, "scored", 256),
             windows=pick(windows, "windows", 8),
             batch=batch,
+            prefill_chunk=pick(prefill_chunk, "prefill_chunk", None),
         )
         return cls(
             model=pick(model, "model", None),
