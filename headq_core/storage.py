@@ -51,8 +51,8 @@ class ExactTokens:
     @classmethod
     def of(cls, x: torch.Tensor, position: int, capacity: int = 0) -> ExactTokens:
         """A new buffer holding ``x`` (b, h, n, d), its first token at absolute ``position``."""
-        n = x.shape[-2]
-        data = x.new_empty((*x.shape[:2], max(capacity, _room(n)), x.shape[-1]))
+        n = x.shape[-2]  # room for MIN_SLACK more: a prompt is not copied into a quarter more
+        data = x.new_empty((*x.shape[:2], max(capacity, n + MIN_SLACK), x.shape[-1]))
         data[..., :n, :].copy_(x)
         return cls(data, 0, n, position)
 

@@ -142,3 +142,41 @@ def test_a_non_finite_token_is_caught_a_pass_later_without_a_sync() -> None:
     torch.cuda.synchronize()  # as generate does between steps
     with pytest.raises(CacheStateError, match="layer 1"):
         _step(cache, None, gen)
+
+
+@pytest.mark.parametrize(("keys", "values"), [("kivi:bits=2", "kivi:bits=2"), ("headq:rank=8", "a2")])
+def test_a_long_chunk_over_a_long_cache_runs_in_bounded_memory(keys: str, values: str) -> None:
+    """A 4k-token chunk over 16k stored tokens in half precision: the materialized logits would be
+    4 x 4k x 20k float32 (1.25 GiB per KV head group); the tiled pass stays far below, and agrees
+    with the materialized oracle on the chunk's last queries."""
+    from headq_core import tiled
+    from headq_core.reference import attend_reference, row_mask
+
+    cache = _cache(keys, values, layers=1, window=128)
+    _prefill(cache, 16384)
+    gen = torch.Generator(device=CUDA).manual_seed(4)
+    n = 4096
+    k, v = (torch.randn((3, HKV, n, D), generator=gen, device=CUDA, dtype=torch.float16) for _ in range(2))
+    q = torch.randn((3, HQ, n, D), generator=gen, device=CUDA, dtype=torch.float16)
+    layer = cache.quantized_layers()[0]
+    before = layer._snapshot()
+    key, value = cache.update(k, v, 0)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = headq_attention(_Attn(), q, key, value, None, D**-0.5)[0]
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    full = 3 * HQ * n * (16384 + n) * 4
+    assert extra < full / 4, f"{extra / 2**30:.2f} GiB extra for {full / 2**30:.2f} GiB of logits"
+    assert extra < 8 * tiled.TILE_ELEMENTS * 4 + 64 * q.numel()
+    # the oracle on the last 64 queries, from the same state
+    layer._restore(before)
+    tail = slice(n - 64, n)
+    cache.update(k, v, 0)
+    step = layer.begin_step()
+    causal = row_mask(None, HQ // HKV, n, 16384, 16384 + n, CUDA)
+    ref, _ = attend_reference(layer, step, q.float().reshape(3, HKV, HQ // HKV * n, D), causal, D**-0.5, None)
+    ref = ref.reshape(3, HQ, n, D)[:, :, tail]
+    got = out[:, tail].transpose(1, 2).float()
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
