@@ -31,7 +31,7 @@ from headq_core.cache import QuantizedLayer
 from headq_core.layouts import EncodedBlock
 from headq_core.step import Step, StreamView, encoded_end
 
-TILE_ELEMENTS = 1 << 26  # float32 logits of one tile: 256 MiB
+TILE_ELEMENTS = 1 << 25  # float32 logits of one tile: 128 MiB (a pass holds a few such tensors)
 MIN_TILE = 1024  # tokens per tile before the queries are split into chunks
 
 
@@ -233,7 +233,7 @@ def attend_tiled(
     b, hkv, rows, _ = q.shape
     n = step.queries
     g = rows // n
-    budget = max(1, TILE_ELEMENTS // (b * rows))
+    budget = max(1, TILE_ELEMENTS // (b * hkv * rows))  # columns of a tile holding every query
     if budget >= MIN_TILE or budget >= step.length:
         tile, per_chunk = budget, n
     else:

@@ -169,7 +169,7 @@ def test_a_long_chunk_over_a_long_cache_runs_in_bounded_memory(keys: str, values
     extra = torch.cuda.max_memory_allocated() - base
     full = 3 * HQ * n * (16384 + n) * 4
     assert extra < full / 4, f"{extra / 2**30:.2f} GiB extra for {full / 2**30:.2f} GiB of logits"
-    assert extra < 8 * tiled.TILE_ELEMENTS * 4 + 64 * q.numel()
+    assert extra < 12 * tiled.TILE_ELEMENTS * 4 + 16 * q.numel()  # a few tiles, float copies of q and out
     # the oracle on the last 64 queries, from the same state
     layer._restore(before)
     tail = slice(n - 64, n)

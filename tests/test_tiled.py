@@ -59,7 +59,7 @@ def _reference(cache: QuantizedKVCache, q, k, v, mask, scaling, softcap) -> torc
 @pytest.fixture
 def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiles of a few tokens and chunks of a few queries, so that every boundary is crossed."""
-    monkeypatch.setattr(tiled, "TILE_ELEMENTS", B * HKV * 2 * 5 * 16)  # 5 queries x 16 tokens
+    monkeypatch.setattr(tiled, "TILE_ELEMENTS", B * HKV * 2 * 5 * 16)  # 5 queries x 16 tokens per tile
     monkeypatch.setattr(tiled, "MIN_TILE", 16)
     monkeypatch.setattr(fused, "decode", lambda *args: None)  # decode steps on the tiled path too
 
