@@ -7,10 +7,12 @@ the (squared) attention its value tokens received, for policies that want it:
 
 - a decode step goes to :func:`headq_core.fused.decode` first (SDPA over an exact cache, the
   fused kernel over the layouts it knows);
-- a pass that reads nothing encoded and owes no statistic (a prompt into an empty cache, an exact
-  cache) is PyTorch's SDPA over the exact tokens, in the model's dtype;
-- everything else runs on :func:`headq_core.tiled.attend_tiled`, in memory bounded by a tile of
-  logits however long the prompt and the cache are.
+- a pass that owes no statistic is PyTorch's SDPA, in the model's dtype, over the tokens as its
+  queries read them: exact, or encoded as the methods give them (:meth:`KeyQuantizer.keys_as_read
+  <headq_core.interfaces.KeyQuantizer.keys_as_read>`, ``values_as_read``);
+- everything else (emulated streaming, a value policy's statistic, softcapped logits, a method
+  whose logits are not dot products) runs on :func:`headq_core.tiled.attend_tiled`, in memory
+  bounded by a tile of logits however long the prompt and the cache are.
 
 On keys that do not come from a quantized cache (no cache, or another cache class) it is SDPA.
 
@@ -28,6 +30,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from headq_core import fused
 from headq_core.cache import LAYER_ATTR, QuantizedLayer
+from headq_core.interfaces import KeyQuantizer
 from headq_core.reference import masked_softmax, row_mask
 from headq_core.step import Step, StreamView, encoded_end
 from headq_core.tiled import attend_tiled
@@ -69,11 +72,13 @@ def headq_attention(
             out, statistic = decoded
             layer.end_step(step, statistic)
             return out.transpose(1, 2).contiguous(), None
-    reads_encoded = _reads_encoded(step, step.keys) or _reads_encoded(step, step.values)
-    if not softcap and step.statistic is None and not reads_encoded:
-        layer.end_step(step)
-        out = _sdpa(query, _exact_tokens(step.keys), _exact_tokens(step.values), attention_mask, scaling)
-        return out.transpose(1, 2).contiguous(), None
+    if not softcap and step.statistic is None:
+        keys = _as_read(step, step.keys, query.dtype)
+        values = None if keys is None else _as_read(step, step.values, query.dtype)
+        if keys is not None and values is not None:
+            layer.end_step(step)
+            out = _sdpa(query, keys, values, attention_mask, scaling)
+            return out.transpose(1, 2).contiguous(), None
     # GQA folded into rows: row = head_in_group * n + position.
     q = query.float().reshape(b, hkv, hq // hkv * n, d)
     out = attend_tiled(layer, step, q, attention_mask, scaling, softcap)
@@ -81,22 +86,35 @@ def headq_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _reads_encoded(step: Step, view: StreamView) -> bool:
-    """Whether some query of the pass may read some token of ``view`` encoded."""
-    if view.identity:
-        return False
-    if step.emulate_streaming or view.exact_first > view.sink_len:
-        return True  # tokens encoded before the pass, or a per-query state
-    end_now = encoded_end(step.length, step.sinks, step.window, view.method.block_tokens)
-    return min(end_now, step.start) > view.exact_first
-
-
-def _exact_tokens(view: StreamView) -> torch.Tensor:
-    """(b, h, length, d): every token of a stream that nothing reads encoded, as stored."""
-    parts = [] if view.sinks is None else [view.sinks]
-    if view.length > view.sink_len:
+def _as_read(step: Step, view: StreamView, dtype: torch.dtype) -> torch.Tensor | None:
+    """(b, h, length, d) in ``dtype``: a stream's tokens as every query of the pass reads them
+    (encoded up to the flush rule's limit, exact after it), or None where some query reads a token
+    another way (emulated streaming) or the method gives no such tensor (its logits or readout are
+    not dot products with one vector per token)."""
+    parts = [] if view.sinks is None else [view.sinks.to(dtype)]
+    pos = view.sink_len
+    if not view.identity:
+        if step.emulate_streaming:
+            return None
+        end_now = encoded_end(step.length, step.sinks, step.window, view.method.block_tokens)
+        split = max(view.exact_first, min(end_now, step.start))  # tokens before it are read encoded
+        method = view.method
+        for arena in view.arenas:
+            if pos >= split:
+                break
+            take = min(arena.tokens, split - pos)
+            block = arena.slice(0, min(arena.tokens, -(-take // arena.quantum) * arena.quantum))
+            if isinstance(method, KeyQuantizer):
+                tokens = method.keys_as_read(block, dtype)
+            else:
+                tokens = method.values_as_read(block, dtype)  # type: ignore[union-attr]
+            if tokens is None:
+                return None
+            parts.append(tokens[..., :take, :])
+            pos += take
+    if pos < view.length:
         assert view.exact is not None
-        parts.append(view.exact.rows(view.sink_len, view.length))
+        parts.append(view.exact.rows(pos, view.length).to(dtype))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 

@@ -189,6 +189,20 @@ class KeyQuantizer(Method):
         """
         return query @ block.dequantize(query.dtype).transpose(-1, -2)
 
+    def keys_as_read(self, block: EncodedBlock, dtype: torch.dtype) -> torch.Tensor | None:
+        """(batch, kv_heads, tokens, head_dim): keys whose dot products with a query are
+        :meth:`logits`, or None where the logits are not such dot products.
+
+        A multi-token pass reads keys given this way through PyTorch's SDPA, in bounded memory
+        and at its speed; without them it computes :meth:`logits` tile by tile. The default is the
+        dequantized block where the method keeps the default :meth:`logits`, None where it
+        overrides them: a method whose own logits are dot products (a faster formula, a logit
+        correction folded into its ``dequantize``) overrides this too.
+        """
+        if type(self).logits is not KeyQuantizer.logits:
+            return None
+        return block.dequantize(dtype)
+
 
 class ValuePolicy(Method):
     """Encodes value blocks and reads them out with attention weights.
@@ -219,6 +233,13 @@ class ValuePolicy(Method):
     def readout(self, probs: torch.Tensor, block: EncodedBlock, layer_idx: int) -> torch.Tensor:
         """probs: (batch, kv_heads, rows, tokens). Returns (batch, kv_heads, rows, head_dim)."""
         return probs @ block.dequantize(probs.dtype)
+
+    def values_as_read(self, block: EncodedBlock, dtype: torch.dtype) -> torch.Tensor | None:
+        """(batch, kv_heads, tokens, head_dim): values whose probability-weighted sum is
+        :meth:`readout`, or None; the default as for :meth:`KeyQuantizer.keys_as_read`."""
+        if type(self).readout is not ValuePolicy.readout:
+            return None
+        return block.dequantize(dtype)
 
 
 @attrs.frozen

@@ -65,11 +65,16 @@ def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(("keys", "values", "window", "sinks"), CASES)
-@pytest.mark.parametrize("emulate", [False, True])
+@pytest.mark.parametrize("mode", ["serving", "serving-tiled", "emulated"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_the_tiled_path_equals_the_materialized_oracle(
-    small_tiles, keys: str, values: str, window: int, sinks: int, emulate: bool, padded: bool
+def test_multi_token_passes_equal_the_materialized_oracle(
+    monkeypatch, small_tiles, keys: str, values: str, window: int, sinks: int, mode: str, padded: bool
 ) -> None:
+    """Serving passes through the dispatch (SDPA over the tokens as read where it applies) and
+    with every pass forced onto the tiled path; emulated streaming (always tiled)."""
+    if mode == "serving-tiled":
+        monkeypatch.setattr(attention, "_as_read", lambda *args: None)
+    emulate = mode == "emulated"
     calibration = calibration_for(keys, values, CONFIG, tokens=256)
     caches = [
         QuantizedKVCache(

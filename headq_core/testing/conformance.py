@@ -282,6 +282,29 @@ def check_round_trip(subject: _Subject, x: torch.Tensor, *, floor_db: float | No
     if got.shape != want.shape:
         raise _fail(subject, f"{what} gave shape {tuple(got.shape)}, expected {tuple(want.shape)}")
     _above(subject, what, snr_db(want, got), floor, payload_bits)
+    check_as_read(subject, method, block, query if subject.kind == "key" else probs, got)
+
+
+def check_as_read(
+    subject: _Subject, method: Any, block: EncodedBlock, inputs: torch.Tensor, got: torch.Tensor
+) -> None:
+    """What ``keys_as_read`` / ``values_as_read`` give (SDPA reads them) is what ``logits`` /
+    ``readout`` compute, to float rounding."""
+    key = subject.kind == "key"
+    name = "keys_as_read()" if key else "values_as_read()"
+    read = method.keys_as_read(block, torch.float32) if key else method.values_as_read(block, torch.float32)
+    if read is None:
+        return
+    if read.shape != block.dequantize(torch.float32).shape:
+        raise _fail(subject, f"{name} gave shape {tuple(read.shape)}, expected the block's (b, h, tokens, d)")
+    again = inputs @ read.transpose(-1, -2) if key else inputs @ read
+    err = (again - got).abs().max().item()
+    if err > 1e-4 * max(1.0, got.abs().max().item()):
+        raise _fail(
+            subject,
+            f"{name} differs from what {'logits()' if key else 'readout()'} computes by up to {err:.3g}: "
+            "a multi-token pass would read other tokens than a decode step",
+        )
 
 
 def _above(subject: _Subject, what: str, got: float, floor: float, bits: float) -> None:

@@ -81,6 +81,9 @@ class GsrqKeys(_CodebookMethod, KeyQuantizer):  # type: ignore[misc,override]
             return super().logits(query, block, layer_idx)
         return lut_logits(query.float(), block)
 
+    def keys_as_read(self, block: Any, dtype: torch.dtype) -> torch.Tensor | None:
+        return block.dequantize(dtype)  # the LUT sums the codewords' dot products
+
 
 class GsrqValues(_CodebookMethod, ValuePolicy):  # type: ignore[misc,override]
     """Residual-VQ values; readout through per-codeword attention histograms times the codebooks."""
@@ -99,3 +102,6 @@ class GsrqValues(_CodebookMethod, ValuePolicy):  # type: ignore[misc,override]
         if not isinstance(block, CodebookBlock):
             return super().readout(probs, block, layer_idx)
         return lut_readout(probs, block)
+
+    def values_as_read(self, block: Any, dtype: torch.dtype) -> torch.Tensor | None:
+        return block.dequantize(dtype)  # the histograms weight the codewords

@@ -200,3 +200,9 @@ class HeadQKeys(KeyQuantizer):
         base = self.base.logits(query, block.base, layer_idx)
         q_r = torch.einsum("bhnd,hdr->bhnr", query.float(), block.basis.decode.float())
         return base + block.sign * (q_r @ block.side())
+
+    def keys_as_read(self, block: Any, dtype: torch.dtype) -> torch.Tensor | None:
+        """The base's keys plus the correction ``sign * U z_hat`` (the block's ``dequantize``)."""
+        if self.base.keys_as_read(block.base, dtype) is None:
+            return None
+        return block.dequantize(dtype)

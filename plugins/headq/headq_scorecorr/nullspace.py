@@ -148,3 +148,6 @@ class NullSpaceKeys(KeyQuantizer):
 
     def logits(self, query: torch.Tensor, block: EncodedBlock, layer_idx: int) -> torch.Tensor:
         return self.base.logits(query, block, layer_idx)
+
+    def keys_as_read(self, block: EncodedBlock, dtype: torch.dtype) -> torch.Tensor | None:
+        return self.base.keys_as_read(block, dtype)
