@@ -7,8 +7,8 @@ the (squared) attention its value tokens received, for policies that want it:
 
 - a decode step goes to :func:`headq_core.fused.decode` first (SDPA over an exact cache, the
   fused kernel over the layouts it knows);
-- a pass that owes no statistic is PyTorch's SDPA, in the model's dtype, over the tokens as its
-  queries read them: exact, or encoded as the methods give them (:meth:`KeyQuantizer.keys_as_read
+- a multi-token pass that owes no statistic is PyTorch's SDPA, in the model's dtype, over the
+  tokens as its queries read them: exact, or encoded as the methods give them (:meth:`KeyQuantizer.keys_as_read
   <headq_core.interfaces.KeyQuantizer.keys_as_read>`, ``values_as_read``);
 - everything else (emulated streaming, a value policy's statistic, softcapped logits, a method
   whose logits are not dot products) runs on :func:`headq_core.tiled.attend_tiled`, in memory
@@ -25,8 +25,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from headq_core import fused
 from headq_core.cache import LAYER_ATTR, QuantizedLayer
@@ -72,7 +73,7 @@ def headq_attention(
             out, statistic = decoded
             layer.end_step(step, statistic)
             return out.transpose(1, 2).contiguous(), None
-    if not softcap and step.statistic is None:
+    if n > 1 and not softcap and step.statistic is None:  # a decode step the kernel declined stays in float32
         keys = _as_read(step, step.keys, query.dtype)
         values = None if keys is None else _as_read(step, step.values, query.dtype)
         if keys is not None and values is not None:
@@ -123,20 +124,25 @@ def _sdpa(
 ) -> torch.Tensor:
     """PyTorch's SDPA in the query's dtype, grouped heads as SDPA takes them; (b, hq, n, d).
 
-    mask as transformers gives it (None: causal); rows with nothing to attend to give zeros."""
+    mask as transformers gives it (None: causal, the queries being the last n positions); rows
+    with nothing to attend to give zeros."""
     n, total = query.shape[-2], key.shape[-2]
     key, value = key.to(query.dtype), value.to(query.dtype)
+    attn_mask: Any = mask
     if mask is not None and mask.dtype != torch.bool:
-        mask = mask > torch.finfo(mask.dtype).min / 2
+        attn_mask = mask > torch.finfo(mask.dtype).min / 2
     causal = mask is None and n > 1
     if causal and n != total:  # SDPA's causal flag aligns the corners the other way
-        mask = (
-            torch.arange(total, device=query.device)
-            <= torch.arange(total - n, total, device=query.device)[:, None]
-        )
         causal = False
+        if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+            attn_mask = causal_lower_right(n, total)  # flash attention's own rule, nothing materialized
+        else:
+            device = query.device
+            attn_mask = (
+                torch.arange(total, device=device) <= torch.arange(total - n, total, device=device)[:, None]
+            )
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True
+        query, key, value, attn_mask=attn_mask, is_causal=causal, scale=scaling, enable_gqa=True
     )
     return out if mask is None else out.nan_to_num(0.0)
 
@@ -161,14 +167,28 @@ def _exact(
     return (probs @ value.float()).reshape(b, hq, n, d).to(query.dtype)
 
 
+def headq_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' SDPA mask, left out (None) wherever it is the plain causal rule with nothing
+    padded, whatever the query and key lengths (transformers leaves it out only where they are
+    equal, or for one query): the attention function applies that rule itself, so a chunk of a
+    long prompt never builds a (batch, 1, n, T) mask."""
+    padding = kwargs.get("attention_mask")
+    plain = (
+        not args and kwargs.get("mask_function") is causal_mask_function and kwargs.get("local_size") is None
+    )
+    if plain and (padding is None or bool(padding.all())):
+        return None
+    return sdpa_mask(*args, **kwargs)  # type: ignore[no-any-return]
+
+
 def register_attention() -> None:
     """Register ``headq`` with transformers' attention and mask interfaces (idempotent).
 
-    The mask is transformers' SDPA mask: left out (None) where nothing is padded and the plain
-    causal rule holds, as for PyTorch's SDPA.
+    The mask is transformers' SDPA mask, left out where nothing is padded and the plain causal
+    rule holds (:func:`headq_mask`).
     """
     AttentionInterface.register(ATTN_NAME, headq_attention)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTN_NAME, headq_mask)
 
 
 def use_headq_attention(model: Any) -> Any:

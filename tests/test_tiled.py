@@ -173,14 +173,17 @@ def test_the_window_does_not_keep_a_prompt_sized_buffer() -> None:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox", "gemma"])
+@pytest.mark.parametrize("padded", [False, True])
 def test_a_prompt_fed_in_chunks_reads_as_one_pass_over_an_exact_cache(
-    small_tiles, make_model, make_ids, arch
+    small_tiles, make_model, make_ids, arch, padded
 ) -> None:
-    """fp16/fp16 stores every token exact: chunks of 23 give the one-pass logits, left padding included."""
+    """fp16/fp16 stores every token exact: chunks of 23 give the one-pass logits, left padding
+    included (without it, no mask is built: the attention applies the causal rule itself)."""
     model = make_model(arch, attn="headq")
     ids = make_ids(2, 100, seed=1)
     mask = torch.ones_like(ids)
-    mask[1, :9] = 0  # left padding
+    if padded:
+        mask[1, :9] = 0  # left padding
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     with torch.no_grad():
         whole = model(
@@ -224,3 +227,18 @@ def test_prefill_refuses_a_mask_that_leaves_out_the_cached_tokens(make_model, ma
         prefill(model, make_ids(1, 5), cache, chunk=4, attention_mask=torch.ones(1, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="positive int"):
         prefill(model, make_ids(1, 5), cache, chunk=0)
+
+
+def test_the_mask_is_left_out_where_it_is_the_causal_rule() -> None:
+    from transformers.masking_utils import causal_mask_function
+
+    from headq_core.attention import headq_mask
+
+    args = {"batch_size": 2, "q_length": 8, "kv_length": 40, "q_offset": 32, "kv_offset": 0,
+            "mask_function": causal_mask_function, "allow_is_causal_skip": True}  # fmt: skip
+    assert headq_mask(**args, attention_mask=None) is None
+    assert headq_mask(**args, attention_mask=torch.ones(2, 40, dtype=torch.bool)) is None
+    padding = torch.ones(2, 40, dtype=torch.bool)
+    padding[1, :3] = False
+    mask = headq_mask(**args, attention_mask=padding)
+    assert mask is not None and mask.shape == (2, 1, 8, 40) and not mask[1, 0, :, :3].any()
