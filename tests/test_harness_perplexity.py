@@ -85,3 +85,19 @@ def test_decode_speed_is_measured(tiny_llama, windows) -> None:
         tiny_llama, windows[0][None, :40], CacheSettings("kivi:bits=2", "kivi:bits=2"), steps=4
     )
     assert speed > 0 and math.isfinite(speed)
+
+
+@pytest.mark.parametrize("settings", COMBOS[:2], ids=lambda s: f"{s.keys}|{s.values}|R{s.window}|S{s.sinks}")
+def test_prefill_perplexity_does_not_depend_on_the_chunk(tiny_llama, windows, settings) -> None:
+    """Prefill mode emulates streaming from the first token, so feeding the window in chunks
+    (``prefill_chunk``) changes nothing; in decode mode an exact cache is just as blind to it."""
+    whole = Windowing(prefix=90, scored=60, windows=2, batch=2)
+    chunked = Windowing(prefix=90, scored=60, windows=2, batch=2, prefill_chunk=23)
+    a = perplexity(tiny_llama, windows[:2], settings, whole, mode="prefill")
+    b = perplexity(tiny_llama, windows[:2], settings, chunked, mode="prefill")
+    assert a.tokens == b.tokens == 2 * 60
+    assert abs(a.nll_sum - b.nll_sum) / abs(a.nll_sum) < 1e-5
+    exact = CacheSettings("fp16", "fp16")
+    a = perplexity(tiny_llama, windows[:2], exact, whole, mode="decode")
+    b = perplexity(tiny_llama, windows[:2], exact, chunked, mode="decode")
+    assert abs(a.nll_sum - b.nll_sum) / abs(a.nll_sum) < 1e-5
