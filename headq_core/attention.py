@@ -66,7 +66,7 @@ def headq_attention(
     if not isinstance(layer, QuantizedLayer):
         out = _exact(query, key, value, attention_mask, scaling, softcap)
         return out.transpose(1, 2).contiguous(), None
-    step = layer.begin_step()
+    step = layer.begin_step(attention_mask)
     if n == 1:
         decoded = fused.decode(step, query, attention_mask, scaling, softcap)
         if decoded is not None:

@@ -124,7 +124,6 @@ class QuantizedLayer(CacheLayerMixin):
                 self.sq_attention = _cat(self.sq_attention, zeros, dim=-1)
             self.length += n
             self.pending = _InFlight(start, self.k.sink_len() + self.k.encoded)
-            self.k = self._flushed(self.k)
         except BaseException:
             self._restore(before)
             raise
@@ -135,18 +134,29 @@ class QuantizedLayer(CacheLayerMixin):
 
     # --- the pass as data ----------------------------------------------------------------------
 
-    def begin_step(self) -> Step:
+    def begin_step(self, mask: torch.Tensor | None = None) -> Step:
         """The pass ``update`` just stored, for the attention function (exactly once per pass).
 
-        A value policy that wants attention statistics has its values encoded in :meth:`end_step`,
-        after this pass's statistic, where the pass's flush reaches a token this pass attends
-        exactly (an in-flight token, or any token when emulating streaming); otherwise this pass's
-        values are encoded here, before the attention, which then reads them encoded.
+        mask: the pass's attention mask as transformers gives it ((b, 1, n, T), True or 0 =
+        attend), from which the layer learns which of the pass's tokens are padding: an in-flight
+        token that does not attend to itself. Their stored keys and values are replaced by the
+        row's first real token of the pass (zeros if it has none) before anything is encoded, so
+        that no method's statistics (KIVI's per-channel ranges over a group of tokens) see what
+        padding holds: a row's output never depends on it.
+
+        The keys that leave the window are encoded here. A value policy that wants attention
+        statistics has its values encoded in :meth:`end_step`, after this pass's statistic, where
+        the pass's flush reaches a token this pass attends exactly (an in-flight token, or any
+        token when emulating streaming); otherwise this pass's values are encoded here, before
+        the attention, which then reads them encoded.
         """
         inflight = self.pending
         if inflight is None:
             raise CacheStateError(f"layer {self.layer_idx}: attention called without a pending update")
         self.pending = None
+        if mask is not None and self.length - inflight.start > 1:
+            self._fill_padding(mask, inflight.start)
+        self.k = self._flushed(self.k)
         statistic = self.cache.value_statistic
         v_first = self.v.sink_len() + self.v.encoded
         early = statistic is None or (
@@ -238,6 +248,28 @@ class QuantizedLayer(CacheLayerMixin):
             "of this pass was stored (a non-finite token would spoil the scales of its whole group)"
         )
 
+    def _fill_padding(self, mask: torch.Tensor, start: int) -> None:
+        """Overwrite the in-flight padding tokens of every quantized stream (see :meth:`begin_step`)."""
+        n = self.length - start
+        if mask.dim() != 4 or mask.shape[-2] != n or mask.shape[-1] < self.length:
+            return  # not a per-query mask of this pass: nothing to learn from it
+        offset = mask.shape[-1] - self.length
+        rows = torch.arange(n, device=mask.device)
+        diagonal = mask[:, 0, rows, offset + start + rows]  # (b or 1, n): does token i attend to itself
+        valid = diagonal if diagonal.dtype == torch.bool else diagonal > torch.finfo(diagonal.dtype).min / 2
+        for stream in (self.k, self.v):
+            if stream.identity or stream.exact is None:
+                continue
+            first = max(start, stream.sink_len())  # in-flight tokens past the sinks (which stay exact)
+            if first >= self.length:
+                continue
+            x = stream.exact.rows(first, self.length)  # (b, h, m, d), a view of the buffer
+            ok = valid[:, first - start :].to(x.device).expand(x.shape[0], -1)  # (b, m)
+            pick = ok.int().argmax(dim=-1)  # the row's first real token (0 if none)
+            filler = x.gather(2, pick[:, None, None, None].expand(-1, x.shape[1], 1, x.shape[-1]))
+            filler = filler * ok.any(dim=-1)[:, None, None, None].to(x.dtype)
+            x.copy_(torch.where(ok[:, None, :, None], x, filler))
+
     def _snapshot(self) -> _LayerState:
         return _LayerState(self.length, self.k, self.v, self.sq_attention, self.is_initialized)
 
@@ -252,8 +284,8 @@ class QuantizedLayer(CacheLayerMixin):
         try:
             return self._flush_stream(stream)
         except Exception as err:
-            if stream is self.v and self.before_pass is not None:
-                self._restore(self.before_pass)  # the value flush runs in attention, after update
+            if self.before_pass is not None:
+                self._restore(self.before_pass)  # the flushes run in attention, after update
             if hasattr(err, "add_note"):
                 err.add_note(
                     f"while layer {self.layer_idx} encoded with {stream.method!r}; nothing was stored"

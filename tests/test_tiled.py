@@ -51,7 +51,7 @@ def _reference(cache: QuantizedKVCache, q, k, v, mask, scaling, softcap) -> torc
     n = q.shape[-2]
     rows = row_mask(mask, HQ // HKV, n, start, start + n, q.device)
     out, _ = attend_reference(
-        layer, layer.begin_step(), q.reshape(B, HKV, HQ // HKV * n, D), rows, scaling, softcap
+        layer, layer.begin_step(mask), q.reshape(B, HKV, HQ // HKV * n, D), rows, scaling, softcap
     )
     return out.reshape(B, HQ, n, D).transpose(1, 2)
 

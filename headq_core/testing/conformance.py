@@ -515,6 +515,50 @@ def _layer_bytes(layer: QuantizedLayer) -> int:
     return total
 
 
+def check_padding(subject: _Subject, *, head_dim: int = HEAD_DIM) -> None:
+    """A left-padded row's attention output does not depend on what its padding holds.
+
+    Three rows with 0, 5 and ``block_tokens + 3`` padding tokens go through a cache (the method
+    on its side, ``fp16`` on the other, a window of 4): a prompt, then decode steps; a second run
+    differs only in the padding tokens' keys, values and queries (a hundred times larger). The real
+    rows' outputs must be bit-identical: padding must not reach a method's statistics.
+    """
+    method = subject.build()
+    g = method.block_tokens
+    pads = torch.tensor([0, 5, g + 3])
+    prompt, steps = 2 * g + 9, 3
+    total = prompt + steps
+    gen = torch.Generator().manual_seed(7)
+    data = [
+        torch.randn(3, h, total, head_dim, generator=gen)
+        for h in (KV_HEADS, KV_HEADS, KV_HEADS * QUERY_GROUP)
+    ]
+    is_pad = torch.arange(total)[None, :] < pads[:, None]  # (b, total)
+    outputs = []
+    for scale in (1.0, 100.0):
+        k, v, q = (torch.where(is_pad[:, None, :, None], scale * x.flip(-2), x) for x in data)
+        keys, values = (method, "fp16") if subject.kind == "key" else ("fp16", method)
+        cache = QuantizedKVCache(keys, values, window=4, config=subject.model_config,
+                                 calibration=subject.calibration, registry=subject.registry)  # fmt: skip
+        module, out, start = _Attention().eval(), [], 0
+        for n in (prompt,) + (1,) * steps:
+            stop = start + n
+            pos = torch.arange(stop)
+            mask = (pos[None, None, :] <= pos[start:stop, None]) & ~is_pad[:, None, :stop]
+            kk, vv = cache.update(k[..., start:stop, :], v[..., start:stop, :], 0)
+            out.append(headq_attention(module, q[..., start:stop, :], kk, vv, mask[:, None])[0])
+            start = stop
+        outputs.append(torch.cat(out, dim=1))  # (b, tokens, q_heads, d)
+    real = ~is_pad
+    if not torch.equal(outputs[0][real], outputs[1][real]):
+        diff = (outputs[0][real] - outputs[1][real]).abs().max().item()
+        raise _fail(
+            subject,
+            f"a left-padded row's output changes by up to {diff:.3g} when only its padding tokens change: "
+            "padding reaches the method's statistics",
+        )
+
+
 # --- entry points for authors ---------------------------------------------------------------
 
 
@@ -553,6 +597,7 @@ def _check(
     check_block_ops(subject, x)
     for window, sinks in windows:
         check_cache(subject, tokens=2 * g + window + sinks + 3, window=window, sinks=sinks, head_dim=head_dim)
+    check_padding(subject, head_dim=head_dim)
 
 
 def model_config_for(head_dim: int) -> Any:
