@@ -33,7 +33,7 @@ from headq_core import fused
 from headq_core.cache import LAYER_ATTR, QuantizedLayer
 from headq_core.interfaces import KeyQuantizer
 from headq_core.reference import masked_softmax, row_mask
-from headq_core.step import Step, StreamView, encoded_end
+from headq_core.step import Step, StreamView
 from headq_core.tiled import attend_tiled
 
 ATTN_NAME = "headq"
@@ -95,10 +95,10 @@ def _as_read(step: Step, view: StreamView, dtype: torch.dtype) -> torch.Tensor |
     parts = [] if view.sinks is None else [view.sinks.to(dtype)]
     pos = view.sink_len
     if not view.identity:
-        if step.emulate_streaming:
-            return None
-        end_now = encoded_end(step.length, step.sinks, step.window, view.method.block_tokens)
-        split = max(view.exact_first, min(end_now, step.start))  # tokens before it are read encoded
+        limit = step.shared_limit(view)
+        if limit is None:
+            return None  # the queries read some tokens in different states
+        split = max(view.exact_first, limit)  # tokens before it are read encoded
         method = view.method
         for arena in view.arenas:
             if pos >= split:

@@ -58,6 +58,29 @@ class _LayerState:
 class _InFlight:
     start: int  # absolute position of the first in-flight token
     key_first: int  # absolute position of the first key-window token before this pass's flush
+    keys: torch.Tensor  # the pass's tokens, (b, h, n, d)
+    values: torch.Tensor
+
+
+CROP_TOKENS = 64  # the last passes of up to this many tokens in all can be taken back exactly
+
+
+@attrs.frozen
+class _Undo:
+    """A recent pass: the layer before it and its tokens as stored (padding filled)."""
+
+    before: _LayerState
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def _moved(now: Any, before: _LayerState) -> bool:
+    """Whether an arena ``before`` held has moved to new buffers since (its old ones are kept
+    alive by every record of it)."""
+    pairs = ((now.k, before.k), (now.v, before.v))
+    return any(
+        a.buffers is not b.buffers for new, old in pairs for a, b in zip(new.arenas, old.arenas, strict=False)
+    )
 
 
 class QuantizedLayer(CacheLayerMixin):
@@ -65,7 +88,6 @@ class QuantizedLayer(CacheLayerMixin):
 
     is_compileable = False
     is_sliding = False
-    is_croppable = True
 
     def __init__(self, cache: QuantizedKVCache, layer_idx: int) -> None:
         super().__init__()
@@ -78,6 +100,8 @@ class QuantizedLayer(CacheLayerMixin):
         self.sq_attention: torch.Tensor | None = None
         self.pending: _InFlight | None = None
         self.before_pass: _LayerState | None = None  # until the values of the pass are flushed
+        self.passed: tuple[torch.Tensor, torch.Tensor] | None = None  # the pass's tokens as stored
+        self.undo: list[_Undo] = []  # recent passes, for an exact crop
 
     # --- the flush rule ----------------------------------------------------------------------
 
@@ -123,7 +147,7 @@ class QuantizedLayer(CacheLayerMixin):
                 zeros = value_states.new_zeros((*value_states.shape[:2], n - take), dtype=torch.float32)
                 self.sq_attention = _cat(self.sq_attention, zeros, dim=-1)
             self.length += n
-            self.pending = _InFlight(start, self.k.sink_len() + self.k.encoded)
+            self.pending = _InFlight(start, self.k.sink_len() + self.k.encoded, key_states, value_states)
         except BaseException:
             self._restore(before)
             raise
@@ -154,8 +178,10 @@ class QuantizedLayer(CacheLayerMixin):
         if inflight is None:
             raise CacheStateError(f"layer {self.layer_idx}: attention called without a pending update")
         self.pending = None
+        keys, values = inflight.keys, inflight.values
         if mask is not None and self.length - inflight.start > 1:
-            self._fill_padding(mask, inflight.start)
+            keys, values = self._fill_padding(mask, inflight.start, keys, values)
+        self.passed = (keys, values)
         self.k = self._flushed(self.k)
         statistic = self.cache.value_statistic
         v_first = self.v.sink_len() + self.v.encoded
@@ -191,7 +217,9 @@ class QuantizedLayer(CacheLayerMixin):
         # A long prompt leaves a window in a buffer sized for the prompt: free it now (the step
         # keeps the old buffers for whoever still reads the pass's exact tokens).
         self.k, self.v = self.k.compacted(), self.v.compacted()
-        self.before_pass = None  # the pass is complete
+        if self.before_pass is not None and self.passed is not None:
+            self._remember(_Undo(self.before_pass, *self.passed))
+        self.before_pass = self.passed = None  # the pass is complete
         if self.layer_idx == len(self.cache.layers) - 1:
             self.cache._end_pass()
         return StreamView(self.v, step.values.exact_first, self.length)
@@ -248,27 +276,69 @@ class QuantizedLayer(CacheLayerMixin):
             "of this pass was stored (a non-finite token would spoil the scales of its whole group)"
         )
 
-    def _fill_padding(self, mask: torch.Tensor, start: int) -> None:
-        """Overwrite the in-flight padding tokens of every quantized stream (see :meth:`begin_step`)."""
+    def _fill_padding(
+        self, mask: torch.Tensor, start: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pass's keys and values with padding overwritten, also in the stored window of every
+        quantized stream (see :meth:`begin_step`)."""
         n = self.length - start
         if mask.dim() != 4 or mask.shape[-2] != n or mask.shape[-1] < self.length:
-            return  # not a per-query mask of this pass: nothing to learn from it
+            return keys, values  # not a per-query mask of this pass: nothing to learn from it
         offset = mask.shape[-1] - self.length
         rows = torch.arange(n, device=mask.device)
         diagonal = mask[:, 0, rows, offset + start + rows]  # (b or 1, n): does token i attend to itself
         valid = diagonal if diagonal.dtype == torch.bool else diagonal > torch.finfo(diagonal.dtype).min / 2
-        for stream in (self.k, self.v):
-            if stream.identity or stream.exact is None:
-                continue
+        valid = valid.to(keys.device).expand(keys.shape[0], -1)
+        pick = valid.int().argmax(dim=-1)[:, None, None, None]  # the row's first real token (0 if none)
+        real = valid.any(dim=-1)[:, None, None, None]
+        filled = []
+        for x in (keys, values):
+            filler = x.gather(2, pick.expand(-1, x.shape[1], 1, x.shape[-1])) * real.to(x.dtype)
+            filled.append(torch.where(valid[:, None, :, None], x, filler))
+        for stream, x in zip((self.k, self.v), filled, strict=True):
             first = max(start, stream.sink_len())  # in-flight tokens past the sinks (which stay exact)
-            if first >= self.length:
-                continue
-            x = stream.exact.rows(first, self.length)  # (b, h, m, d), a view of the buffer
-            ok = valid[:, first - start :].to(x.device).expand(x.shape[0], -1)  # (b, m)
-            pick = ok.int().argmax(dim=-1)  # the row's first real token (0 if none)
-            filler = x.gather(2, pick[:, None, None, None].expand(-1, x.shape[1], 1, x.shape[-1]))
-            filler = filler * ok.any(dim=-1)[:, None, None, None].to(x.dtype)
-            x.copy_(torch.where(ok[:, None, :, None], x, filler))
+            if not stream.identity and stream.exact is not None and first < self.length:
+                stream.exact.rows(first, self.length).copy_(x[..., first - start :, :])
+        return filled[0], filled[1]
+
+    # --- taking passes back (speculative decoding) ---------------------------------------------
+
+    def _remember(self, entry: _Undo) -> None:
+        """Keep the pass for :meth:`crop` while the last passes hold at most CROP_TOKENS tokens."""
+        if entry.keys.shape[-2] > CROP_TOKENS:
+            self.undo = []
+            return
+        if _moved(self, entry.before):
+            self.undo = []  # the encoded tokens moved: older records would keep the old buffers alive
+        self.undo.append(entry)
+        while sum(u.keys.shape[-2] for u in self.undo) > CROP_TOKENS:
+            self.undo.pop(0)
+
+    def _undone(self, new_length: int) -> bool:
+        """Put the layer back to ``new_length`` tokens exactly as if it had never seen the rest,
+        where the passes since are remembered: the state before them, and the kept tokens stored
+        again. False where they are not."""
+        for i in range(len(self.undo) - 1, -1, -1):
+            if self.undo[i].before.length <= new_length:
+                break
+        else:
+            return False
+        entries, self.undo = self.undo[i:], self.undo[:i]
+        keep = new_length - entries[0].before.length
+        keys = torch.cat([u.keys for u in entries], dim=-2)[..., :keep, :]
+        values = torch.cat([u.values for u in entries], dim=-2)[..., :keep, :]
+        self._restore(entries[0].before)
+        if keep:
+            self.update(keys, values)
+            self.end_step(self.begin_step())
+        return True
+
+    @property
+    def is_croppable(self) -> bool:  # type: ignore[override]
+        """Whether :meth:`crop` puts the layer back as it was: where no value policy keeps an
+        attention statistic (the queries a crop takes back added to it), for crops within the
+        passes of the last CROP_TOKENS tokens."""
+        return self.cache.value_statistic is None
 
     def _snapshot(self) -> _LayerState:
         return _LayerState(self.length, self.k, self.v, self.sq_attention, self.is_initialized)
@@ -357,6 +427,7 @@ class QuantizedLayer(CacheLayerMixin):
         raise CacheStateError("QuantizedKVCache does not support offloading")
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.undo = []  # a crop after a batch change goes through the stored tokens
         self.k = self.k.map(fn)
         self.v = self.v.map(fn)
         if self.sq_attention is not None:
@@ -374,15 +445,22 @@ class QuantizedLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens (transformers' convention: a negative count).
 
-        Encoded tokens are kept in whole encode units; tokens that stay but sat in a unit the cut
-        runs through come back into the window in their decoded (lossy) form: the exact ones are
-        gone, and nothing exact is invented.
+        Within the passes of the last CROP_TOKENS tokens (a speculative pass's candidates, a few
+        decode steps), the layer goes back exactly to what it held before them and stores the
+        kept tokens again, as a cache that never saw the others (no value policy statistic may
+        be involved: see :attr:`is_croppable`). Further back, encoded tokens are kept in whole
+        encode units; tokens that stay but sat in a unit the cut runs through come back into the
+        window in their decoded (lossy) form: the exact ones are gone, and nothing exact is
+        invented.
         """
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove")
         if tokens_to_remove == 0 or self.length == 0:
             return
         new_length = max(0, self.length + tokens_to_remove)
+        if self.cache.value_statistic is None and self._undone(new_length):
+            return
+        self.undo = []
         self.k, self.v = (self._cropped(stream, new_length) for stream in (self.k, self.v))
         if self.sq_attention is not None:
             window = self.v.window

@@ -24,6 +24,8 @@ from headq_core.interfaces import AttentionStatistic, KeyQuantizer, ValuePolicy
 from headq_core.layouts import EncodedBlock
 from headq_core.storage import BlockArena, ExactTokens, Stream
 
+DECODE_PASS_TOKENS = 64  # a serving pass up to this long reads the cache as one-by-one decoding would
+
 
 def encoded_end(n_tokens: int, sinks: int, window: int, block_tokens: int) -> int:
     """The flush rule: the absolute end of a stream's encoded tokens once ``n_tokens`` have
@@ -107,14 +109,36 @@ class Step:
 
     def encoded_limit(self, view: StreamView, device: torch.device) -> torch.Tensor:
         """(queries,) int64: in-flight query ``i`` reads the tokens from the sinks up to this
-        position encoded, and later ones exact (the flush rule applied to what it has seen)."""
+        position encoded, and later ones exact.
+
+        Emulating streaming, a query reads every earlier token in the state the flush rule left
+        it when that query was decoded. In serving, a query reads the tokens before the pass the
+        same way, where the pass is short (at most DECODE_PASS_TOKENS tokens: speculative
+        candidates, a few tokens of continuation), so that it sees what decoding its tokens one
+        by one would; a longer pass (a prompt, a chunk of one) reads them as the pass leaves them
+        stored. In-flight tokens are read exact in serving, as an engine attends to a prompt it is
+        storing.
+        """
         g = view.method.block_tokens
-        if self.emulate_streaming:  # the state streaming would have left: the rule at the query's own length
-            q = torch.arange(self.start, self.length, device=device)
-            free = (q + 1 - self.sinks - self.window).clamp(min=0)
-            return torch.minimum((q + 1).clamp(max=self.sinks) + free // g * g, q)
-        end_now = encoded_end(self.length, self.sinks, self.window, g)
-        return torch.full((self.queries,), min(end_now, self.start), device=device)
+        shared = self.shared_limit(view)
+        if shared is not None:
+            return torch.full((self.queries,), shared, device=device)
+        q = torch.arange(self.start, self.length, device=device)
+        free = (q + 1 - self.sinks - self.window).clamp(min=0)
+        end = (q + 1).clamp(max=self.sinks) + free // g * g  # the flush rule at each query's own length
+        return torch.minimum(end, q if self.emulate_streaming else torch.full_like(q, self.start))
+
+    def shared_limit(self, view: StreamView) -> int | None:
+        """The :meth:`encoded_limit` every in-flight query shares, known on the host; None where
+        the queries' limits differ."""
+        if self.emulate_streaming:
+            return None
+        g = view.method.block_tokens
+        last = min(encoded_end(self.length, self.sinks, self.window, g), self.start)
+        if self.queries > DECODE_PASS_TOKENS:
+            return last
+        first = min(encoded_end(self.start + 1, self.sinks, self.window, g), self.start)
+        return last if first == last else None
 
     def read_encoded(
         self, view: StreamView, first: int, device: torch.device, stop: int | None = None

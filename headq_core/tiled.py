@@ -29,7 +29,7 @@ import torch
 
 from headq_core.cache import QuantizedLayer
 from headq_core.layouts import EncodedBlock
-from headq_core.step import Step, StreamView, encoded_end
+from headq_core.step import Step, StreamView
 
 TILE_ELEMENTS = 1 << 25  # float32 logits of one tile: 128 MiB (a pass holds a few such tensors)
 MIN_TILE = 1024  # tokens per tile before the queries are split into chunks
@@ -126,11 +126,8 @@ class _Pass:
 
     def _stream(self, view: StreamView, rows: StreamView) -> _Stream:
         step = self.step
-        host = None
-        if not step.emulate_streaming:
-            end_now = encoded_end(step.length, step.sinks, step.window, view.method.block_tokens)
-            host = min(end_now, step.start)
-        return _Stream(view, rows, step.encoded_limit(rows, self.device), host, step.sinks)
+        limit = step.encoded_limit(rows, self.device)
+        return _Stream(view, rows, limit, step.shared_limit(rows), step.sinks)
 
     def values(self, view: StreamView) -> _Stream:
         return self._stream(view, self.step.values)

@@ -149,8 +149,76 @@ def test_crop_then_continue_matches_the_cropped_sequence(
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("remove", [1, 10, 44])
-def test_crop_keeps_what_attention_read(remove: int, make_model: ModelFactory, make_ids: IdsFactory) -> None:
+@pytest.mark.parametrize("remove", [1, 10])
+def test_a_crop_within_the_recent_passes_leaves_no_trace(
+    remove: int, make_model: ModelFactory, make_ids: IdsFactory
+) -> None:
+    """The 45 tokens came in passes of 30 and 15 x 1, all within CROP_TOKENS: the cropped cache
+    holds exactly what a cache that only ever saw the kept tokens holds, and goes on identically
+    (before, a crop left the kept tokens in their decoded form: up to 0.86 off in the keys)."""
+    model, cache = _filled(make_model, make_ids)
+    cache.crop(-remove)
+    kept = 45 - remove
+    fresh = QuantizedKVCache(KEYS, VALUES, window=5, sinks=2, config=model.config)
+    ids = make_ids(3, 45, seed=7)
+    _run(model, fresh, ids[:, :kept], [30, *[1] * (kept - 30)])
+    for a, b in zip(cache.quantized_layers(), fresh.quantized_layers(), strict=True):
+        assert a.get_seq_length() == b.get_seq_length() == kept
+        for x, y in zip(a.decoded(), b.decoded(), strict=True):
+            assert torch.equal(x, y)
+    assert cache.nbytes() == fresh.nbytes() and cache.is_croppable
+    more = make_ids(3, 12, seed=13)
+    assert torch.equal(_run(model, cache, more, [4, *[1] * 8]), _run(model, fresh, more, [4, *[1] * 8]))
+
+
+@pytest.mark.parametrize(
+    ("keys", "values"), [(KEYS, VALUES), ("headq", "gsrq"), ("gsrq:bits=2", "kivi:bits=2")]
+)
+@pytest.mark.parametrize("remove", [1, 7, 33, 56])
+def test_a_crop_is_the_cache_that_never_saw_the_tokens(keys: str, values: str, remove: int) -> None:
+    """Tokens in passes of 25, 1, 9, 1, 1, 20 (57 in all) through the attention, then a crop
+    anywhere back: every stored tensor equals a cache fed the same tokens without the cropped
+    ones (the passes cut where the crop falls)."""
+    from headq_core.testing.calibration import calibration_for
+    from headq_core.testing.conformance import model_config
+
+    config = model_config(head_dim=64)
+    calibration = calibration_for(keys, values, config, tokens=256)
+    k, v, q = (outlier_data((2, h, 57, 64), seed=s) for h, s in ((2, 1), (2, 2), (4, 3)))
+    chunks = [25, 1, 9, 1, 1, 20]
+    cache = QuantizedKVCache(keys, values, window=6, sinks=1, config=config, calibration=calibration)
+    feed(cache, k, v, q, chunks)
+    cache.crop(-remove)
+    kept, cut = 57 - remove, []
+    for n in chunks:
+        if sum(cut) < kept:
+            cut.append(min(n, kept - sum(cut)))
+    fresh = QuantizedKVCache(keys, values, window=6, sinks=1, config=config, calibration=calibration)
+    feed(fresh, k, v, q, cut)
+    a, b = cache.quantized_layers()[0], fresh.quantized_layers()[0]
+    assert a.get_seq_length() == b.get_seq_length() == kept
+    stored_a, stored_b = _stored(a), _stored(b)
+    assert stored_a.keys() == stored_b.keys()
+    for name, t in stored_a.items():
+        assert (t is None and stored_b[name] is None) or torch.equal(t, stored_b[name]), name
+
+
+def test_a_value_policy_with_a_statistic_is_not_croppable() -> None:
+    """A²'s statistic took in the queries a crop removes: the cache says so, as transformers asks."""
+    from headq_core.testing.conformance import model_config
+
+    assert not QuantizedKVCache("kivi:bits=2", "a2", config=model_config()).is_croppable
+    assert QuantizedKVCache("kivi:bits=2", "kivi:bits=2", config=model_config()).is_croppable
+
+
+@pytest.mark.parametrize("remove", [10, 44])
+def test_a_crop_further_back_keeps_what_attention_read(
+    monkeypatch: pytest.MonkeyPatch, remove: int, make_model: ModelFactory, make_ids: IdsFactory
+) -> None:
+    """Beyond the remembered passes (here the last 4 tokens), encoded tokens come back decoded."""
+    from headq_core import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "CROP_TOKENS", 4)
     model, cache = _filled(make_model, make_ids)
     before = _decoded(cache)
     for layer in cache.quantized_layers():

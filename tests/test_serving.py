@@ -43,3 +43,35 @@ def test_what_padding_holds_never_changes_a_row(make_model, make_ids, keys: str,
         second = _generate(model, other, mask, keys, values, calibration)
     assert torch.equal(first[1], second[1])
     assert torch.equal(first[0][:, 48:], second[0][:, 48:])
+
+
+CROPPABLE = [(k, v) for k, v in PAIRS if v not in ("a2",)]
+
+
+@pytest.mark.parametrize(("keys", "values"), CROPPABLE)
+def test_speculative_decoding_gives_the_plain_greedy_text(make_model, keys: str, values: str) -> None:
+    """Prompt lookup and an assistant model propose tokens that a multi-token pass checks and a
+    crop takes back: with a window at least as long as a pass, the text is plain greedy's (before:
+    KIVI-2 text differed from token 8 on). A² keeps a statistic of the queries a crop removes,
+    so its cache says it is not croppable."""
+    model = make_model("llama", attn="headq")
+    assistant = make_model("llama", attn="headq", seed=5)
+    assistant.generation_config.num_assistant_tokens = 5
+    assistant.generation_config.num_assistant_tokens_schedule = "constant"
+    calibration = calibration_for(keys, values, model.config, tokens=256)
+    pattern = torch.tensor([[5, 9, 13, 17, 21, 25, 29, 33]])
+    ids = torch.cat([pattern.repeat(1, 5), pattern[:, :3]], dim=1)  # repeats: prompt lookup finds candidates
+
+    def run(**kwargs):
+        cache = QuantizedKVCache(
+            keys, values, window=8, sinks=1, config=model.config, calibration=calibration
+        )
+        return model.generate(
+            ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), max_new_tokens=40,
+            do_sample=False, **kwargs,
+        )  # fmt: skip
+
+    with torch.no_grad():
+        plain = run()
+        assert torch.equal(run(prompt_lookup_num_tokens=3), plain)
+        assert torch.equal(run(assistant_model=assistant), plain)
