@@ -599,6 +599,10 @@ class QuantizedKVCache(Cache):
         self._flags: dict[torch.device, DeviceFlag] = {}
         self._failed: str | None = None
         n_layers = getattr(text_config, "num_hidden_layers", None)
+        # layers of the config that keep their own tokens (the last ones may share another's)
+        self.config_layers: int | None = None
+        if n_layers:
+            self.config_layers = n_layers - (getattr(text_config, "num_kv_shared_layers", 0) or 0)
         layers = [QuantizedLayer(self, i) for i in range(n_layers)] if n_layers else []
         super().__init__(layers=layers)  # type: ignore[arg-type]
 
@@ -623,6 +627,16 @@ class QuantizedKVCache(Cache):
                     f"the layers hold different numbers of tokens ({_ranges(lengths)}): an earlier forward "
                     "pass failed part-way through the model; this cache cannot continue, start a new one"
                 )
+            if lengths and self.config_layers is not None and len(lengths) < self.config_layers:
+                raise CacheStateError(
+                    f"the cache was built for a config of {self.config_layers} layers, and the model's last "
+                    f"forward pass stored tokens in {len(lengths)}: build the cache with this model's config"
+                )
+        if self.config_layers is not None and layer_idx >= len(self.layers):
+            raise CacheStateError(
+                f"layer {layer_idx} of the model has no place in a cache built for a config of "
+                f"{len(self.layers)} layers: build the cache with this model's config"
+            )
         while len(self.layers) <= layer_idx:
             self.layers.append(QuantizedLayer(self, len(self.layers)))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)

@@ -9,6 +9,7 @@ Shapes used throughout (numpy-style docstrings repeat them where tensors are mad
 
 from __future__ import annotations
 
+import re
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -79,6 +80,14 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+_NUMBER = {
+    int: re.compile(r"[+-]?[0-9]+", re.ASCII),
+    float: re.compile(
+        r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|nan)", re.ASCII | re.IGNORECASE
+    ),
+}
+
+
 def _convert(raw: Any, annotation: Any, method: str, key: str) -> Any:
     if not isinstance(raw, (str, Spec)):
         return raw  # already typed (configs built in code)
@@ -101,6 +110,10 @@ def _convert(raw: Any, annotation: Any, method: str, key: str) -> Any:
             if low not in _TRUE | _FALSE:
                 raise ValueError(raw)
             return low in _TRUE
+        # Python's int() and float() take other scripts' digits and underscores ("２", "1_6"): a
+        # spec is ASCII, so that what it says is what it reads as
+        if kind in (int, float) and not _NUMBER[kind].fullmatch(raw):
+            raise ValueError(raw)
         if kind is int:
             return int(raw)
         if kind is float:

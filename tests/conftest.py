@@ -8,6 +8,7 @@ multi-head attention with learned positions (GPT-2) or partial rotary embeddings
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -36,8 +37,9 @@ HEAD_DIM = 16
 # Wider than transformers' 0.02 so attention is far from uniform and quantization error shows.
 INIT_RANGE = 0.2
 
-# Tiny tensors gain nothing from intra-op threads, and spinning threads stall on a busy machine.
-torch.set_num_threads(1)
+# Tiny tensors gain nothing from intra-op threads, and spinning threads stall on a busy machine;
+# HEADQ_TEST_THREADS=2 runs the suite with two (no test may depend on the reduction order).
+torch.set_num_threads(int(os.environ.get("HEADQ_TEST_THREADS", "1")))
 
 _COMMON: dict[str, Any] = {
     "vocab_size": VOCAB,

@@ -591,3 +591,24 @@ def test_a_method_that_encodes_the_wrong_token_count_is_caught_by_the_cache() ->
     with pytest.raises(CacheStateError, match="encoded 3 tokens, was given 4"):
         cache.store(0, x, x)  # keys are encoded when the attention takes the pass
     assert cache.get_seq_length() == 0 and cache.quantized_layers()[0].k.window is None
+
+
+@pytest.mark.parametrize("config_layers", [1, 3])
+def test_a_cache_built_for_another_models_config_is_refused(config_layers: int) -> None:
+    """A 2-layer model with a cache built for 1 or 3 layers: refused, the mismatch named (before,
+    extra layers were appended silently, or never filled)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config(head_dim=16), attn_implementation="headq").eval()
+    cache = QuantizedKVCache("kivi:bits=2", "fp16", config=model_config(head_dim=16, layers=config_layers))
+    ids = torch.randint(1, 100, (1, 8))
+    with torch.no_grad(), pytest.raises(CacheStateError, match=f"config of {config_layers} layers"):
+        model(ids, **cache_kwargs(model, cache))
+        model(ids[:, :1], **cache_kwargs(model, cache))
+
+
+@pytest.mark.parametrize("text", ["bits=２", "group=1_6", "bits=2.0"])
+def test_spec_numbers_are_ascii_digits(text: str) -> None:
+    with pytest.raises(SpecError, match="must be int"):
+        get_registry().key_quantizer(f"kivi:{text}")
