@@ -545,8 +545,11 @@ def check_padding(subject: _Subject, *, head_dim: int = HEAD_DIM) -> None:
             stop = start + n
             pos = torch.arange(stop)
             mask = (pos[None, None, :] <= pos[start:stop, None]) & ~is_pad[:, None, :stop]
-            kk, vv = cache.update(k[..., start:stop, :], v[..., start:stop, :], 0)
-            out.append(headq_attention(module, q[..., start:stop, :], kk, vv, mask[:, None])[0])
+            for layer_idx in range(len(cache.layers) or 1):  # every layer of the config, the same data
+                kk, vv = cache.update(k[..., start:stop, :], v[..., start:stop, :], layer_idx)
+                got = headq_attention(module, q[..., start:stop, :], kk, vv, mask[:, None])[0]
+                if layer_idx == 0:
+                    out.append(got)
             start = stop
         outputs.append(torch.cat(out, dim=1))  # (b, tokens, q_heads, d)
     real = ~is_pad
