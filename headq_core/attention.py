@@ -32,6 +32,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 from headq_core import fused
 from headq_core.cache import LAYER_ATTR, QuantizedLayer
 from headq_core.interfaces import KeyQuantizer
+from headq_core.masks import drop_columns
 from headq_core.reference import masked_softmax, row_mask
 from headq_core.step import Step, StreamView
 from headq_core.tiled import attend_tiled
@@ -78,7 +79,8 @@ def headq_attention(
         values = None if keys is None else _as_read(step, step.values, query.dtype)
         if keys is not None and values is not None:
             layer.end_step(step)
-            out = _sdpa(query, keys, values, attention_mask, scaling)
+            mask = drop_columns(attention_mask, step.keys.sink_len, step.keys.dropped)
+            out = _sdpa(query, keys, values, mask, scaling)
             return out.transpose(1, 2).contiguous(), None
     # GQA folded into rows: row = head_in_group * n + position.
     q = query.float().reshape(b, hkv, hq // hkv * n, d)
@@ -93,7 +95,7 @@ def _as_read(step: Step, view: StreamView, dtype: torch.dtype) -> torch.Tensor |
     another way (emulated streaming) or the method gives no such tensor (its logits or readout are
     not dot products with one vector per token)."""
     parts = [] if view.sinks is None else [view.sinks.to(dtype)]
-    pos = view.sink_len
+    pos = view.stored_from
     if not view.identity:
         limit = step.shared_limit(view)
         if limit is None:

@@ -24,6 +24,7 @@ what lets the harness score many decode steps in one pass and still equal true s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -87,12 +88,14 @@ class QuantizedLayer(CacheLayerMixin):
     """One layer of a :class:`QuantizedKVCache`."""
 
     is_compileable = False
-    is_sliding = False
 
     def __init__(self, cache: QuantizedKVCache, layer_idx: int) -> None:
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
+        windows = cache.sliding_windows
+        # a sliding-window layer's queries see this many tokens, their own included
+        self.sliding_window: int | None = windows[layer_idx] if layer_idx < len(windows) else None
         self.length = 0
         self.k = Stream(cache.key_method, identity=False)
         self.v = Stream(cache.value_method, identity=False)
@@ -216,6 +219,8 @@ class QuantizedLayer(CacheLayerMixin):
             self.v = self._flushed(self.v)
         # A long prompt leaves a window in a buffer sized for the prompt: free it now (the step
         # keeps the old buffers for whoever still reads the pass's exact tokens).
+        if self.sliding_window is not None:
+            self._slide()
         self.k, self.v = self.k.compacted(), self.v.compacted()
         if self.before_pass is not None and self.passed is not None:
             self._remember(_Undo(self.before_pass, *self.passed))
@@ -301,6 +306,42 @@ class QuantizedLayer(CacheLayerMixin):
                 stream.exact.rows(first, self.length).copy_(x[..., first - start :, :])
         return filled[0], filled[1]
 
+    # --- sliding-window layers -------------------------------------------------------------------
+
+    @property
+    def is_sliding(self) -> bool:  # type: ignore[override]
+        return self.sliding_window is not None
+
+    def _slide(self) -> None:
+        """Drop the encoded tokens no later query can see (every query sees its last
+        ``sliding_window`` tokens), keeping CROP_TOKENS more for a crop: once they are as many as
+        the window, in whole encode units of both streams, so that a layer holds at most about
+        twice its window (its arenas are that small, so the records kept for a crop may hold the
+        ones it replaced)."""
+        assert self.sliding_window is not None
+        # positions before it are outside every later window, even after a crop of CROP_TOKENS
+        unseen = self.length - self.sliding_window + 1 - CROP_TOKENS
+        streams = [s for s in (self.k, self.v) if not s.identity]
+        unit = math.lcm(*(a.quantum for s in streams for a in s.arenas)) if streams else 1
+        first = max(self.k.sink_len() + self.k.dropped, self.v.sink_len() + self.v.dropped)
+        end = min(s.sink_len() + s.encoded for s in (self.k, self.v))
+        count = (min(unseen, end) - first) // unit * unit
+        if count < max(self.sliding_window, unit) or any(len(s.arenas) > 1 for s in streams):
+            return
+        self.k, self.v = (self._dropped(s, count) for s in (self.k, self.v))
+
+    def _dropped(self, stream: Stream, count: int) -> Stream:
+        """The stream without its first ``count`` stored encoded tokens (a whole multiple of the
+        arena's quantum), moved into buffers sized for the rest."""
+        if stream.identity:  # the tokens are the exact buffer's rows, which compacts after the pass
+            assert stream.exact is not None
+            return attrs.evolve(stream, exact=stream.exact.drop(count), dropped=stream.dropped + count)
+        arenas = []
+        for arena in stream.arenas:
+            kept = arena.slice(count, arena.tokens)
+            arenas.append(BlockArena.of(kept, stream.method.block_tokens))
+        return attrs.evolve(stream, arenas=tuple(arenas), dropped=stream.dropped + count)
+
     # --- taking passes back (speculative decoding) ---------------------------------------------
 
     def _remember(self, entry: _Undo) -> None:
@@ -308,7 +349,7 @@ class QuantizedLayer(CacheLayerMixin):
         if entry.keys.shape[-2] > CROP_TOKENS:
             self.undo = []
             return
-        if _moved(self, entry.before):
+        if self.sliding_window is None and _moved(self, entry.before):
             self.undo = []  # the encoded tokens moved: older records would keep the old buffers alive
         self.undo.append(entry)
         while sum(u.keys.shape[-2] for u in self.undo) > CROP_TOKENS:
@@ -369,7 +410,7 @@ class QuantizedLayer(CacheLayerMixin):
             return stream
         assert stream.exact is not None
         if stream.identity:  # its encoded form is the exact one, already in place
-            return Stream(stream.method, True, stream.sinks, (), stream.exact, stream.encoded + count)
+            return attrs.evolve(stream, encoded=stream.encoded + count)
         chunk = stream.exact.view()[..., :count, :]
         if isinstance(stream.method, KeyQuantizer):
             block = stream.method.encode(chunk, self.layer_idx)
@@ -387,7 +428,7 @@ class QuantizedLayer(CacheLayerMixin):
         else:
             arenas.append(BlockArena.of(block, stream.method.block_tokens, self.cache.capacity))
         exact = stream.exact.drop(count)
-        return Stream(stream.method, False, stream.sinks, tuple(arenas), exact, stream.encoded + count)
+        return attrs.evolve(stream, arenas=tuple(arenas), exact=exact, encoded=stream.encoded + count)
 
     def _check_block(self, block: EncodedBlock, stream: Stream, first: int) -> None:
         """A block whose float tensors are not finite would decode to NaN: refuse it, with where and why."""
@@ -528,7 +569,7 @@ class QuantizedLayer(CacheLayerMixin):
         if ref is None:
             return 0
         b, h, _, d = ref.shape
-        return b * h * self.length * d
+        return b * h * (self.length - self.k.dropped) * d  # the tokens it holds
 
 
 def _ranges(lengths: dict[int, int]) -> str:
@@ -542,6 +583,16 @@ def _ranges(lengths: dict[int, int]) -> str:
     return ", ".join(
         f"layer{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''}: {n} tokens" for a, b, n in runs
     )
+
+
+def _sliding_windows(config: Any) -> list[int | None]:
+    """Per layer of ``config``, the sliding window its queries see, or None for full attention."""
+    n = getattr(config, "num_hidden_layers", None)
+    if not n:
+        return []
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * n
+    return [window if kind == "sliding_attention" and window else None for kind in types]
 
 
 def _cat(old: torch.Tensor | None, new: torch.Tensor, dim: int = -2) -> torch.Tensor:
@@ -596,6 +647,7 @@ class QuantizedKVCache(Cache):
         text_config = config.get_text_config(decoder=True) if config is not None else None
         for method in (self.key_method, self.value_method):
             method.bind(text_config, calibration)
+        self.sliding_windows = _sliding_windows(text_config)
         self._flags: dict[torch.device, DeviceFlag] = {}
         self._failed: str | None = None
         n_layers = getattr(text_config, "num_hidden_layers", None)

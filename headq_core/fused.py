@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from headq_core.layouts import NoKernelLayout
+from headq_core.masks import drop_columns
 from headq_core.step import Step, StreamView
 from headq_kernels import decode_plan, triton_module
 
@@ -70,7 +71,9 @@ def decode(
     """query (b, hq, 1, d) -> (attention output (b, hq, 1, d), value statistic), or None."""
     if softcap or step.emulate_streaming or query.shape[2] != 1:
         return None
-    mask = decode_mask(attention_mask, step.length)
+    if step.keys.dropped != step.values.dropped:
+        return None
+    mask = drop_columns(decode_mask(attention_mask, step.length), step.keys.sink_len, step.keys.dropped)
     if _exact(step, query):
         return _sdpa(step, query, mask, scaling), None
     if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or not available():
@@ -103,8 +106,8 @@ def _sdpa(step: Step, query: torch.Tensor, mask: torch.Tensor | None, scaling: f
     """SDPA over the exact buffers, positions [0, length), grouped query heads as SDPA takes them
     (the call transformers makes for a ``DynamicCache``, so the same kernels run)."""
     assert step.keys.exact is not None and step.values.exact is not None
-    keys = step.keys.exact.rows(0, step.length)  # (b, hkv, length, d), a view
-    values = step.values.exact.rows(0, step.length)
+    keys = step.keys.exact.rows(step.keys.stored_from, step.length)  # (b, hkv, stored, d), a view
+    values = step.values.exact.rows(step.values.stored_from, step.length)
     attn_mask = None if mask is None else mask[:, None, None, :]
     return torch.nn.functional.scaled_dot_product_attention(
         query, keys, values, attn_mask=attn_mask, scale=scaling, enable_gqa=True
@@ -177,7 +180,7 @@ def _segments(view: StreamView, stop: int, query: torch.Tensor, *, keys: bool) -
     out: list[Any] = []
     if view.sinks is not None:
         out.append(decode_plan.Dense(view.sinks))
-    pos = view.sink_len
+    pos = view.stored_from
     try:
         for arena in view.arenas:
             covered = min(arena.tokens, stop - pos)

@@ -28,6 +28,10 @@ def attend_reference(
     Returns the output (b, hkv, rows, d) and the scaled logits (b, hkv, rows, tokens) as read,
     before masking; both float32.
     """
+    if step.keys.dropped or step.values.dropped:
+        raise NotImplementedError(
+            "the materialized reference does not read a sliding-window layer that dropped tokens"
+        )
     g = q.shape[-2] // step.queries
     keys = step.keys
     # Logits, segment by segment in token order: sinks, blocks (method's own logits), window.

@@ -76,6 +76,16 @@ class StreamView:
         return self.stream.sink_len() + self.stream.encoded
 
     @property
+    def dropped(self) -> int:
+        """Tokens after the sinks that are no longer stored (outside a sliding window)."""
+        return self.stream.dropped
+
+    @property
+    def stored_from(self) -> int:
+        """Position of the first stored token after the sinks."""
+        return self.stream.sink_len() + self.stream.dropped
+
+    @property
     def stored(self) -> list[EncodedBlock]:
         """The encoded tokens as blocks (views of the storage, made when asked for)."""
         return self.stream.blocks

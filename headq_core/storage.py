@@ -307,7 +307,8 @@ class Stream:
     sinks: torch.Tensor | None = None  # (b, h, s, d) exact
     arenas: tuple[BlockArena, ...] = ()
     exact: ExactTokens | None = None  # the window; for an identity method, every token after the sinks
-    encoded: int = 0  # tokens encoded
+    encoded: int = 0  # tokens encoded (dropped ones included)
+    dropped: int = 0  # encoded tokens after the sinks no query can read any more (a sliding-window layer)
 
     def sink_len(self) -> int:
         return 0 if self.sinks is None else self.sinks.shape[-2]
@@ -317,10 +318,15 @@ class Stream:
         """The encoded tokens as blocks (views of the storage), in token order."""
         if not self.identity:
             return [arena.stored() for arena in self.arenas]
-        if self.exact is None or not self.encoded:
+        if self.exact is None or self.encoded == self.dropped:
             return []
-        first = self.sink_len()
-        return [DenseBlock(tokens=self.encoded, data=self.exact.rows(first, first + self.encoded))]
+        first = self.sink_len() + self.dropped
+        return [
+            DenseBlock(
+                tokens=self.encoded - self.dropped,
+                data=self.exact.rows(first, first + self.encoded - self.dropped),
+            )
+        ]
 
     @property
     def window(self) -> torch.Tensor | None:
@@ -338,12 +344,13 @@ class Stream:
             exact = ExactTokens.of(x, position, capacity if self.identity else 0)
         else:
             exact = self.exact.append(x)
-        return Stream(self.method, self.identity, self.sinks, self.arenas, exact, self.encoded)
+        return attrs.evolve(self, exact=exact)
 
     def compacted(self) -> Stream:
         """The stream with its window in a buffer sized for it (:meth:`ExactTokens.compacted`);
-        an identity stream keeps its buffer, which holds every token."""
-        if self.identity or self.exact is None:
+        an identity stream keeps its buffer, which holds every token, unless a sliding window
+        dropped some."""
+        if self.exact is None or (self.identity and not self.dropped):
             return self
         exact = self.exact.compacted()
         return self if exact is self.exact else attrs.evolve(self, exact=exact)
@@ -357,9 +364,14 @@ class Stream:
         )
 
     def decoded(self) -> torch.Tensor:
-        """(b, h, tokens, d) float32: every token as the attention reads it."""
+        """(b, h, tokens, d) float32: every token as the attention reads it (zeros for dropped ones)."""
         parts = [] if self.sinks is None else [self.sinks.float()]
-        parts += [b.dequantize(torch.float32) for b in self.blocks]
+        blocks = [b.dequantize(torch.float32) for b in self.blocks]
+        if self.dropped:
+            like = blocks[0] if blocks else self.window
+            assert like is not None
+            parts.append(like.new_zeros((*like.shape[:2], self.dropped, like.shape[-1]), dtype=torch.float32))
+        parts += blocks
         if self.window is not None:
             parts.append(self.window.float())
         return torch.cat(parts, dim=-2)

@@ -47,9 +47,9 @@ class Piece:
 def pieces(view: StreamView, tile: int) -> Iterator[Piece]:
     """The stream's tokens ``[0, view.length)`` in token order, at most about ``tile`` per piece
     (an arena is cut in whole units of its quantum)."""
-    pos = view.sink_len
-    if pos:
-        yield Piece(0, pos, None)
+    if view.sink_len:
+        yield Piece(0, view.sink_len, None)
+    pos = view.stored_from  # tokens a sliding window dropped are never read
     if not view.identity:
         for arena in view.arenas:
             unit = max(1, tile // arena.quantum) * arena.quantum

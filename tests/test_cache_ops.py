@@ -182,7 +182,7 @@ def test_a_crop_is_the_cache_that_never_saw_the_tokens(keys: str, values: str, r
     from headq_core.testing.calibration import calibration_for
     from headq_core.testing.conformance import model_config
 
-    config = model_config(head_dim=64)
+    config = model_config(head_dim=64, layers=1)
     calibration = calibration_for(keys, values, config, tokens=256)
     k, v, q = (outlier_data((2, h, 57, 64), seed=s) for h, s in ((2, 1), (2, 2), (4, 3)))
     chunks = [25, 1, 9, 1, 1, 20]

@@ -75,3 +75,68 @@ def test_speculative_decoding_gives_the_plain_greedy_text(make_model, keys: str,
         plain = run()
         assert torch.equal(run(prompt_lookup_num_tokens=3), plain)
         assert torch.equal(run(assistant_model=assistant), plain)
+
+
+def _sliding_model():
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, use_sliding_window=True,
+        sliding_window=24, max_window_layers=1, pad_token_id=0, eos_token_id=None,
+    )  # fmt: skip
+    assert config.layer_types == ["full_attention", "sliding_attention"]
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="headq").eval()
+
+
+def test_a_sliding_window_layer_keeps_only_its_window(make_ids) -> None:
+    """Layer 1 of this model slides over 24 tokens: an exact quantized cache gives DynamicCache's
+    greedy tokens, and holds a bounded number of tokens there (before: every token, in every
+    layer) while the full-attention layer holds them all."""
+    from transformers import DynamicCache
+
+    model = _sliding_model()
+    ids = make_ids(2, 60, seed=5)
+    with torch.no_grad():
+        cache = QuantizedKVCache(config=model.config)
+        got = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=150, do_sample=False)
+        model.set_attn_implementation("sdpa")
+        want = model.generate(ids, **cache_kwargs(model, DynamicCache(config=model.config)), max_new_tokens=150,
+                              do_sample=False)  # fmt: skip
+    assert torch.equal(got, want)
+    full, sliding = cache.quantized_layers()
+    assert not full.is_sliding and sliding.is_sliding and cache.is_sliding == [False, True]
+    assert full.get_seq_length() == sliding.get_seq_length() == 209
+    held = sliding.length - sliding.k.dropped
+    assert sliding.k.dropped > 0 and held <= 2 * 24 + 64, held  # window, one window of slack, CROP_TOKENS
+    nbytes = [
+        sum(sum(parts.values()) for parts in layer.nbytes_by_part().values()) for layer in (full, sliding)
+    ]
+    assert nbytes[1] < nbytes[0] * held / 209 * 1.1  # what it holds is what it keeps
+
+
+@pytest.mark.parametrize(("keys", "values"), [("kivi:bits=2", "kivi:bits=2"), ("headq", "kivi:bits=4")])
+def test_dropping_what_a_sliding_window_hides_changes_nothing(monkeypatch, make_ids, keys, values) -> None:
+    """The same quantized cache with and without the sliding layer dropping its old tokens:
+    identical logits (they were masked), and far fewer tokens held."""
+    from headq_core.cache import QuantizedLayer
+
+    model = _sliding_model()
+    calibration = calibration_for(keys, values, model.config, tokens=256)
+    ids = make_ids(2, 60, seed=6)
+
+    def run():
+        cache = QuantizedKVCache(keys, values, window=4, config=model.config, calibration=calibration)
+        with torch.no_grad():
+            out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=150, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)  # fmt: skip
+        return torch.stack(out.logits, dim=1), cache
+
+    dropping, cache = run()
+    assert cache.quantized_layers()[1].k.dropped > 0
+    monkeypatch.setattr(QuantizedLayer, "_slide", lambda self: None)
+    keeping, kept = run()
+    assert kept.quantized_layers()[1].k.dropped == 0
+    torch.testing.assert_close(dropping, keeping, rtol=1e-5, atol=1e-5)
+    assert cache.nbytes() < kept.nbytes()
