@@ -96,6 +96,12 @@ def _describe(registry: Registry, kind: str, method: Any, head_dim: int) -> None
     )
     console.print(f"  stores: {method.stores()}", highlight=False)
     console.print(f"  tokens per encode unit: {method.block_tokens}", highlight=False)
+    if method.block_tokens > 1024:
+        console.print(
+            f"  [yellow]warning[/yellow]: a sequence shorter than {method.block_tokens} tokens (plus the window and "
+            "sinks) is never encoded: it stays exact, at the model's own width",
+            highlight=False,
+        )
     console.print(
         f"  parameters: {', '.join(f'{k}={v}' for k, v in method.config.to_params(all_fields=True))}"
     )

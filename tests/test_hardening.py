@@ -612,3 +612,14 @@ def test_a_cache_built_for_another_models_config_is_refused(config_layers: int) 
 def test_spec_numbers_are_ascii_digits(text: str) -> None:
     with pytest.raises(SpecError, match="must be int"):
         get_registry().key_quantizer(f"kivi:{text}")
+
+
+def test_the_bench_warns_where_a_row_would_quantize_nothing() -> None:
+    """``kivi:group=1000000`` or ``window=10**9`` store every token exact (32 bits/elem at float32)
+    while the spec reads as 2 bits: the bench says so for the window length it measures."""
+    from headq_core.harness.run import exact_warnings
+
+    assert not exact_warnings(QuantizedKVCache("kivi:bits=2", "kivi:bits=2", window=32), 768)
+    [warning] = exact_warnings(QuantizedKVCache("kivi:group=1000000", "fp16"), 768)
+    assert "keys (kivi:group=1000000)" in warning and "stays exact" in warning
+    assert len(exact_warnings(QuantizedKVCache("kivi", "kivi", window=10**9), 768)) == 2

@@ -104,6 +104,22 @@ class BenchOptions:
         )
 
 
+def exact_warnings(cache: Any, length: int) -> list[str]:
+    """Why a cache would store every token of a ``length``-token sequence exact, if it would."""
+    out = []
+    for kind, method in (("keys", cache.key_method), ("values", cache.value_method)):
+        if method.stores_exactly(torch.float16):
+            continue
+        held = cache.sinks + cache.window + method.block_tokens
+        if held > length:
+            out.append(
+                f"{kind} ({method.spec}) encode {method.block_tokens} tokens at a time after {cache.sinks} sinks "
+                f"and a window of {cache.window}: every token of a {length}-token window stays exact, and the "
+                "row measures no quantization"
+            )
+    return out
+
+
 def _stages(names: list[str]) -> frozenset[str]:
     unknown = sorted(set(names) - set(OPTIONAL_STAGES))
     if unknown:
@@ -189,7 +205,9 @@ def run_bench(
     # Build every cache once before measuring anything: a missing calibration or a bad spec fails now.
     for combo in combos:
         settings = CacheSettings(combo.keys, combo.values, options.window, options.sinks, calibration)
-        settings.build(loaded.model.config)
+        cache = settings.build(loaded.model.config)
+        for warning in exact_warnings(cache, w.length):
+            console.print(f"[yellow]warning[/yellow] {combo.label}: {warning}", highlight=False)
 
     rows: list[dict[str, Any]] = []
     with Progress(
