@@ -133,8 +133,12 @@ def bench(
         int | None, typer.Option(help="feed prompts in chunks of this many tokens (bounded memory)")
     ] = None,
     diag_windows: Annotated[int, typer.Option(help="windows used for the distortion metrics")] = 2,
-    baseline_keys: Annotated[str, typer.Option(help="baseline keys for '% excess removed'")] = "kivi:bits=2",
-    baseline_values: Annotated[str, typer.Option(help="baseline values for '% excess removed'")] = "fp16",
+    baseline_keys: Annotated[
+        str, typer.Option(help="baseline keys for '% excess removed' (K-only rows: these keys, exact values)")
+    ] = "kivi:bits=2",
+    baseline_values: Annotated[
+        str, typer.Option(help="baseline values for '% excess removed' (K+V rows: both baselines)")
+    ] = "kivi:bits=2",
     calibration: Annotated[Path | None, typer.Option(help="calibration artifact (headq calibrate)")] = None,
     out: Annotated[Path, typer.Option(help="output folder for JSON, Markdown and PNG")] = Path("results"),
     name: Annotated[str, typer.Option(help="file stem of the outputs")] = "bench",

@@ -47,7 +47,7 @@ def result() -> dict:
         measure(model, windows, c, windowing, diag_windows=1, captured=captured, speed_steps=2)
         for c in combos
     ]
-    extra = finish(rows, Combination("kivi:bits=2", "fp16"))
+    extra = finish(rows, Combination("kivi:bits=2", "kivi:bits=2"))
     return {
         "model": {"name": "tiny-llama", "fingerprint": "test", "layers": 2},
         "text": {"name": "random", "sha256": "-", "tokens": 192},
@@ -61,11 +61,15 @@ def result() -> dict:
 def test_rows_carry_consistent_numbers(result) -> None:
     exact, kivi2, kivi1, kivi2kv = result["rows"]
     assert exact["delta_ppl"] == 0 and math.isnan(exact["excess_removed"])
-    assert math.isnan(kivi2["excess_removed"])  # the baseline itself
+    # each kind of row against the baseline of its kind: K-only rows against KIVI-2 keys alone,
+    # K+V rows against KIVI-2 keys and values (before, every row against the K-only baseline)
+    assert math.isnan(kivi2["excess_removed"]) and kivi2["excess_note"] == "the baseline"
+    assert math.isnan(kivi2kv["excess_removed"]) and kivi2kv["excess_note"] == "the baseline"
+    assert kivi1["excess_baseline"] == "kivi:bits=2 | fp16"
     if kivi2["delta_ppl"] > 0:
         assert kivi1["excess_removed"] == pytest.approx(1 - kivi1["delta_ppl"] / kivi2["delta_ppl"])
     else:  # a baseline with no excess has nothing to remove
-        assert math.isnan(kivi1["excess_removed"])
+        assert math.isnan(kivi1["excess_removed"]) and kivi1["excess_note"] == "the baseline has no excess"
     assert kivi2kv["bits"]["all"]["total"] < kivi2["bits"]["all"]["total"] < exact["bits"]["all"]["total"]
     for row in result["rows"]:
         parts = row["cache_bytes_by_part"]
@@ -149,3 +153,21 @@ def test_skipped_stages_leave_their_columns_empty(result, tmp_path: Path) -> Non
     assert BenchOptions.from_cli(**flags, skip=["prefill"]).skip == {"prefill"}
     with pytest.raises(HeadqError, match="optional stages are prefill, distortion, speed"):
         BenchOptions.from_cli(**flags, skip=["perplexity"])
+
+
+def test_excess_removed_is_against_the_baseline_of_the_rows_kind() -> None:
+    rows = [
+        {"keys": k, "values": v, "decode_ppl": ppl, "metrics_per_layer_head": {}}
+        for k, v, ppl in [
+            ("fp16", "fp16", 10.0), ("kivi", "fp16", 12.0), ("headq", "fp16", 11.0),
+            ("kivi", "kivi", 14.0), ("headq", "a2", 12.0), ("fp16", "a2", 11.0),
+        ]
+    ]  # fmt: skip
+    finish(rows, Combination("kivi", "kivi"))
+    by = {(r["keys"], r["values"]): r for r in rows}
+    assert by["headq", "fp16"]["excess_removed"] == pytest.approx(0.5)  # 1 of the K-only baseline's 2
+    assert by["headq", "fp16"]["excess_baseline"] == "kivi | fp16"
+    assert by["headq", "a2"]["excess_removed"] == pytest.approx(0.5)  # 2 of the K+V baseline's 4
+    assert by["headq", "a2"]["excess_baseline"] == "kivi | kivi"
+    assert by["fp16", "a2"]["excess_note"] == "baseline fp16 | kivi not in the run"
+    assert math.isnan(by["fp16", "a2"]["excess_removed"])

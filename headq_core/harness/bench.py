@@ -178,19 +178,51 @@ def _fp16_bytes(cache: Any) -> int:
     return sum(2 * layer.elements() * 2 for layer in cache.quantized_layers())
 
 
+def row_kind(keys: str, values: str) -> str:
+    """ "K" (values exact), "V" (keys exact) or "K+V"."""
+    if values == EXACT[1]:
+        return "K"
+    return "V" if keys == EXACT[0] else "K+V"
+
+
+def baselines(baseline: Combination) -> dict[str, Combination]:
+    """The baseline of each row kind: its keys alone, its values alone, both."""
+    return {
+        "K": Combination(baseline.keys, EXACT[1]),
+        "V": Combination(EXACT[0], baseline.values),
+        "K+V": Combination(baseline.keys, baseline.values),
+    }
+
+
 def finish(rows: list[dict[str, Any]], baseline: Combination | None) -> dict[str, Any]:
-    """Add ΔPPL and % of the baseline's excess removed to each row; correlations of metrics with KL."""
+    """Add ΔPPL and % excess removed to each row; correlations of metrics with KL.
+
+    A row's excess removed is measured against the baseline of its own kind (K-only rows against
+    the baseline's keys with exact values, K+V rows against the baseline's keys and values), and
+    the row says which (``excess_baseline``), or why there is none (``excess_note``).
+    """
     exact = next((r for r in rows if (r["keys"], r["values"]) == EXACT), None)
-    base = None
-    if baseline is not None:
-        base = next((r for r in rows if (r["keys"], r["values"]) == (baseline.keys, baseline.values)), None)
+    found = {(r["keys"], r["values"]): r for r in rows}
     for row in rows:
         row["delta_ppl"] = row["decode_ppl"] - exact["decode_ppl"] if exact else math.nan
         row["excess_removed"] = math.nan
-        if exact and base and row is not base and row is not exact:
-            base_excess = base["decode_ppl"] - exact["decode_ppl"]
-            if base_excess > 0:
-                row["excess_removed"] = 1 - row["delta_ppl"] / base_excess
+        row["excess_baseline"] = row["excess_note"] = None
+        if exact is None or row is exact:
+            continue
+        if baseline is None:
+            row["excess_note"] = "no baseline"
+            continue
+        base_combo = baselines(baseline)[row_kind(row["keys"], row["values"])]
+        row["excess_baseline"] = base_combo.label
+        base = found.get((base_combo.keys, base_combo.values))
+        if base is None:
+            row["excess_note"] = f"baseline {base_combo.label} not in the run"
+        elif base is row:
+            row["excess_note"] = "the baseline"
+        elif base["decode_ppl"] - exact["decode_ppl"] <= 0:
+            row["excess_note"] = "the baseline has no excess"
+        else:
+            row["excess_removed"] = 1 - row["delta_ppl"] / (base["decode_ppl"] - exact["decode_ppl"])
     return {"correlation_with_attn_kl": correlations(rows)}
 
 

@@ -32,9 +32,10 @@ def _cell(row: dict[str, Any], key: str) -> str:
     if isinstance(value, str):
         return value
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
+        note = row.get("excess_note") if key == "excess_removed" else None
+        return f"– ({note})".replace(" | ", " / ") if note else "–"
     if key == "excess_removed":
-        return f"{100 * value:.0f}%"
+        return f"{100 * value:.0f}% of {row['excess_baseline']}".replace(" | ", " / ")  # no pipes in a cell
     if key in ("decode_ppl", "prefill_ppl"):
         return f"{value:.2f}"
     if key == "delta_ppl":

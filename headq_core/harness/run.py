@@ -45,7 +45,7 @@ class BenchOptions:
     window: int = 0
     sinks: int = 0
     diag_windows: int = 2
-    baseline: Combination | None = Combination("kivi:bits=2", "fp16")
+    baseline: Combination | None = Combination("kivi:bits=2", "kivi:bits=2")  # per row kind: see finish()
     calibration: Path | None = None
     skip: frozenset[str] = frozenset()
 
