@@ -247,18 +247,31 @@ def calibrate(
     text_name: str,
     text_sha256: str,
     progress: Callable[[int], None] | None = None,
+    stage: Callable[[str], None] | None = None,
 ) -> Calibration:
-    """Collect what ``methods`` ((kind, method) pairs) need, let each fit, and bundle the result."""
+    """Collect what ``methods`` ((kind, method) pairs) need, let each fit, and bundle the result.
+
+    progress(n): called as each window's n tokens are through the model. stage(line): one line
+    as each stage starts and ends (statistics with their rate, each method's fit with its time).
+    """
     from headq_core import __version__
 
+    say = stage or (lambda line: None)
     needs: set[str] = set()
     for _, method in methods:
         needs |= set(method.calibration_needs)
     started = time.time()
+    total = sum(w.shape[-1] for w in windows)
+    say(f"collecting {', '.join(sorted(needs))} over {total} tokens in {len(windows)} passes")
     stats = collect_statistics(model, windows, needs, progress=progress)
+    took = time.time() - started
+    say(f"statistics collected in {took:.1f} s ({total / max(took, 1e-9):.0f} tokens/s)")
     tensors: dict[str, torch.Tensor] = {}
     for kind, method in methods:
+        fit_started = time.time()
+        say(f"fitting {kind} method {method.spec}")
         fitted = method.fit(stats)
+        say(f"fitted {kind} method {method.spec} in {time.time() - fit_started:.1f} s")
         if not fitted:
             raise CalibrationError(f"{kind} method {method.spec} fitted nothing; it needs no calibration")
         for name, tensor in fitted.items():

@@ -212,6 +212,12 @@ def calibrate(
             windows = token_windows(ids, length - 1, 1, max(1, tokens // length))
         with Progress(console=console) as progress:
             task = progress.add_task("calibrating", total=sum(w.shape[-1] for w in windows))
+
+            def stage(line: str) -> None:  # a live bar in a terminal, a line per stage in a log
+                progress.update(task, description=line)
+                if not console.is_terminal:
+                    console.log(line, highlight=False)
+
             artifact = run_calibration(
                 loaded.model,
                 windows,
@@ -221,6 +227,7 @@ def calibrate(
                 text_name=loaded_text.name,
                 text_sha256=loaded_text.sha256,
                 progress=lambda n: progress.advance(task, n),
+                stage=stage,
             )
         path = artifact.save(out)
         console.print(

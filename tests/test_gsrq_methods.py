@@ -148,10 +148,16 @@ def test_calibrate_fits_codebooks_saves_and_binds(tmp_path: Path) -> None:
         ("value", registry.value_policy("gsrq:bits=0.5,dim=8,weighted=false")),
     ]
     windows = [torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    lines: list[str] = []
     artifact = calibrate(
-        model, windows, methods, model_name="tiny", fingerprint="tiny", text_name="random", text_sha256="0"
-    )
+        model, windows, methods, model_name="tiny", fingerprint="tiny", text_name="random", text_sha256="0",
+        stage=lines.append,
+    )  # fmt: skip
     assert set(artifact.metadata["statistics"]) == {"key_samples", "key_fisher", "value_samples"}
+    # every stage says when it starts and ends (a log file shows where the time goes)
+    assert lines[0].startswith("collecting key_fisher, key_samples, value_samples over 144 tokens")
+    assert "tokens/s" in lines[1] and len(lines) == 2 + 2 * len(methods)
+    assert lines[-1].startswith("fitted value method gsrq:bits=0.5")
     names = sorted(artifact.tensors)
     assert names == [
         "key:gsrq:bits=1.0,scale=fisher/layer0.scale",
