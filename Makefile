@@ -45,6 +45,7 @@ typecheck: setup
 	$(BIN)/mypy headq_core kernels/headq_kernels plugins
 
 test: lint typecheck
+	$(BIN)/headq check
 	$(BIN)/pytest -q
 
 # Lint and types are checked against the locked tools; this leg asks whether the code still runs.

@@ -53,13 +53,30 @@ def list_methods() -> None:
     for entry in registry.entries("metric"):
         metrics.add_row(entry.name, entry.obj.description, entry.source.distribution)
     console.print(metrics)
-    for broken in registry.broken:
-        console.print(
-            f"[red]broken plugin[/red] {broken.plugin} ({broken.distribution}): {broken.error}",
-            highlight=False,
-        )
+    _report_problems(registry)
+
+
+def _report_problems(registry: Registry) -> int:
+    """Print broken plugins, name clashes and disabled plugins; the count of problems."""
+    problems = registry.problems()
+    for line in problems:
+        console.print(f"[red]problem[/red] {line}", highlight=False)
     for disabled in registry.disabled:
         console.print(f"[yellow]disabled plugin[/yellow] {disabled}", highlight=False)
+    return len(problems)
+
+
+@app.command()
+def check() -> None:
+    """Load every plugin; exit non-zero if one failed to load or two claim one name (for CI)."""
+    registry = get_registry()
+    count = _report_problems(registry)
+    names = {kind: len(registry.entries(kind)) for kind in ("key", "value", "metric")}
+    summary = f"{names['key']} key quantizers, {names['value']} value policies, {names['metric']} metrics"
+    if count:
+        console.print(f"{count} problem{'s' if count > 1 else ''}; {summary} usable", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"all plugins loaded: {summary}", highlight=False)
 
 
 @app.command()

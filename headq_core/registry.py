@@ -120,14 +120,29 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         return sorted(n for k, n in [*self._entries, *self._conflicts] if k == kind)
 
+    def conflicts(self) -> list[str]:
+        """One line per name that several plugins register (the name is unusable until one goes)."""
+        return [self._conflict_message(kind, name) for kind, name in sorted(self._conflicts)]
+
+    def _conflict_message(self, kind: str, name: str) -> str:
+        sources = self._conflicts[(kind, name)]
+        owners = " and ".join(f"{s.distribution} ({s.plugin})" for s in sources)
+        plugins = [s.plugin for s in sources if s.distribution != "headq-core"]
+        fix = f"; leave one out with {DISABLE_ENV}={plugins[-1]} or uninstall it" if plugins else ""
+        return f"{_KIND_NAMES[kind]} {name!r} is registered by both {owners}{fix}"
+
+    def problems(self) -> list[str]:
+        """What keeps a plugin or a name from being used: broken plugins and name clashes."""
+        broken = [f"plugin {b.plugin} ({b.distribution}) failed to load: {b.error}" for b in self.broken]
+        return broken + self.conflicts()
+
     def entries(self, kind: str) -> list[Entry]:
         return sorted((e for e in self._entries.values() if e.kind == kind), key=lambda e: e.name)
 
     def entry(self, kind: str, name: str) -> Entry:
         key = (kind, name)
         if key in self._conflicts:
-            owners = " and ".join(f"{s.distribution} ({s.plugin})" for s in self._conflicts[key])
-            raise PluginError(f"{_KIND_NAMES[kind]} {name!r} is registered by both {owners}")
+            raise PluginError(self._conflict_message(kind, name))
         if key not in self._entries:
             known = self.names(kind)
             broken = "".join(

@@ -278,3 +278,32 @@ def test_the_registry_is_clean_after_plugin_tests() -> None:
     registry = get_registry()
     assert not {"sign", "signbit", "twin", "frob", "goodkeys"} & set(registry.names("key"))
     assert not any(b.distribution.startswith("headq-") and b.plugin != "kivi" for b in registry.broken)
+
+
+def test_list_names_a_clash_and_check_fails_on_it(site: Site) -> None:
+    """A third-party method named like a shipped one: before, ``kivi`` vanished from ``headq list``
+    without a line why; now both owners and the fix are named, and ``headq check`` exits 1."""
+    from typer.testing import CliRunner
+
+    from headq_core import cli
+
+    assert CliRunner().invoke(cli.app, ["check"]).exit_code == 0
+    site.install_sign("headq-kivi-clone", name="kivi", module="headq_kivi_clone")
+    get_registry(reload=True)
+    listed = CliRunner().invoke(cli.app, ["list"], env={"COLUMNS": "300"})
+    assert listed.exit_code == 0
+    assert "key quantizer 'kivi' is registered by both" in listed.output
+    assert "headq-kivi-clone" in listed.output and "HEADQ_DISABLE_PLUGINS=" in listed.output
+    checked = CliRunner().invoke(cli.app, ["check"], env={"COLUMNS": "300"})
+    assert checked.exit_code == 1 and "1 problem" in checked.output
+
+
+def test_check_fails_on_a_broken_plugin(site: Site) -> None:
+    from typer.testing import CliRunner
+
+    from headq_core import cli
+
+    site.install("headq-frob", {"frob": "headq_frob_plugin"}, {"headq_frob_plugin": BROKEN_IMPORT})
+    get_registry(reload=True)
+    checked = CliRunner().invoke(cli.app, ["check"], env={"COLUMNS": "300"})
+    assert checked.exit_code == 1 and "plugin frob (headq-frob) failed to load" in checked.output
