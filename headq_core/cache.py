@@ -696,9 +696,17 @@ class QuantizedKVCache(Cache):
     def store(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store tokens whose attention was computed elsewhere (a prefill through another attention
         function, or a benchmark's tokens): as ``update`` and the attention would store them, with
-        no attention statistic for a value policy. keys, values: (batch, kv_heads, tokens, head_dim)."""
-        key, _ = self.update(keys, values, layer_idx)
-        layer = getattr(key, LAYER_ATTR)
+        no attention statistic for a value policy. keys, values: (batch, kv_heads, tokens, head_dim).
+
+        Layers may be filled in any order and in several calls each (a forward pass's checks, that
+        every layer holds as many tokens as the others, do not apply)."""
+        if self.config_layers is not None and layer_idx >= len(self.layers):
+            raise CacheStateError(f"layer {layer_idx} is not in a cache of {len(self.layers)} layers")
+        while len(self.layers) <= layer_idx:
+            self.layers.append(QuantizedLayer(self, len(self.layers)))
+        layer = self.layers[layer_idx]
+        assert isinstance(layer, QuantizedLayer)
+        layer.update(keys, values)
         layer.end_step(layer.begin_step())
 
     def quantized_layers(self) -> list[QuantizedLayer]:

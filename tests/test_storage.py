@@ -107,3 +107,17 @@ def test_an_exact_cache_decodes_through_sdpa_as_the_reference_does() -> None:
         layer, step, q.reshape(2, 2, 2, 16), row_mask(mask, 2, 1, 50, 51, q.device), 0.25, None
     )
     torch.testing.assert_close(sdpa, ref.reshape(2, 4, 1, 16).transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_store_fills_layers_in_any_order_and_slices() -> None:
+    """A benchmark fills layer 0 in slices, then layer 1: no forward-pass check gets in the way."""
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         num_hidden_layers=2, intermediate_size=32, vocab_size=32)  # fmt: skip
+    cache = QuantizedKVCache("kivi:bits=2", "kivi:bits=2", window=8, config=config)
+    gen = torch.Generator().manual_seed(0)
+    for layer in range(2):
+        for _ in range(3):
+            cache.store(
+                layer, torch.randn(1, 2, 40, 16, generator=gen), torch.randn(1, 2, 40, 16, generator=gen)
+            )
+    assert [layer.get_seq_length() for layer in cache.quantized_layers()] == [120, 120]
