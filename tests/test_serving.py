@@ -140,3 +140,22 @@ def test_dropping_what_a_sliding_window_hides_changes_nothing(monkeypatch, make_
     assert kept.quantized_layers()[1].k.dropped == 0
     torch.testing.assert_close(dropping, keeping, rtol=1e-5, atol=1e-5)
     assert cache.nbytes() < kept.nbytes()
+
+
+def test_the_bench_compares_memory_with_what_the_models_own_cache_holds(make_ids) -> None:
+    """On the sliding model the exact cache holds about what DynamicCache holds (its sliding layer
+    keeps a bounded number of tokens), so the ratio is near 1, not the bits/elem of a full layer."""
+    from transformers import DynamicCache
+
+    from headq_core.harness.bench import model_cache_bytes
+
+    model = _sliding_model()
+    ids = make_ids(1, 300, seed=8)
+    cache, own = QuantizedKVCache(config=model.config), DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, **cache_kwargs(model, cache))
+        model.set_attn_implementation("sdpa")
+        model(ids, **cache_kwargs(model, own))
+    held = sum(t.numel() * t.element_size() for layer in own.layers for t in (layer.keys, layer.values))
+    assert model_cache_bytes(cache) == held
+    assert cache.nbytes() < 1.6 * held  # the sliding layer keeps its window and a crop's 64 tokens

@@ -165,6 +165,7 @@ def measure(
         "cache_tokens": cache.get_seq_length(),
         "cache_batch": min(windowing.batch, len(windows)),
         "fp16_bytes": _fp16_bytes(cache),
+        "model_cache_bytes": model_cache_bytes(cache),
         "projected_bytes": {name: project(bits, exact_tokens, shape) for name, shape in PROJECTIONS.items()},
         "metrics": {name: float(v.mean()) for name, v in means.items()},
         "metrics_per_layer_head": {name: v.tolist() for name, v in means.items()},
@@ -176,6 +177,21 @@ def measure(
 
 def _fp16_bytes(cache: Any) -> int:
     return sum(2 * layer.elements() * 2 for layer in cache.quantized_layers())
+
+
+def model_cache_bytes(cache: Any) -> int:
+    """Bytes the model's own ``DynamicCache`` would hold for the same tokens: keys and values in
+    the model's dtype, every token of a full-attention layer, the last ``sliding_window - 1`` of a
+    sliding one."""
+    total = 0
+    for layer in cache.quantized_layers():
+        held = layer.length - layer.k.dropped
+        if not layer.is_initialized or held <= 0:
+            continue
+        per_token = layer.elements() // held  # batch x kv heads x head_dim
+        tokens = layer.length if layer.sliding_window is None else min(layer.length, layer.sliding_window - 1)
+        total += 2 * per_token * tokens * torch.empty((), dtype=layer.dtype).element_size()
+    return total
 
 
 def row_kind(keys: str, values: str) -> str:

@@ -14,6 +14,7 @@ COLUMNS = (
     ("keys", "keys"),
     ("values", "values"),
     ("bits/elem", "bits"),
+    ("× model cache", "memory_ratio"),
     ("decode PPL", "decode_ppl"),
     ("ΔPPL", "delta_ppl"),
     ("excess removed", "excess_removed"),
@@ -28,6 +29,9 @@ COLUMNS = (
 def _cell(row: dict[str, Any], key: str) -> str:
     if key == "bits":
         return f"{row['bits']['all']['total']:.2f}"
+    if key == "memory_ratio":  # the cache's bytes over what the model's own cache holds
+        model = row.get("model_cache_bytes")
+        return f"{row['cache_bytes'] / model:.2f}" if model else "–"
     value = row.get(key, row.get("metrics", {}).get(key))
     if isinstance(value, str):
         return value
