@@ -178,3 +178,34 @@ def test_more_bits_less_error() -> None:
 def test_groups_must_tile_the_axis(n: int, group: int) -> None:
     with pytest.raises(ValueError, match="whole number of groups"):
         quantize_affine(torch.randn(2, n), 4, group)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [32, 96, 37])
+def test_bit_planes_pack_any_width_and_round_trip(bits: int, n: int) -> None:
+    """3, 5, 6 and 7 bits as planes of packable widths: exact round trip, n * bits / 32 words."""
+    from headq_kernels import pack_planes, plane_widths, unpack_planes
+
+    codes = torch.randint(0, 1 << bits, (2, 3, n), generator=torch.Generator().manual_seed(bits))
+    words = pack_planes(codes, bits)
+    assert words.dtype == torch.int32
+    assert sum(plane_widths(bits)) == bits
+    if n % 32 == 0:
+        assert words.shape[-1] == n * bits // 32
+    assert torch.equal(unpack_planes(words, bits, n).long(), codes)
+    if bits in SUPPORTED_BITS:  # one plane: exactly pack_codes
+        assert torch.equal(words, pack_codes(codes, bits))
+    with pytest.raises(ValueError, match="do not hold"):
+        unpack_planes(words[..., :-1], bits, n)
+
+
+def test_three_bit_planes_are_kivi3s_layout() -> None:
+    """kivi3 (headq-scorecorr) stores the low two bits, then the high bit: the same words."""
+    from headq_core import get_registry
+    from headq_kernels import pack_planes, unpack_codes
+
+    if "kivi3" not in get_registry().names("key"):
+        pytest.skip("headq-scorecorr not installed")
+    block = get_registry().key_quantizer("kivi3").encode(torch.randn(2, 2, 64, 16), 0)
+    codes = unpack_codes(block.low, 2, 64).long() + 4 * unpack_codes(block.high, 1, 64).long()
+    assert torch.equal(pack_planes(codes, 3), torch.cat([block.low, block.high], dim=-1))

@@ -21,7 +21,10 @@ from headq_kernels.affine_reference import (
     codes_per_word,
     dequantize_affine,
     pack_codes,
+    pack_planes,
+    plane_widths,
     unpack_codes,
+    unpack_planes,
 )
 from headq_kernels.symmetric_reference import (
     dequantize_symmetric,
@@ -81,9 +84,12 @@ __all__ = [
     "dequantize_affine",
     "dequantize_symmetric",
     "pack_codes",
+    "pack_planes",
+    "plane_widths",
     "quantize_affine",
     "quantize_symmetric",
     "symmetric_step",
     "triton_module",
     "unpack_codes",
+    "unpack_planes",
 ]

@@ -48,6 +48,49 @@ def unpack_codes(words: torch.Tensor, bits: int, n: int | None = None) -> torch.
     return (lanes if n is None else lanes[..., :n]).to(torch.uint8)
 
 
+def plane_widths(bits: int) -> tuple[int, ...]:
+    """The packable widths a ``bits``-bit code splits into, low bits first (3 -> (2, 1), 7 -> (4, 2, 1))."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be 1 to 8, got {bits}")
+    widths, rest = [], bits
+    for width in (4, 2, 1) if bits != 8 else (8,):
+        if rest >= width:
+            widths.append(width)
+            rest -= width
+    return tuple(widths)
+
+
+def pack_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes in ``[0, 2**bits)`` of any width 1 to 8 into int32 words, as bit planes.
+
+    A width :func:`pack_codes` takes is packed as it does; another is split into planes of such
+    widths, low bits first (3 bits: the low two bits as 2-bit codes, then the high bit as 1-bit
+    codes), each plane packed along the last axis and padded to whole words, the planes one after
+    another. codes: (..., n). Returns (..., sum over planes of ceil(n * width / 32)) int32: exactly
+    ``n * bits / 32`` words when ``n`` is a multiple of 32.
+    """
+    planes, shift = [], 0
+    for width in plane_widths(bits):
+        planes.append(pack_codes((codes.to(torch.int32) >> shift) & ((1 << width) - 1), width))
+        shift += width
+    return planes[0] if len(planes) == 1 else torch.cat(planes, dim=-1)
+
+
+def unpack_planes(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_planes`: (..., w) int32 -> (..., n) uint8."""
+    counts = [-(-n * width // 32) for width in plane_widths(bits)]
+    if sum(counts) != words.shape[-1]:
+        raise ValueError(
+            f"{words.shape[-1]} words do not hold {n} codes of {bits} bits ({sum(counts)} would)"
+        )
+    out = torch.zeros((*words.shape[:-1], n), dtype=torch.int32, device=words.device)
+    start = shift = 0
+    for width, count in zip(plane_widths(bits), counts, strict=True):
+        out |= unpack_codes(words[..., start : start + count], width, n).to(torch.int32) << shift
+        start, shift = start + count, shift + width
+    return out.to(torch.uint8)
+
+
 def quantize_affine(
     x: torch.Tensor, bits: int, group: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
