@@ -83,9 +83,25 @@ def check() -> None:
 def describe(
     spec: Annotated[str, typer.Argument(help="a method spec, e.g. kivi:bits=2,group=32")],
     kind: Annotated[str, typer.Option(help="key, value, or both")] = "both",
-    head_dim: Annotated[int, typer.Option(help="head dimension for the bits figure")] = 64,
+    head_dim: Annotated[
+        int | None, typer.Option(help="head dimension for the bits figure (default 64)")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="read the head dimension from this model (id, folder or GGUF)")
+    ] = None,
 ) -> None:
-    """What a method stores and its bits per element at a head dimension."""
+    """What a method stores and its bits per element at a head dimension (given, or a model's)."""
+    if model is not None:
+        from headq_core.harness.loading import load_model
+
+        if head_dim is not None:
+            _fail(ValueError("give --head-dim or --model, not both"))
+        try:
+            head_dim = model_head_dim(load_model(model).model.config)
+        except HeadqError as err:
+            _fail(err)
+        console.print(f"{model}: head_dim {head_dim}", highlight=False)
+    head_dim = 64 if head_dim is None else head_dim
     registry = get_registry()
     kinds = ("key", "value") if kind == "both" else (kind,)
     if any(k not in ("key", "value") for k in kinds):
@@ -103,6 +119,12 @@ def describe(
             registry.entry(kinds[0], parsed.name)  # raises the unknown-name error with suggestions
     except HeadqError as err:
         _fail(err)
+
+
+def model_head_dim(config: Any) -> int:
+    """The head dimension of a model's (text) config."""
+    text = config.get_text_config(decoder=True)
+    return int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
 
 
 def _describe(registry: Registry, kind: str, method: Any, head_dim: int) -> None:

@@ -169,9 +169,9 @@ def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32) 
         source = _gguf_source(gguf)
         loaded, tokenizer = _read_converted(folder, dtype)
         name = DEFAULT_MODEL
-    elif (gguf := _gguf_file(model)) is not None:
-        folder = _converted_folder(gguf)
-        source = _gguf_source(gguf)
+    elif (given := _gguf_file(model)) is not None:
+        folder = _converted_folder(given)
+        source = _gguf_source(given)
         loaded, tokenizer = _read_converted(folder, dtype)
         name = model
     else:
