@@ -171,3 +171,30 @@ def test_excess_removed_is_against_the_baseline_of_the_rows_kind() -> None:
     assert by["headq", "a2"]["excess_baseline"] == "kivi | kivi"
     assert by["fp16", "a2"]["excess_note"] == "baseline fp16 | kivi not in the run"
     assert math.isnan(by["fp16", "a2"]["excess_removed"])
+
+
+def test_the_plot_puts_each_kind_of_row_on_its_own_axis(tmp_path) -> None:
+    """K-only rows against their key bits, K+V rows against all bits, with Pareto fronts: a
+    K-only row at ~18 bits no longer shares an axis with 3-bit K+V rows."""
+    from headq_core.harness.report import pareto_front, plot
+
+    assert pareto_front([(3.0, 20.0), (2.0, 25.0), (4.0, 21.0), (5.0, 16.0)]) == [
+        (2.0, 25.0),
+        (3.0, 20.0),
+        (5.0, 16.0),
+    ]
+
+    def row(keys: str, values: str, key_bits: float, all_bits: float, ppl: float) -> dict:
+        return {"keys": keys, "values": values, "decode_ppl": ppl,
+                "bits": {"keys": {"total": key_bits}, "all": {"total": all_bits}}}  # fmt: skip
+
+    rows = [row("fp16", "fp16", 32, 32, 16.5), row("kivi", "fp16", 2.5, 17.3, 20.6),
+            row("kivi3", "fp16", 3.5, 17.8, 16.9), row("kivi", "kivi", 2.5, 3.6, 23.8)]  # fmt: skip
+    path = plot([{"rows": rows, "model": {"name": "m"}}], tmp_path / "p.png")
+    assert path.stat().st_size > 10_000
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    width, height = Image.open(path).size
+    assert width > 1.5 * height  # two panels side by side
+    plt.close("all")

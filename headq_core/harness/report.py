@@ -89,37 +89,78 @@ def print_table(result: dict[str, Any], console: Console | None = None) -> None:
         )
 
 
+PANELS = (
+    ("keys only (values exact)", "K", "keys", "key bits per element"),
+    ("keys and values", "K+V", "all", "bits per element, keys and values averaged"),
+)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both bits and perplexity (lower is better), by bits."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points):
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return front
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> Path:
-    """Bits per element against decode perplexity, one point per combination, one series per file."""
+    """Decode perplexity against bits per element: K-only rows against the key bits, rows that
+    quantize values against the bits of keys and values, each panel with its Pareto front and the
+    exact model's perplexity; one series per file."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for result in results:
-        rows = result["rows"]
-        xs = [r["bits"]["all"]["total"] for r in rows]
-        ys = [r["decode_ppl"] for r in rows]
-        ax.scatter(xs, ys, label=result.get("label") or result["model"]["name"])
-        for r, x, y in zip(rows, xs, ys, strict=True):
-            ax.annotate(
-                f"{r['keys']} | {r['values']}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points"
+    from headq_core.harness.bench import EXACT, row_kind
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, (title, kind, bits_of, xlabel) in zip(axes, PANELS, strict=True):
+        for i, result in enumerate(results):
+            color = f"C{i}"
+            rows = result["rows"]
+            exact = next((r for r in rows if (r["keys"], r["values"]) == EXACT), None)
+            if exact is not None:
+                ax.axhline(exact["decode_ppl"], color=color, linestyle=":", linewidth=1, label=None)
+            mine = [
+                r
+                for r in rows
+                if (r["keys"], r["values"]) != EXACT and _panel(row_kind(r["keys"], r["values"])) == kind
+            ]
+            points = [(r["bits"][bits_of]["total"], r["decode_ppl"]) for r in mine]
+            if not points:
+                continue
+            ax.scatter(
+                *zip(*points, strict=True), color=color, label=result.get("label") or result["model"]["name"]
             )
-        exact = [r for r in rows if (r["keys"], r["values"]) == ("fp16", "fp16")]
-        if exact:
-            ax.axhline(exact[0]["decode_ppl"], color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("bits per element (keys and values, every overhead counted)")
-    ax.set_ylabel("decode perplexity")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    if len(results) > 1:
-        ax.legend()
+            front = pareto_front(points)
+            ax.step(*zip(*front, strict=True), where="post", color=color, alpha=0.5, linewidth=1)
+            for r, (x, y) in zip(mine, points, strict=True):
+                ax.annotate(
+                    f"{r['keys']} | {r['values']}",
+                    (x, y),
+                    fontsize=6,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("decode perplexity (dotted: exact cache)")
+        ax.yaxis.set_major_formatter(ScalarFormatter(useOffset=False))  # plain numbers: 24, not 2.4x10^1
+        ax.grid(alpha=0.3)
+        if len(results) > 1:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
+
+
+def _panel(kind: str) -> str:
+    return "K" if kind == "K" else "K+V"
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path, stem: str = "bench") -> dict[str, Path]:
