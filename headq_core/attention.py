@@ -30,8 +30,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from headq_core import fused
-from headq_core.cache import LAYER_ATTR, QuantizedLayer
 from headq_core.interfaces import KeyQuantizer
+from headq_core.layer import LAYER_ATTR, QuantizedLayer
 from headq_core.masks import drop_columns
 from headq_core.reference import masked_softmax, row_mask
 from headq_core.step import Step, StreamView

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from headq_core.cache import QuantizedLayer
+from headq_core.layer import QuantizedLayer
 from headq_core.step import Step, StreamView
 
 

@@ -1,11 +1,11 @@
 """One forward pass of one layer, as data: what the attention function reads and what it gives back.
 
-:meth:`QuantizedLayer.begin_step <headq_core.cache.QuantizedLayer.begin_step>` hands the attention
+:meth:`QuantizedLayer.begin_step <headq_core.layer.QuantizedLayer.begin_step>` hands the attention
 function a :class:`Step`: the flush rule, the in-flight tokens (``start`` to ``length``), and per
 stream a :class:`StreamView` of the sinks, the encoded tokens (as blocks for the reference path, as
 arenas for the kernel) and the exact tokens. The attention function computes from it alone and
 returns what the pass produced through
-:meth:`QuantizedLayer.end_step <headq_core.cache.QuantizedLayer.end_step>` (the attention
+:meth:`QuantizedLayer.end_step <headq_core.layer.QuantizedLayer.end_step>` (the attention
 statistic a value policy asked for); nothing outside the cache writes the cache's state.
 
 Who reads what encoded: a token at or past ``StreamView.exact_first`` was exact when the pass

@@ -11,7 +11,7 @@ combines the pieces, so the extra memory is one chunk's tile of logits, about
 A value policy that wants an attention statistic (A²) needs each token's final probability
 before the layer encodes its values, and the readout needs those values: such a pass goes over
 the keys three times per chunk (the log-sum-exp of every row, then the statistic of the tokens
-still in the window, then, once :meth:`~headq_core.cache.QuantizedLayer.end_step` has stored the
+still in the window, then, once :meth:`~headq_core.layer.QuantizedLayer.end_step` has stored the
 values, the readout with the known log-sum-exp). Every other pass goes over them once.
 
 Which tokens a query reads encoded follows :meth:`~headq_core.step.Step.encoded_limit`: in
@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import attrs
 import torch
 
-from headq_core.cache import QuantizedLayer
+from headq_core.layer import QuantizedLayer
 from headq_core.layouts import EncodedBlock
 from headq_core.step import Step, StreamView
 

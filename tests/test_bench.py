@@ -198,3 +198,41 @@ def test_the_plot_puts_each_kind_of_row_on_its_own_axis(tmp_path) -> None:
     width, height = Image.open(path).size
     assert width > 1.5 * height  # two panels side by side
     plt.close("all")
+
+
+def test_the_bench_warns_where_a_row_would_quantize_nothing() -> None:
+    """``kivi:group=1000000`` or ``window=10**9`` store every token exact (32 bits/elem at float32)
+    while the spec reads as 2 bits: the bench says so for the window length it measures."""
+    from headq_core import QuantizedKVCache
+    from headq_core.harness.run import exact_warnings
+
+    assert not exact_warnings(QuantizedKVCache("kivi:bits=2", "kivi:bits=2", window=32), 768)
+    [warning] = exact_warnings(QuantizedKVCache("kivi:group=1000000", "fp16"), 768)
+    assert "keys (kivi:group=1000000)" in warning and "stays exact" in warning
+    assert len(exact_warnings(QuantizedKVCache("kivi", "kivi", window=10**9), 768)) == 2
+
+
+def test_describe_reads_the_head_dim_from_a_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HeadQ's side code is a rank: its bits per element depend on the model's head_dim (0.75 at
+    64, 0.375 at 128): describe --model states them for that model."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from headq_core import cli
+    from headq_core.harness import loading
+    from headq_core.testing import model_config
+
+    config = model_config(head_dim=128)
+    monkeypatch.setattr(
+        loading, "load_model", lambda name: SimpleNamespace(model=SimpleNamespace(config=config))
+    )
+    out = CliRunner().invoke(
+        cli.app, ["describe", "headq", "--kind", "key", "--model", "mine"], env={"COLUMNS": "300"}
+    )
+    assert out.exit_code == 0, out.output
+    assert (
+        "mine: head_dim 128" in out.output and "at head_dim 128" in out.output and "side 0.375" in out.output
+    )
+    both = CliRunner().invoke(cli.app, ["describe", "headq", "--model", "mine", "--head-dim", "64"])
+    assert both.exit_code != 0

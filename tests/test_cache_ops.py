@@ -13,8 +13,8 @@ import torch
 from headq_core import QuantizedKVCache, get_registry
 from headq_core.attention import headq_attention
 from headq_core.builtin import ExactKeys, ExactValues
-from headq_core.cache import QuantizedLayer
 from headq_core.compat import cache_kwargs
+from headq_core.layer import QuantizedLayer
 from headq_core.layouts import EncodedBlock, iter_stored
 from headq_core.registry import Registry
 from headq_core.testing import feed, outlier_data
@@ -216,9 +216,9 @@ def test_a_crop_further_back_keeps_what_attention_read(
     monkeypatch: pytest.MonkeyPatch, remove: int, make_model: ModelFactory, make_ids: IdsFactory
 ) -> None:
     """Beyond the remembered passes (here the last 4 tokens), encoded tokens come back decoded."""
-    from headq_core import cache as cache_module
+    from headq_core import layer as layer_module
 
-    monkeypatch.setattr(cache_module, "CROP_TOKENS", 4)
+    monkeypatch.setattr(layer_module, "CROP_TOKENS", 4)
     model, cache = _filled(make_model, make_ids)
     before = _decoded(cache)
     for layer in cache.quantized_layers():
@@ -496,3 +496,21 @@ def test_emulated_streaming_gives_value_policies_the_same_statistics(window: int
     torch.testing.assert_close(seen[1], seen[0], rtol=1e-5, atol=1e-6)
     windows = [c.quantized_layers()[0].sq_attention for c in (streaming, emulated)]
     torch.testing.assert_close(windows[1], windows[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("config_layers", [1, 3])
+def test_a_cache_built_for_another_models_config_is_refused(config_layers: int) -> None:
+    """A 2-layer model with a cache built for 1 or 3 layers: refused, the mismatch named (before,
+    extra layers were appended silently, or never filled)."""
+    from transformers import AutoModelForCausalLM
+
+    from headq_core.errors import CacheStateError
+    from headq_core.testing import model_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config(head_dim=16), attn_implementation="headq").eval()
+    cache = QuantizedKVCache("kivi:bits=2", "fp16", config=model_config(head_dim=16, layers=config_layers))
+    ids = torch.randint(1, 100, (1, 8))
+    with torch.no_grad(), pytest.raises(CacheStateError, match=f"config of {config_layers} layers"):
+        model(ids, **cache_kwargs(model, cache))
+        model(ids[:, :1], **cache_kwargs(model, cache))

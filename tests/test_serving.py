@@ -120,7 +120,7 @@ def test_a_sliding_window_layer_keeps_only_its_window(make_ids) -> None:
 def test_dropping_what_a_sliding_window_hides_changes_nothing(monkeypatch, make_ids, keys, values) -> None:
     """The same quantized cache with and without the sliding layer dropping its old tokens:
     identical logits (they were masked), and far fewer tokens held."""
-    from headq_core.cache import QuantizedLayer
+    from headq_core.layer import QuantizedLayer
 
     model = _sliding_model()
     calibration = calibration_for(keys, values, model.config, tokens=256)

@@ -295,3 +295,9 @@ def test_to_params_lists_what_differs_from_the_defaults() -> None:
         "flag": "true",
         "mode": "a",
     }
+
+
+@pytest.mark.parametrize("text", ["bits=２", "group=1_6", "bits=2.0"])
+def test_spec_numbers_are_ascii_digits(text: str) -> None:
+    with pytest.raises(SpecError, match="must be int"):
+        get_registry().key_quantizer(f"kivi:{text}")

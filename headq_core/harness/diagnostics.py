@@ -20,9 +20,9 @@ import torch
 from transformers import AttentionInterface
 
 from headq_core.attention import ATTN_NAME, headq_attention
-from headq_core.cache import QuantizedLayer
 from headq_core.harness.perplexity import CacheSettings
 from headq_core.interfaces import AttentionSample, DistortionMetric
+from headq_core.layer import QuantizedLayer
 from headq_core.reference import attend_reference, masked_softmax
 from headq_core.registry import get_registry
 

@@ -32,9 +32,10 @@ import attrs
 import torch
 
 from headq_core.attention import headq_attention
-from headq_core.cache import QuantizedKVCache, QuantizedLayer
+from headq_core.cache import QuantizedKVCache
 from headq_core.errors import CalibrationError
 from headq_core.interfaces import KeyQuantizer, Method, ValuePolicy
+from headq_core.layer import QuantizedLayer
 from headq_core.layouts import PARTS, EncodedBlock, block_nbytes, concat_blocks, iter_stored, map_batched
 from headq_core.registry import Registry, get_registry
 from headq_core.spec import Spec, parse_spec
