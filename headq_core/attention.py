@@ -30,6 +30,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from headq_core import fused
+from headq_core.graphs import StaticLayer
 from headq_core.interfaces import KeyQuantizer
 from headq_core.layer import LAYER_ATTR, QuantizedLayer
 from headq_core.masks import drop_columns
@@ -64,6 +65,8 @@ def headq_attention(
     hkv = key.shape[1]
     if hq % hkv:
         raise ValueError(f"{hq} query heads cannot share {hkv} key/value heads")
+    if isinstance(layer, StaticLayer):  # a decode step of the static mode
+        return layer.attend(query, scaling).transpose(1, 2).contiguous(), None
     if not isinstance(layer, QuantizedLayer):
         out = _exact(query, key, value, attention_mask, scaling, softcap)
         return out.transpose(1, 2).contiguous(), None

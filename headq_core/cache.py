@@ -106,6 +106,7 @@ class QuantizedKVCache(Cache):
         self.sliding_windows = _sliding_windows(text_config)
         self._flags: dict[torch.device, DeviceFlag] = {}
         self._failed: str | None = None
+        self.static: Any = None  # the StaticDecode (headq_core.graphs) that holds the tokens now, if any
         n_layers = getattr(text_config, "num_hidden_layers", None)
         # layers of the config that keep their own tokens (the last ones may share another's)
         self.config_layers: int | None = None
@@ -125,6 +126,8 @@ class QuantizedKVCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
             raise CacheStateError(f"layer_idx must be a non-negative int, got {layer_idx!r}")
+        if self.static is not None:
+            return self.static.layers[layer_idx].update(key_states, value_states)  # type: ignore[no-any-return]
         if layer_idx == 0:  # a new forward pass: every layer must hold what the others hold
             self._check_finite(sync=False)
             lengths = {

@@ -40,11 +40,15 @@ class DeviceFlag:
             self.ok &= torch.isfinite(torch.stack(self._sums).sum())
             self._sums = []
 
-    def publish(self) -> None:
-        """Fold this pass's checks into the flag and start copying it to the host (at a pass's end)."""
+    def fold(self) -> None:
+        """Fold the checks so far into the flag (device work only: a captured graph does this)."""
         if self._sums:
             self.ok &= torch.isfinite(torch.stack(self._sums).sum())
             self._sums = []
+
+    def publish(self) -> None:
+        """Fold this pass's checks into the flag and start copying it to the host (at a pass's end)."""
+        self.fold()
         self._host.copy_(self.ok, non_blocking=True)
         self._copied = torch.cuda.Event()
         self._copied.record()

@@ -151,18 +151,22 @@ def decode_step(
         _decline(str(err))
         return None
     q = query.reshape(b, hkv, hq // hkv, d)
-    side = next((s for s in keys if isinstance(s, decode_plan.AffineTokens) and s.side_rank), None)
-    side_query = None
-    if side is not None:
-        assert side.side_basis is not None
-        side_query = side.side_sign * torch.einsum("bhgd,hdr->bhgr", q.float(), side.side_basis.float())
     tail = step.length - e_v if step.statistic is not None else 0
     probs = q.new_empty((b, hkv, hq // hkv, tail), dtype=torch.float32) if tail else None
-    out = attend(q, plan, scale=scaling, mask=mask, side_query=side_query, tail_probs=probs)
+    out = attend(q, plan, scale=scaling, mask=mask, side_query=side_query(keys, q), tail_probs=probs)
     statistic = None
     if probs is not None:
         statistic = (probs.square() if step.statistic == "sq_attention" else probs).sum(dim=-2)
     return out.reshape(query.shape), statistic
+
+
+def side_query(keys: list[Any], q: torch.Tensor) -> torch.Tensor | None:
+    """(b, hkv, g, r) float32 ``sign * U^T q`` where a key segment carries HeadQ's side code, else None."""
+    side = next((s for s in keys if isinstance(s, decode_plan.AffineTokens) and s.side_rank), None)
+    if side is None:
+        return None
+    assert side.side_basis is not None
+    return side.side_sign * torch.einsum("bhgd,hdr->bhgr", q.float(), side.side_basis.float())
 
 
 def _heads(seg: Any) -> int:

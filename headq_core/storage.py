@@ -233,6 +233,12 @@ class BlockArena:
             _get(arena.buffers, path).narrow(axis, start, new.shape[axis]).copy_(new)
         return BlockArena(arena.buffers, arena.tokens + block.tokens, self.layout, arena.memo)
 
+    def reserve(self, capacity: int) -> BlockArena:
+        """These tokens in buffers with room for ``capacity`` tokens (rounded up to whole quanta):
+        this record where its buffers have that room already."""
+        capacity = -(-capacity // self.quantum) * self.quantum
+        return self if capacity <= self.capacity else self._moved(capacity)
+
     def _moved(self, capacity: int) -> BlockArena:
         """The same tokens in new buffers of ``capacity`` tokens."""
         tensors = {}

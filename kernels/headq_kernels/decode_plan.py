@@ -397,6 +397,8 @@ def attend_torch(
 
     for _, _, splits in plan.launches:
         for k_seg, k_off, v_seg, v_off, length, position, split in splits.tolist():
+            if not length:  # an empty row of a launch sized for more (the static decode's)
+                continue
             keys = tokens(k_seg, k_off, length)
             values = tokens(v_seg, v_off, length)
             logits = q.float() @ keys.transpose(-1, -2)
