@@ -12,7 +12,10 @@ as ``generate`` does. Caches:
 - ``headq-fp16``: :class:`~headq_core.QuantizedKVCache` with ``fp16`` keys and values (no
   quantization: the cost of the runtime itself);
 - ``headq-kivi2`` / ``headq-kivi4``: KIVI keys and values, a 128-token window;
-- ``headq-headq``: HeadQ rank 8 on KIVI-2 keys, KIVI-2 values.
+- ``headq-headq``: HeadQ rank 8 on KIVI-2 keys, KIVI-2 values;
+- ``...-graph`` (``headq-fp16-graph``, ``headq-kivi2-graph``, ``headq-headq-graph``): the same
+  caches in static mode (:class:`~headq_core.graphs.StaticDecode`), each decode step a CUDA graph
+  replay; their warm-up is at least 72 steps, so that both flush patterns are captured.
 
 Per cache and shape it reports wall time per step (host clock around the synchronized loop), GPU
 time per step (the sum of the kernels' device times under ``torch.profiler``; their ratio is the
@@ -41,7 +44,11 @@ import headq_kernels
 
 HQ, HKV, D = 32, 8, 128
 WINDOW = 128
-CACHES = ["dynamic", "quanto2", "quanto4", "headq-fp16", "headq-kivi2", "headq-kivi4", "headq-headq"]
+CACHES = [
+    "dynamic", "quanto2", "quanto4", "headq-fp16", "headq-kivi2", "headq-kivi4", "headq-headq",
+    "headq-fp16-graph", "headq-kivi2-graph", "headq-headq-graph",
+]  # fmt: skip
+GRAPH_WARMUP = 72  # a static decode runs a flush pattern once eagerly and captures it the second time
 HEADQ_SPECS = {
     "headq-fp16": ("fp16", "fp16"),
     "headq-kivi2": ("kivi:bits=2", "kivi:bits=2"),
@@ -87,7 +94,7 @@ def make_cache(name: str, model: Any, batch: int, context: int) -> Any:
     elif name.startswith("quanto"):
         cache = QuantizedCache("quanto", config, nbits=int(name[-1]), q_group_size=64, residual_length=128)
     else:
-        keys, values = HEADQ_SPECS[name]
+        keys, values = HEADQ_SPECS[name.removesuffix("-graph")]
         calibration = calibration_for(keys, values, config) if "headq:" in keys else None
         cache = QuantizedKVCache(
             keys, values, window=WINDOW, config=config, calibration=calibration, capacity=context + 4096
@@ -108,26 +115,36 @@ def make_cache(name: str, model: Any, batch: int, context: int) -> Any:
     return cache
 
 
-def decode(model: Any, cache: Any, batch: int, steps: int) -> tuple[float, torch.Tensor]:
-    """Seconds per greedy decode step, synchronizing after each as ``generate`` does."""
+def stepper(name: str, model: Any, cache: Any, capacity: int) -> Any:
+    """token (b, 1) -> the greedy next token (b, 1), through ``cache`` (static mode for ``-graph``)."""
+    if name.endswith("-graph"):
+        from headq_core.graphs import StaticDecode
+
+        run = StaticDecode(model, cache, capacity=capacity)
+        return lambda token: run.step(token).argmax(-1, keepdim=True)
     from headq_core import cache_kwargs
 
-    token = torch.zeros((batch, 1), dtype=torch.long, device="cuda")
     kwargs = cache_kwargs(model, cache)
+    return lambda token: model(token, **kwargs, use_cache=True).logits[:, -1:].argmax(-1)
+
+
+def decode(step: Any, batch: int, steps: int) -> float:
+    """Seconds per greedy decode step, synchronizing after each as ``generate`` does."""
+    token = torch.zeros((batch, 1), dtype=torch.long, device="cuda")
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        token = model(token, **kwargs, use_cache=True).logits[:, -1:].argmax(-1)
+        token = step(token)
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps, token
+    return (time.perf_counter() - start) / steps
 
 
-def gpu_time(model: Any, cache: Any, batch: int, steps: int) -> float:
+def gpu_time(step: Any, batch: int, steps: int) -> float:
     """Seconds of kernel time per decode step (the device's own clock, via the profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        decode(model, cache, batch, steps)
+        decode(step, batch, steps)
     total_us = sum(e.self_device_time_total for e in prof.key_averages())
     return total_us * 1e-6 / steps
 
@@ -145,13 +162,15 @@ def run_shape(model: Any, batch: int, context: int, caches: list[str], warmup: i
             cache = None
             try:
                 cache = make_cache(name, model, batch, context)
-                decode(model, cache, batch, warmup)
+                warm = max(warmup, GRAPH_WARMUP) if name.endswith("-graph") else warmup
+                step = stepper(name, model, cache, context + warm + steps + 64)
+                decode(step, batch, warm)
                 if measure_gpu:
-                    gpu = gpu_time(model, cache, batch, max(4, steps // 4))
+                    gpu = gpu_time(step, batch, max(4, steps // 4))
                     rows[name]["gpu_ms"] = 1e3 * gpu
                     continue
                 before = headq_kernels.compiled_kernels()
-                wall, _ = decode(model, cache, batch, steps)
+                wall = decode(step, batch, steps)
                 walls[name].append(1e3 * wall)
                 rows.setdefault(
                     name, {"cache": name, "batch": batch, "context": context, "compiled_during_steps": 0}
@@ -162,7 +181,7 @@ def run_shape(model: Any, batch: int, context: int, caches: list[str], warmup: i
                 print(f"  {batch}x{context} {name}: {rows[name]['error']}", flush=True)
                 continue
             finally:
-                cache = None
+                cache = step = None
                 gc.collect()
                 torch.cuda.empty_cache()
             if not measure_gpu:

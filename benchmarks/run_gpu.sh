@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
 status=0
 if [ "$what" != bench ]; then
-  python3 -m pytest -q -m gpu tests/test_kernels_gpu.py tests/test_runtime_gpu.py --maxfail=10 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -40
+  python3 -m pytest -q -m gpu tests/test_kernels_gpu.py tests/test_runtime_gpu.py tests/test_graphs_gpu.py --maxfail=10 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -40
   grep -q " failed\| error" "$OUT/tests.log" && status=1
 fi
 if [ "$what" != tests ]; then

@@ -82,7 +82,9 @@ class _StaticStream:
         else:
             block = self.method.encode(chunk, layer_idx, None)
         if not self.arena.fits(block):
-            raise CacheStateError(f"layer {layer_idx}: {self.method!r} encoded a block unlike the ones stored")
+            raise CacheStateError(
+                f"layer {layer_idx}: {self.method!r} encoded a block unlike the ones stored"
+            )
         floats = []
         for index, (path, axis, _, _) in zip(dest, self.arena.layout.tensors, strict=True):
             new = _get(block, path)
@@ -210,7 +212,9 @@ class StaticDecode:
         if self.graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device (graphs=False runs eagerly)")
         if self.device.type == "cuda" and not fused.available():
-            raise CacheStateError("static decode on CUDA runs the fused kernel: Triton is missing or HEADQ_KERNELS=0")
+            raise CacheStateError(
+                "static decode on CUDA runs the fused kernel: Triton is missing or HEADQ_KERNELS=0"
+            )
         self.window = cache.window
         units = (cache.key_method.block_tokens, cache.value_method.block_tokens)
         self.ring = self.window + max(units)
@@ -263,7 +267,9 @@ class StaticDecode:
             try:
                 arena.kernel_segment(0)
             except NoKernelLayout as err:
-                raise CacheStateError(f"static decode reads every encoded token on the kernel: {err}") from err
+                raise CacheStateError(
+                    f"static decode reads every encoded token on the kernel: {err}"
+                ) from err
             x = stream.exact.view()
             ring = x.new_zeros((*x.shape[:2], self.ring, x.shape[-1]))
             rows = torch.arange(stream.encoded, layer.length, device=x.device) % self.ring
@@ -286,7 +292,9 @@ class StaticDecode:
         for layer in self.layers:
             for stream in (layer.k, layer.v):
                 if stream.identity and stream.data.shape[-2] < self.capacity:
-                    data = stream.data.new_zeros((*stream.data.shape[:2], self.capacity, stream.data.shape[-1]))
+                    data = stream.data.new_zeros(
+                        (*stream.data.shape[:2], self.capacity, stream.data.shape[-1])
+                    )
                     data[..., : self.length, :].copy_(stream.data[..., : self.length, :])
                     stream.data = data
                 elif stream.arena is not None:
@@ -326,7 +334,12 @@ class StaticDecode:
 
     def _index_tables(self) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]], _Tables]:
         """The step's index tensors, views of one int64 device buffer, and the split tables."""
-        sizes: list[tuple[str, int]] = [("slot", 1), ("row", 1), ("cache position", 1), ("positions", self.batch)]
+        sizes: list[tuple[str, int]] = [
+            ("slot", 1),
+            ("row", 1),
+            ("cache position", 1),
+            ("positions", self.batch),
+        ]
         dest_names: dict[str, list[str]] = {}
         for name, stream in (("keys", self.layers[0].k), ("values", self.layers[0].v)):
             if stream.arena is None:
@@ -356,7 +369,9 @@ class StaticDecode:
         if layer.plan is None:
             keys, values = layer.k.segments(), layer.v.segments()
             covered = [dataclasses.replace(s, covered=0) for s in keys + values]
-            base = decode_plan.plan(covered[: len(keys)], covered[len(keys) :], batch_heads=1, split=self.split)
+            base = decode_plan.plan(
+                covered[: len(keys)], covered[len(keys) :], batch_heads=1, split=self.split
+            )
             launches = [
                 (k, v, self.tables.splits[i * self.rows : (i + 1) * self.rows])
                 for i, (k, v) in enumerate(self.pairs)
@@ -387,12 +402,13 @@ class StaticDecode:
         variant = []
         for name, stream in (("keys", k), ("values", v)):
             done = encoded_end(n_tokens, 0, self.window, stream.unit)
-            flushing = stream.arena is not None and done > stream.encoded
-            if flushing:
+            arena = stream.arena
+            flushing = arena is not None and done > stream.encoded
+            if arena is not None and flushing:
                 put(f"{name} from", (stream.encoded + np.arange(stream.unit)) % self.ring)
-                for i in range(len(stream.arena.layout.tensors)):
-                    start = stream.arena.layout.units(i, stream.encoded)
-                    put(f"{name} to {i}", start + np.arange(stream.arena.layout.units(i, stream.unit)))
+                for i in range(len(arena.layout.tensors)):
+                    start = arena.layout.units(i, stream.encoded)
+                    put(f"{name} to {i}", start + np.arange(arena.layout.units(i, stream.unit)))
             variant.append(flushing)
         for layer in self.layers:  # the rule is the same in every layer
             for stream in (layer.k, layer.v):
@@ -584,11 +600,17 @@ def greedy(
     positions = None
     if attention_mask is not None:  # as generate places left-padded rows
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **kwargs)
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **kwargs
+    )
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     tokens = [input_ids, token]
     with StaticDecode(
-        model, cache, capacity=input_ids.shape[1] + max_new_tokens, attention_mask=attention_mask, graphs=graphs
+        model,
+        cache,
+        capacity=input_ids.shape[1] + max_new_tokens,
+        attention_mask=attention_mask,
+        graphs=graphs,
     ) as run:
         for _ in range(max_new_tokens - 1):
             token = run.step(token).argmax(-1, keepdim=True)

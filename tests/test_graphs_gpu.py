@@ -1,0 +1,116 @@
+"""Decode steps replayed as CUDA graphs (headq_core/graphs.py) on a real model: the eager path's
+greedy tokens, no device-to-host sync and no compilation in a step (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+pytest.importorskip("triton")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from headq_core import QuantizedKVCache, cache_kwargs  # noqa: E402
+from headq_core.graphs import StaticDecode, greedy  # noqa: E402
+from headq_core.testing.calibration import calibration_for  # noqa: E402
+from headq_kernels import compiled_kernels  # noqa: E402
+
+CUDA = torch.device("cuda")
+PAIRS = [
+    ("kivi:bits=2", "kivi:bits=2"),
+    ("kivi:bits=4", "kivi:bits=4"),
+    ("fp16", "fp16"),
+    ("kivi:bits=2", "fp16"),
+    ("headq:rank=8,zbits=4", "kivi:bits=2"),
+    ("gsrq", "fp16"),
+]
+
+
+def _model() -> LlamaForCausalLM:
+    """A random-weight Llama of Llama-3 head shapes (4 query heads per KV head, head_dim 128), float16."""
+    config = LlamaConfig(
+        hidden_size=1024, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+        num_hidden_layers=2, vocab_size=512, max_position_embeddings=4096, attn_implementation="headq",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(CUDA, torch.float16).eval()
+
+
+def _prompt(padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 512, (3, 300), generator=gen).to(CUDA)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :7] = 0
+        mask[2, :90] = 0
+    return ids, mask
+
+
+def _cache(model, keys: str, values: str) -> QuantizedKVCache:
+    calibration = calibration_for(keys, values, model.config, tokens=512)
+    return QuantizedKVCache(keys, values, window=128, config=model.config, calibration=calibration)
+
+
+@pytest.mark.parametrize(("keys", "values"), PAIRS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_graph_decode_gives_the_eager_greedy_tokens(keys: str, values: str, padded: bool) -> None:
+    """100 greedy tokens (key groups and values leave the window, the ring wraps): CUDA-graph
+    replays give generate's eager tokens, with and without left padding."""
+    model = _model()
+    ids, mask = _prompt(padded)
+    with torch.no_grad():
+        eager = model.generate(
+            ids, attention_mask=mask, **cache_kwargs(model, _cache(model, keys, values)), max_new_tokens=100,
+            do_sample=False,
+        )  # fmt: skip
+        static = greedy(model, _cache(model, keys, values), ids, 100, attention_mask=mask if padded else None)
+    same = (eager == static).all(dim=1)
+    assert same.all(), (
+        f"rows {(~same).nonzero().flatten().tolist()} differ from token {(eager != static).int().argmax(1)}"
+    )
+
+
+def test_graph_steps_replay_without_sync_or_compilation() -> None:
+    """After one eager run and one capture per flush pattern, 300 steps replay graphs: no sync
+    (sync debug mode raises on one), no Triton compilation, and the cache goes on eagerly after."""
+    model = _model()
+    ids, mask = _prompt(True)
+    cache = _cache(model, "kivi:bits=2", "kivi:bits=2")
+    with torch.no_grad():
+        token = model(ids, attention_mask=mask, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+        run = StaticDecode(model, cache, capacity=1000, attention_mask=mask)
+        for _ in range(80):  # warm-up: every pattern seen twice
+            token = run.step(token).argmax(-1, keepdim=True)
+        assert len(run._graphs) == 2  # keys and values flushed, values only
+        before = compiled_kernels()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(300):
+                token = run.step(token).argmax(-1, keepdim=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert compiled_kernels() == before
+        run.close()
+        assert cache.get_seq_length() == 300 + 380
+        cache.check_finite()
+        full = torch.cat([mask, torch.ones((3, 381), dtype=mask.dtype, device=CUDA)], dim=1)
+        logits = model(token, attention_mask=full, **cache_kwargs(model, cache)).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_a_graph_step_refuses_past_its_capacity() -> None:
+    """The capacity is rounded up to whole key groups (320 for 302); the step past it is refused."""
+    model = _model()
+    ids, _ = _prompt(False)
+    cache = _cache(model, "kivi:bits=2", "kivi:bits=2")
+    with torch.no_grad():
+        token = model(ids, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+        with StaticDecode(model, cache, capacity=302) as run:
+            for _ in range(20):
+                token = run.step(token).argmax(-1, keepdim=True)
+            with pytest.raises(Exception, match="set up for 320 tokens"):
+                run.step(token)
