@@ -555,6 +555,8 @@ def _refuse(model: Any, cache: Any, layers: list[QuantizedLayer]) -> None:
     lengths = {layer.length for layer in layers}
     if getattr(cache, "static", None) is not None:
         why = "it is in static mode already"
+    elif model.config._attn_implementation != "headq":
+        why = "the model does not run the 'headq' attention function"
     elif not layers or not all(layer.is_initialized for layer in layers) or lengths == {0}:
         why = "it holds no tokens: run the prompt through it first"
     elif len(lengths) > 1 or any(layer.pending is not None for layer in layers):
@@ -569,8 +571,6 @@ def _refuse(model: Any, cache: Any, layers: list[QuantizedLayer]) -> None:
         why = "the model has sliding-window layers"
     elif getattr(config, "attn_logit_softcapping", None):
         why = "the model softcaps its attention logits"
-    elif model.config._attn_implementation != "headq":
-        why = "the model does not run the 'headq' attention function"
     elif any(s.dropped or len(s.arenas) > 1 for layer in layers for s in (layer.k, layer.v)):
         why = "a layer's encoded tokens are not in one arena"
     else:

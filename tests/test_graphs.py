@@ -1,0 +1,163 @@
+"""The static decode mode (headq_core/graphs.py) on the CPU: the same steps as the eager mode, on
+``attend_torch`` in the kernel's place (the CUDA-graph replays are tested in test_graphs_gpu.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from headq_core import CacheStateError, QuantizedKVCache, cache_kwargs
+from headq_core.graphs import StaticDecode, greedy
+from headq_core.testing.calibration import calibration_for
+
+PAIRS = [
+    ("kivi:bits=2", "kivi:bits=2"),
+    ("kivi:bits=4", "kivi:bits=2"),
+    ("fp16", "fp16"),
+    ("kivi:bits=2", "fp16"),
+    ("fp16", "kivi:bits=2"),
+    ("headq:rank=4", "kivi:bits=2"),
+    ("gsrq", "fp16"),
+]
+
+
+def _cache(model, keys: str, values: str, **kwargs) -> QuantizedKVCache:
+    calibration = calibration_for(keys, values, model.config, tokens=256)
+    return QuantizedKVCache(keys, values, window=4, config=model.config, calibration=calibration, **kwargs)
+
+
+def _prompt(make_ids, padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ids = make_ids(3, 40, seed=1)
+    if not padded:
+        return ids, None
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :17] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize(("keys", "values"), PAIRS)
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_static_steps_give_the_eager_greedy_tokens(make_model, make_ids, arch, keys, values, padded) -> None:
+    """70 greedy tokens with a 4-token window: KIVI's key groups leave it twice, the ring wraps
+    many times; the static steps give generate's tokens, left-padded rows included."""
+    model = make_model(arch, attn="headq")
+    ids, mask = _prompt(make_ids, padded)
+    with torch.no_grad():
+        eager = model.generate(
+            ids, attention_mask=torch.ones_like(ids) if mask is None else mask,
+            **cache_kwargs(model, _cache(model, keys, values)), max_new_tokens=70, do_sample=False,
+        )  # fmt: skip
+        static = greedy(model, _cache(model, keys, values), ids, 70, attention_mask=mask, graphs=False)
+    assert torch.equal(eager, static)
+
+
+@pytest.mark.parametrize(("keys", "values"), [("kivi:bits=2", "kivi:bits=2"), ("headq:rank=4", "fp16")])
+def test_static_logits_match_eager_and_close_hands_the_tokens_back(
+    make_model, make_ids, keys, values
+) -> None:
+    """Teacher-forced: the static steps' logits are the eager steps' (float32 on both sides); after
+    close() the cache goes on in eager mode exactly as one that never left it."""
+    model = make_model("llama", attn="headq")
+    ids, mask = _prompt(make_ids, True)
+    follow = make_ids(3, 60, seed=2)
+    eager, static = _cache(model, keys, values), _cache(model, keys, values)
+    full = torch.ones((3, 100), dtype=torch.long)
+    full[:, :40] = mask
+    with torch.no_grad():
+        for cache in (eager, static):
+            model(ids, attention_mask=mask, **cache_kwargs(model, cache))
+        real = mask.sum(-1, keepdim=True)  # the next position of each row, as generate counts it
+        with StaticDecode(model, static, capacity=100, attention_mask=mask, graphs=False) as run:
+            for i in range(40):
+                got = run.step(follow[:, i : i + 1])
+                want = model(
+                    follow[:, i : i + 1], attention_mask=full[:, : 41 + i], position_ids=real + i,
+                    **cache_kwargs(model, eager),
+                ).logits[:, -1]  # fmt: skip
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert static.get_seq_length() == eager.get_seq_length() == 80
+        for i in range(40, 60):
+            got, want = (
+                model(
+                    follow[:, i : i + 1], attention_mask=full[:, : 41 + i], position_ids=real + i,
+                    **cache_kwargs(model, c),
+                ).logits
+                for c in (static, eager)
+            )  # fmt: skip
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert static.bits_per_element() == eager.bits_per_element()
+
+
+def test_every_step_splits_each_stored_token_exactly_once(make_model, make_ids) -> None:
+    """The split table of any step: real rows cover positions [0, n) once, each in a split slot of
+    its own; the empty rows that fill each launch to its fixed size take the remaining slots."""
+    model = make_model("llama", attn="headq")
+    cache = _cache(model, "kivi:bits=2", "kivi:bits=2")
+    ids, _ = _prompt(make_ids, False)
+    with torch.no_grad():
+        model(ids, **cache_kwargs(model, cache))
+    run = StaticDecode(model, cache, capacity=400, graphs=False)
+    for n in range(41, 400, 7):
+        for layer in run.layers:
+            for stream in (layer.k, layer.v):
+                stream.encoded = (max(0, n - run.window) // stream.unit) * stream.unit
+        table = run._splits_table(n).reshape(-1, 7)
+        live = table[table[:, 4] > 0]
+        covered = np.concatenate([np.arange(p, p + length) for p, length in live[:, 5:3:-1]])
+        assert np.array_equal(np.sort(covered), np.arange(n))
+        assert np.array_equal(np.sort(table[:, 6]), np.arange(table.shape[0]))
+
+
+def test_the_static_mode_says_what_it_cannot_take(make_model, make_ids) -> None:
+    model = make_model("llama", attn="headq")
+    ids, _ = _prompt(make_ids, False)
+
+    def prefilled(**kwargs):
+        cache = _cache(
+            model, kwargs.pop("keys", "kivi:bits=2"), kwargs.pop("values", "kivi:bits=2"), **kwargs
+        )
+        with torch.no_grad():
+            model(ids, **cache_kwargs(model, cache))
+        return cache
+
+    cases = [
+        (_cache(model, "kivi:bits=2", "kivi:bits=2"), "holds no tokens"),
+        (prefilled(sinks=2), "keeps sinks"),
+        (prefilled(values="a2"), "keeps an attention statistic"),
+        (prefilled(emulate_streaming=True), "emulates streaming"),
+    ]
+    for cache, why in cases:
+        with pytest.raises(CacheStateError, match=why):
+            StaticDecode(model, cache, capacity=100, graphs=False)
+    cache = prefilled()
+    with pytest.raises(ValueError, match="must exceed"):
+        StaticDecode(model, cache, capacity=40, graphs=False)
+    with pytest.raises(ValueError, match="CUDA graphs need"):
+        StaticDecode(model, cache, capacity=100, graphs=True)
+    with StaticDecode(model, cache, capacity=100, graphs=False):
+        with pytest.raises(CacheStateError, match="static mode already"):
+            StaticDecode(model, cache, capacity=100, graphs=False)
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(CacheStateError, match="does not run the 'headq' attention"):
+        StaticDecode(model, prefilled(), capacity=100, graphs=False)
+
+
+def test_a_static_decode_refuses_past_its_capacity_and_after_close(make_model, make_ids) -> None:
+    model = make_model("llama", attn="headq")
+    ids, _ = _prompt(make_ids, False)
+    cache = _cache(model, "kivi:bits=2", "kivi:bits=2")
+    token = ids[:, -1:]
+    with torch.no_grad():
+        model(ids, **cache_kwargs(model, cache))
+        run = StaticDecode(model, cache, capacity=50, graphs=False)  # rounded up to whole key groups: 64
+        for _ in range(24):
+            run.step(token)
+        with pytest.raises(CacheStateError, match="set up for 64 tokens"):
+            run.step(token)
+        run.close()
+        with pytest.raises(CacheStateError, match="closed"):
+            run.step(token)
+    assert cache.get_seq_length() == 64
