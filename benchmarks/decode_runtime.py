@@ -36,6 +36,7 @@ import argparse
 import gc
 import json
 import time
+import traceback
 from typing import Any
 
 import torch
@@ -176,7 +177,9 @@ def run_shape(model: Any, batch: int, context: int, caches: list[str], warmup: i
                     name, {"cache": name, "batch": batch, "context": context, "compiled_during_steps": 0}
                 )
                 rows[name]["compiled_during_steps"] += headq_kernels.compiled_kernels() - before
-            except (ImportError, torch.OutOfMemoryError) as err:
+            except Exception as err:  # a row that cannot run (no quanto, no memory, a bug) is reported
+                if not isinstance(err, ImportError | torch.OutOfMemoryError):
+                    traceback.print_exc()
                 rows[name] = {"cache": name, "error": f"{type(err).__name__}: {str(err)[:120]}"}
                 print(f"  {batch}x{context} {name}: {rows[name]['error']}", flush=True)
                 continue
