@@ -230,10 +230,8 @@ def calibrate(
     length: Annotated[int, typer.Option(help="tokens per forward pass")] = 512,
 ) -> None:
     """Fit the methods that learn from data (query bases, codebooks) and save an artifact."""
-    from rich.progress import Progress
-
-    from headq_core.calibration import calibrate as run_calibration
-    from headq_core.harness.loading import load_model, load_text, token_windows, tokenize
+    from headq_core.harness.loading import load_model, load_text
+    from headq_core.harness.run import calibrate_with_progress
 
     try:
         registry = get_registry()
@@ -247,27 +245,9 @@ def calibrate(
         with console.status("loading model and text"):
             loaded = load_model(model)
             loaded_text = load_text(text, role="calibration")
-            ids = tokenize(loaded.tokenizer, loaded_text.text)
-            windows = token_windows(ids, length - 1, 1, max(1, tokens // length))
-        with Progress(console=console) as progress:
-            task = progress.add_task("calibrating", total=sum(w.shape[-1] for w in windows))
-
-            def stage(line: str) -> None:  # a live bar in a terminal, a line per stage in a log
-                progress.update(task, description=line)
-                if not console.is_terminal:
-                    console.log(line, highlight=False)
-
-            artifact = run_calibration(
-                loaded.model,
-                windows,
-                methods,
-                model_name=loaded.name,
-                fingerprint=loaded.fingerprint,
-                text_name=loaded_text.name,
-                text_sha256=loaded_text.sha256,
-                progress=lambda n: progress.advance(task, n),
-                stage=stage,
-            )
+        artifact = calibrate_with_progress(
+            loaded, loaded_text, methods, console, tokens=tokens, length=length
+        )
         path = artifact.save(out)
         console.print(
             f"wrote {path} ({artifact.metadata['tokens']} tokens, {artifact.metadata['seconds']} s)"

@@ -132,6 +132,9 @@ class Method(ABC):
     config_class: ClassVar[type[MethodConfig]]
     summary: ClassVar[str] = ""
     calibration_needs: ClassVar[frozenset[str]] = frozenset()
+    # (keys spec, values spec) of this method's rows in ``headq bench``'s default suite; empty: its
+    # default spec with exact values (a key quantizer) or behind KIVI-2 keys (a value policy)
+    suite_rows: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         config = self.config_class() if config is None else config

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 import torch
 
+from headq_core.errors import HeadqError
 from headq_core.harness.diagnostics import capture_window, distortion, spearman
 from headq_core.harness.perplexity import CacheSettings, Windowing, decode_speed, perplexity
 from headq_core.registry import get_registry
@@ -60,29 +61,52 @@ def canonical(combo: Combination) -> Combination:
     return Combination(str(registry.resolve("key", combo.keys)), str(registry.resolve("value", combo.values)))
 
 
-def default_suite(*, calibrated: bool = False) -> list[Combination]:
-    """Exact, KIVI-4, KIVI-2 keys only, KIVI-2 keys and values, and every other method's default.
+CORE_ROWS = (
+    Combination("fp16", "fp16"),
+    Combination("kivi:bits=4", "kivi:bits=4"),
+    Combination("kivi:bits=2", "fp16"),
+    Combination("kivi:bits=2", "kivi:bits=2"),
+)
 
-    Methods that learn from data join only when a calibration artifact is given (``calibrated``).
+
+def default_suite() -> list[Combination]:
+    """Exact, KIVI-4, KIVI-2 keys alone and with KIVI-2 values, then the rows of every other
+    installed method, third-party ones included: those it states (``suite_rows``), else its
+    default spec with exact values (a key quantizer) or behind KIVI-2 keys (a value policy).
+
+    A row that names a method which is not installed (HeadQ with A² values, without the A²
+    plugin) is left out; methods that learn from data are calibrated by the bench on demand.
     """
-    rows = [
-        Combination("fp16", "fp16"),
-        Combination("kivi:bits=4", "kivi:bits=4"),
-        Combination("kivi:bits=2", "fp16"),
-        Combination("kivi:bits=2", "kivi:bits=2"),
-    ]
     registry = get_registry()
+    rows = list(CORE_ROWS)
+    for kind in ("key", "value"):
+        for entry in registry.entries(kind):
+            if entry.name in ("fp16", "kivi"):
+                continue
+            stated = getattr(entry.obj(), "suite_rows", ())
+            default = (entry.name, "fp16") if kind == "key" else ("kivi:bits=2", entry.name)
+            rows += [Combination(k, v) for k, v in stated or (default,)]
+    out: list[Combination] = []
+    for row in rows:
+        try:
+            registry.resolve("key", row.keys), registry.resolve("value", row.values)
+        except HeadqError:
+            continue
+        if row not in out:
+            out.append(row)
+    return out
 
-    def wanted(kind: str) -> list[str]:
-        return [
-            e.name
-            for e in registry.entries(kind)
-            if e.name not in ("fp16", "kivi") and (calibrated or not e.obj().calibration_needs)
-        ]
 
-    rows += [Combination(name, "fp16") for name in wanted("key")]
-    rows += [Combination("kivi:bits=2", name) for name in wanted("value")]
-    return rows
+def calibration_methods(combos: list[Combination]) -> list[tuple[str, Any]]:
+    """(kind, method) of every method of ``combos`` that learns from data, each spec once."""
+    registry = get_registry()
+    out: dict[tuple[str, str], Any] = {}
+    for combo in combos:
+        for kind, spec in (("key", combo.keys), ("value", combo.values)):
+            method = registry.key_quantizer(spec) if kind == "key" else registry.value_policy(spec)
+            if method.calibration_needs:
+                out.setdefault((kind, str(method.spec)), method)
+    return [(kind, method) for (kind, _), method in sorted(out.items())]
 
 
 def project(bits: dict[str, dict[str, float]], exact_tokens: float, shape: LongContextShape) -> float:

@@ -20,6 +20,7 @@ from headq_core.harness.bench import (
     EXACT,
     OPTIONAL_STAGES,
     Combination,
+    calibration_methods,
     canonical,
     capture_all,
     default_suite,
@@ -78,7 +79,7 @@ class BenchOptions:
         if keys or values:
             combos = [Combination(k, v) for k in keys or ["fp16"] for v in values or ["fp16"]]
         if not combos:
-            combos = default_suite(calibrated=calibration is not None)
+            combos = default_suite()
 
         def pick(flag: Any, key: str, default: Any) -> Any:
             return flag if flag is not None else settings.get(key, default)
@@ -169,6 +170,74 @@ def environment() -> dict[str, Any]:
     }
 
 
+CALIBRATION_TOKENS = 8192  # ``headq calibrate``'s default, and the bench's on demand
+CALIBRATION_LENGTH = 512
+
+
+def calibrate_with_progress(
+    loaded: Any,
+    text: Any,
+    methods: list[tuple[str, Any]],
+    console: Console,
+    *,
+    tokens: int = CALIBRATION_TOKENS,
+    length: int = CALIBRATION_LENGTH,
+) -> Any:
+    """Fit ``methods`` on ``tokens`` tokens of ``text`` in passes of ``length``, with a progress bar
+    in a terminal and one line per stage (with its rate and time) in a log."""
+    from headq_core.calibration import calibrate
+    from headq_core.harness.loading import token_windows, tokenize
+
+    ids = tokenize(loaded.tokenizer, text.text)
+    windows = token_windows(ids, length - 1, 1, max(1, tokens // length))
+    with Progress(console=console) as progress:
+        task = progress.add_task("calibrating", total=sum(w.shape[-1] for w in windows))
+
+        def stage(line: str) -> None:
+            progress.update(task, description=line)
+            if not console.is_terminal:
+                console.log(line, highlight=False)
+
+        return calibrate(
+            loaded.model,
+            windows,
+            methods,
+            model_name=loaded.name,
+            fingerprint=loaded.fingerprint,
+            text_name=text.name,
+            text_sha256=text.sha256,
+            progress=lambda n: progress.advance(task, n),
+            stage=stage,
+        )
+
+
+def calibration_on_demand(loaded: Any, methods: list[tuple[str, Any]], console: Console) -> Any:
+    """The artifact ``methods`` need on the default calibration text: fitted the first time (about
+    a minute of statistics plus each method's fit on this machine type), then read from the cache
+    directory, keyed by the model's fingerprint, the text's hash and the methods' specs."""
+    import hashlib
+    import json
+
+    from headq_core.calibration import Calibration
+    from headq_core.harness.loading import cache_dir, load_text
+
+    text = load_text(None, role="calibration")
+    specs = sorted(f"{kind}:{method.spec}" for kind, method in methods)
+    key = json.dumps([loaded.fingerprint, text.sha256, specs, CALIBRATION_TOKENS, CALIBRATION_LENGTH])
+    path = cache_dir() / "calibration" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    if path.is_file():
+        console.print(f"calibration for {', '.join(specs)}: {path} (cached)", highlight=False)
+        return Calibration.load(path, loaded.model.config)
+    console.print(
+        f"calibrating {', '.join(specs)} on {text.name} ({CALIBRATION_TOKENS} tokens), once: the artifact is "
+        f"kept at {path}",
+        highlight=False,
+    )
+    artifact = calibrate_with_progress(loaded, text, methods, console)
+    artifact.save(path)
+    return artifact
+
+
 def run_bench(
     options: BenchOptions, *, out_dir: Path, stem: str = "bench", console: Console | None = None
 ) -> dict[str, Any]:
@@ -201,6 +270,8 @@ def run_bench(
         from headq_core.calibration import Calibration
 
         calibration = Calibration.load(options.calibration, loaded.model.config)
+    elif methods := calibration_methods(combos):
+        calibration = calibration_on_demand(loaded, methods, console)
 
     # Build every cache once before measuring anything: a missing calibration or a bad spec fails now.
     for combo in combos:

@@ -69,6 +69,7 @@ class GsrqKeys(_CodebookMethod, KeyQuantizer):  # type: ignore[misc,override]
     """Residual-VQ keys; logits through per-step lookup tables ``q . C`` and a gather-add."""
 
     name = "gsrq"
+    suite_rows = (("gsrq:bits=1", "gsrq:bits=1"),)  # keys and values at one index bit
     kind = "key"
     config_class = GsrqConfig
     summary = "residual VQ indices per sub-vector (gain-shape k-means codebooks), LUT logits"
@@ -89,6 +90,7 @@ class GsrqValues(_CodebookMethod, ValuePolicy):  # type: ignore[misc,override]
     """Residual-VQ values; readout through per-codeword attention histograms times the codebooks."""
 
     name = "gsrq"
+    suite_rows = (("gsrq:bits=1", "gsrq:bits=1"),)  # keys and values at one index bit
     kind = "value"
     config_class = GsrqConfig
     summary = "residual VQ indices per sub-vector (gain-shape k-means codebooks), histogram readout"

@@ -84,6 +84,7 @@ class HeadQKeys(KeyQuantizer):
     """Base key block plus a low-rank side code read as a logit correction (LowRankLogit layout)."""
 
     name = "headq"
+    suite_rows = (("headq", "fp16"), ("headq", "a2"))  # +0.5 bits on KIVI-2 keys; with A² values
     config_class = HeadQConfig
     summary = "any base key quantizer + r-number side code of its residual in a calibrated query basis"
     calibration_needs: ClassVar[frozenset[str]] = frozenset({"query_moments", "key_moments", "key_samples"})
