@@ -236,3 +236,87 @@ def test_describe_reads_the_head_dim_from_a_model(monkeypatch: pytest.MonkeyPatc
     )
     both = CliRunner().invoke(cli.app, ["describe", "headq", "--model", "mine", "--head-dim", "64"])
     assert both.exit_code != 0
+
+
+def test_the_default_suite_has_a_row_for_every_installed_method(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every installed key and value method has a row, a third-party one too (its default spec
+    behind KIVI-2 keys, or the rows it states); the rows issue 19 asks for are there, at matched bits."""
+    import copy
+
+    from headq_core.harness import bench
+    from headq_core.registry import get_registry
+
+    registry = copy.copy(get_registry())
+    registry._entries = dict(registry._entries)
+    kivi_values = type(registry.value_policy("kivi"))
+
+    class Rounded(kivi_values):  # type: ignore[misc,valid-type]
+        name = "rounded"
+
+    class Stated(kivi_values):  # type: ignore[misc,valid-type]
+        name = "stated"
+        suite_rows = (("kivi:bits=4", "stated:bits=4"), ("kivi:bits=2", "not-installed"))
+
+    registry.add_value_policy(Rounded)
+    registry.add_value_policy(Stated)
+    monkeypatch.setattr(bench, "get_registry", lambda: registry)
+    rows = [(row.keys, row.values) for row in bench.default_suite()]
+    in_rows = {"key": {k.split(":")[0] for k, _ in rows}, "value": {v.split(":")[0] for _, v in rows}}
+    for kind in ("key", "value"):
+        assert set(registry.names(kind)) <= in_rows[kind]
+    assert ("kivi:bits=2", "rounded") in rows and ("kivi:bits=4", "stated:bits=4") in rows
+    assert not any("not-installed" in row[1] for row in rows)  # a row naming a missing method is left out
+    for wanted in [
+        ("fp16", "fp16"), ("kivi:bits=2", "fp16"), ("headq", "fp16"), ("kivi3", "fp16"),
+        ("kivi:bits=2", "kivi:bits=2"), ("headq", "a2"), ("gsrq:bits=1", "gsrq:bits=1"),
+    ]:  # fmt: skip
+        assert wanted in rows
+    assert len(rows) == len(set(rows))
+
+
+class _Characters:
+    """A tokenizer of one id per character (for a tiny model's vocabulary)."""
+
+    def __call__(self, text: str, **_: object) -> dict:
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+
+def test_methods_that_learn_are_calibrated_once_then_read_from_the_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The bench fits HeadQ on the default calibration text the first time it needs it, keeps the
+    artifact under the cache directory, and reads it the next time (another spec: another fit)."""
+    import io
+
+    from rich.console import Console
+
+    from headq_core.harness.bench import calibration_methods
+    from headq_core.harness.loading import LoadedModel
+    from headq_core.harness.run import calibration_on_demand
+
+    monkeypatch.setenv("HEADQ_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, attn_implementation="headq",
+    )  # fmt: skip
+    loaded = LoadedModel(LlamaForCausalLM(config).eval(), _Characters(), "tiny", "0123456789abcdef")
+    combos = [
+        Combination("headq", "fp16"),
+        Combination("kivi:bits=2", "kivi:bits=2"),
+        Combination("headq", "a2"),
+    ]
+    methods = calibration_methods(combos)
+    assert [(kind, str(m.spec).split(":")[0]) for kind, m in methods] == [("key", "headq")]
+    log = io.StringIO()
+    console = Console(file=log, width=200)
+    first = calibration_on_demand(loaded, methods, console)
+    assert "calibrating" in log.getvalue() and "(cached)" not in log.getvalue()
+    assert first.metadata["tokens"] > 4000 and first.metadata["text"] == "wikitext-2-valid"
+    second = calibration_on_demand(loaded, methods, console)
+    assert "(cached)" in log.getvalue()
+    assert first.tensors.keys() == second.tensors.keys()
+    assert all(torch.equal(first.tensors[k], second.tensors[k]) for k in first.tensors)
+    other = calibration_methods([Combination("headq:rank=4", "fp16")])
+    calibration_on_demand(loaded, other, console)
+    assert len(list((tmp_path / "calibration").glob("*.safetensors"))) == 2
