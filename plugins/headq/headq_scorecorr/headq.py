@@ -80,11 +80,15 @@ class HeadQConfig(MethodConfig):
             )
 
 
+HALF_BIT = "headq:rank=15,zbits=2,lead=1,scale=base,basis=joint"
+
+
 class HeadQKeys(KeyQuantizer):
     """Base key block plus a low-rank side code read as a logit correction (LowRankLogit layout)."""
 
     name = "headq"
-    suite_rows = (("headq", "fp16"), ("headq", "a2"))  # +0.5 bits on KIVI-2 keys; with A² values
+    # +0.5 bits per element on KIVI-2 keys at head_dim 64 (docs/methods/headq.md), K-only and with A² values
+    suite_rows = tuple((HALF_BIT, values) for values in ("fp16", "a2"))
     config_class = HeadQConfig
     summary = "any base key quantizer + r-number side code of its residual in a calibrated query basis"
     calibration_needs: ClassVar[frozenset[str]] = frozenset({"query_moments", "key_moments", "key_samples"})
