@@ -62,7 +62,7 @@ upgrade: test-latest
 	mv $(LOCK).new $(LOCK)
 
 bench: setup
-	$(BIN)/headq bench
+	$(BIN)/headq bench --skip prefill
 
 clean:
 	rm -rf $(VENV) $(LATEST) .pytest_cache .mypy_cache .ruff_cache
