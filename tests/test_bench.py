@@ -243,6 +243,8 @@ def test_the_default_suite_has_a_row_for_every_installed_method(monkeypatch: pyt
     behind KIVI-2 keys, or the rows it states); the rows issue 19 asks for are there, at matched bits."""
     import copy
 
+    from headq_scorecorr.headq import HALF_BIT
+
     from headq_core.harness import bench
     from headq_core.registry import get_registry
 
@@ -267,8 +269,8 @@ def test_the_default_suite_has_a_row_for_every_installed_method(monkeypatch: pyt
     assert ("kivi:bits=2", "rounded") in rows and ("kivi:bits=4", "stated:bits=4") in rows
     assert not any("not-installed" in row[1] for row in rows)  # a row naming a missing method is left out
     for wanted in [
-        ("fp16", "fp16"), ("kivi:bits=2", "fp16"), ("headq", "fp16"), ("kivi3", "fp16"),
-        ("kivi:bits=2", "kivi:bits=2"), ("headq", "a2"), ("gsrq:bits=1", "gsrq:bits=1"),
+        ("fp16", "fp16"), ("kivi:bits=2", "fp16"), (HALF_BIT, "fp16"), ("kivi3", "fp16"),
+        ("kivi:bits=2", "kivi:bits=2"), (HALF_BIT, "a2"), ("gsrq:bits=1", "gsrq:bits=1"),
     ]:  # fmt: skip
         assert wanted in rows
     assert len(rows) == len(set(rows))
