@@ -224,6 +224,28 @@ class _ForgetfulSpecKeys(_AffineKeys):
         return Spec(self.name)
 
 
+class _UncountedStateKeys(_AffineKeys):
+    """Learns a per-layer channel norm from calibration and holds it, but counts nothing."""
+
+    name = "uncounted"
+    calibration_needs = frozenset({"key_moments"})
+
+    def fit(self, stats: Any) -> dict[str, torch.Tensor]:
+        return {
+            "norms": torch.stack([m.diagonal(dim1=-2, dim2=-1).sqrt() for m in stats.key_moments]).float()
+        }
+
+    def bind(self, model_config: Any, calibration: Any = None) -> None:
+        self.norms = calibration.tensors_for("key", self)["norms"]
+
+
+class _CountedStateKeys(_UncountedStateKeys):
+    name = "counted"
+
+    def state_nbytes(self, layer_idx: int) -> int:
+        return self.norms[layer_idx].numel() * self.norms.element_size()
+
+
 def _registry_with(cls: type[KeyQuantizer]) -> Registry:
     registry = Registry()
     registry.add_key_quantizer(ExactKeys)
@@ -246,6 +268,7 @@ def test_the_correct_base_passes() -> None:
         (_WrongAxisKeys, "wrongaxis", "do not decode to their concatenation"),
         (_SharedCodesKeys, "shared", "reordering the batch"),
         (_ForgetfulSpecKeys, "forgetful:bits=2", "building from 'forgetful' gives"),
+        (_UncountedStateKeys, "uncounted", "state_nbytes counts 0 bytes over 2 layers, but the method holds"),
     ],
 )
 def test_the_kit_catches(cls: type[KeyQuantizer], spec: str, message: str) -> None:
@@ -253,6 +276,11 @@ def test_the_kit_catches(cls: type[KeyQuantizer], spec: str, message: str) -> No
     with pytest.raises(AssertionError, match=message) as info:
         check_key_quantizer(spec, registry=_registry_with(cls))
     assert spec.split(":")[0] in str(info.value)
+
+
+def test_state_a_method_counts_passes_the_kit() -> None:
+    """The same learned state, counted by state_nbytes, passes (and shows in the cache's bits)."""
+    check_key_quantizer("counted", registry=_registry_with(_CountedStateKeys))
 
 
 def test_the_kit_binds_methods_to_the_model_config() -> None:

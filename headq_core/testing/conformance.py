@@ -602,6 +602,29 @@ def _check(
     for window, sinks in windows:
         check_cache(subject, tokens=2 * g + window + sinks + 3, window=window, sinks=sinks, head_dim=head_dim)
     check_padding(subject, head_dim=head_dim)
+    check_state_counted(subject)
+
+
+def check_state_counted(subject: _Subject) -> None:
+    """A method that holds what it learned counts it: ``state_nbytes`` over the model's layers is
+    at least its calibration tensors at two bytes per number (so that two authors of one method
+    report the same bits per element, whichever precision they hold it in)."""
+    if subject.calibration is None:
+        return
+    method = subject.build()
+    if not method.calibration_needs:
+        return
+    fitted = subject.calibration.tensors_for(subject.kind, method)
+    learned = sum(2 * t.numel() for t in fitted.values())
+    layers = int(getattr(subject.model_config, "num_hidden_layers", 0) or 0)
+    counted = sum(method.state_nbytes(layer) for layer in range(layers))
+    if counted < learned:
+        raise _fail(
+            subject,
+            f"state_nbytes counts {counted} bytes over {layers} layers, but the method holds {learned} bytes of "
+            "calibration tensors (at two bytes per number): count the per-layer state it keeps "
+            "(docs/plugin-author-guide.md, 'Fixed state and its bits')",
+        )
 
 
 def model_config_for(head_dim: int) -> Any:

@@ -83,7 +83,11 @@ class NullSpaceKeys(KeyQuantizer):
         return self.base.nominal_bits(head_dim)
 
     def state_nbytes(self, layer_idx: int) -> int:
-        return self.base.state_nbytes(layer_idx)  # the injected error is not information
+        """The base's state and the shift or projector held to encode (memory the cache holds,
+        though no reader needs it: the injected error is not information)."""
+        held = self.error[layer_idx] if layer_idx < len(self.error) else None
+        own = 0 if held is None else held.numel() * held.element_size()
+        return self.base.state_nbytes(layer_idx) + own
 
     def fit(self, stats: Any) -> dict[str, torch.Tensor]:
         """``shift``: mu (L, h, d), norm ``sqrt(mse * d)``; ``orthogonal``: projectors (L, h, d, d)."""
