@@ -53,7 +53,34 @@ def list_methods() -> None:
     for entry in registry.entries("metric"):
         metrics.add_row(entry.name, entry.obj.description, entry.source.distribution)
     console.print(metrics)
+    where = Table(title="Installed distributions")
+    for column in ("distribution", "version", "installed at", "editable"):
+        where.add_column(column)
+    sources = {
+        e.source.distribution: e.source.version
+        for k in ("key", "value", "metric")
+        for e in registry.entries(k)
+    }
+    for distribution, version in sorted(sources.items()):
+        path, editable = _installed(distribution)
+        where.add_row(distribution, version, path, "yes" if editable else "no")
+    console.print(where)
     _report_problems(registry)
+
+
+def _installed(distribution: str) -> tuple[str, bool]:
+    """Where a distribution is installed, and whether it is an editable install (its source tree)."""
+    import json
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed (registered in process)", False
+    direct = json.loads(dist.read_text("direct_url.json") or "{}")
+    if direct.get("dir_info", {}).get("editable"):
+        return str(direct.get("url", "")).removeprefix("file://"), True
+    return str(dist.locate_file("")), False
 
 
 def _report_problems(registry: Registry) -> int:

@@ -206,6 +206,11 @@ def test_headq_list_shows_the_plugin(site: Site) -> None:
     assert "signbit" in result.output
     assert "headq-sign" in result.output
     assert "kivi" in result.output
+    # where each distribution is installed: the shipped plugins from their source trees, editable
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") == 5}
+    kivi = Path(__import__("headq_kivi").__file__).parents[1]
+    assert str(kivi) in rows["headq-kivi"] and rows["headq-kivi"].rstrip("│ ").endswith("yes")
+    assert "headq-sign" in rows and rows["headq-sign"].rstrip("│ ").endswith("no")
 
 
 def test_a_plugin_that_fails_to_import_is_reported_and_others_work(site: Site) -> None:
