@@ -8,6 +8,7 @@ from headq_core.cache import QuantizedKVCache
 from headq_core.chunked import prefill
 from headq_core.compat import cache_kwargs
 from headq_core.errors import CacheStateError, CalibrationError, HeadqError, PluginError, SpecError
+from headq_core.graphs import StaticDecode, greedy
 from headq_core.hookspecs import hookimpl
 from headq_core.interfaces import (
     AttentionSample,
@@ -35,9 +36,11 @@ __all__ = [
     "QuantizedKVCache",
     "Spec",
     "SpecError",
+    "StaticDecode",
     "ValuePolicy",
     "cache_kwargs",
     "get_registry",
+    "greedy",
     "hookimpl",
     "parse_spec",
     "prefill",
