@@ -593,26 +593,26 @@ def greedy(
     attention_mask: torch.Tensor | None = None,
     graphs: bool | None = None,
 ) -> torch.Tensor:
-    """Greedy decoding with the decode steps in static mode: the prompt runs eagerly, then
+    """Greedy decoding with the decode steps in static mode: the prompt runs eagerly (after what
+    the cache may hold already: ``attention_mask`` then covers every token, held and new), then
     ``max_new_tokens`` tokens come from :class:`StaticDecode` (CUDA graphs on CUDA).
     Returns (b, prompt + max_new_tokens) ids, as ``generate(do_sample=False)`` would."""
     kwargs = cache_kwargs(model, cache)
     positions = None
     if attention_mask is not None:  # as generate places left-padded rows
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        positions = positions[:, -input_ids.shape[1] :]
     out = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **kwargs
     )
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     tokens = [input_ids, token]
-    with StaticDecode(
-        model,
-        cache,
-        capacity=input_ids.shape[1] + max_new_tokens,
-        attention_mask=attention_mask,
-        graphs=graphs,
-    ) as run:
-        for _ in range(max_new_tokens - 1):
-            token = run.step(token).argmax(-1, keepdim=True)
-            tokens.append(token)
+    if max_new_tokens > 1:  # the last token is returned, never stored
+        capacity = cache.get_seq_length() + max_new_tokens - 1
+        with StaticDecode(
+            model, cache, capacity=capacity, attention_mask=attention_mask, graphs=graphs
+        ) as run:
+            for _ in range(max_new_tokens - 1):
+                token = run.step(token).argmax(-1, keepdim=True)
+                tokens.append(token)
     return torch.cat(tokens, dim=1)

@@ -161,3 +161,25 @@ def test_a_static_decode_refuses_past_its_capacity_and_after_close(make_model, m
         with pytest.raises(CacheStateError, match="closed"):
             run.step(token)
     assert cache.get_seq_length() == 64
+
+
+def test_greedy_continues_a_cache_that_holds_a_first_turn(make_model, make_ids) -> None:
+    """A second prompt after a first one: the static steps' capacity counts what the cache held,
+    and the tokens are an eager loop's; one new token needs no static step at all."""
+    model = make_model("llama", attn="headq")
+    first, second = make_ids(2, 30, seed=1), make_ids(2, 12, seed=2)
+    caches = [_cache(model, "kivi:bits=2", "kivi:bits=2") for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(first, **cache_kwargs(model, cache))
+        mask = torch.ones((2, 42), dtype=torch.long)
+        static = greedy(model, caches[0], second, 50, attention_mask=mask, graphs=False)
+        token = model(second, attention_mask=mask, **cache_kwargs(model, caches[1])).logits[:, -1:].argmax(-1)
+        eager = [second, token]
+        for _ in range(49):
+            token = model(token, **cache_kwargs(model, caches[1])).logits[:, -1:].argmax(-1)
+            eager.append(token)
+        assert torch.equal(static, torch.cat(eager, dim=1))
+        assert caches[0].get_seq_length() == caches[1].get_seq_length() == 30 + 12 + 49
+        one = _cache(model, "kivi:bits=2", "kivi:bits=2")
+        assert greedy(model, one, first, 1, graphs=False).shape == (2, 31) and one.static is None
