@@ -255,6 +255,7 @@ def run_console(block: Block) -> None:
 @pytest.mark.parametrize("path", _params())
 def test_the_examples_run(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HEADQ_CACHE_DIR", str(tmp_path / "cache"))  # models an example converts stay here
     monkeypatch.setattr(sys, "argv", [str(path)])
     namespace: dict[str, Any] = {"__name__": f"docs_{path.stem.replace('-', '_')}"}
     ran = 0
