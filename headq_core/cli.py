@@ -210,7 +210,9 @@ def bench(
     name: Annotated[str, typer.Option(help="file stem of the outputs")] = "bench",
     skip: Annotated[
         list[str] | None,
-        typer.Option("--skip", help="leave out a secondary stage: prefill, distortion or speed (repeatable)"),
+        typer.Option(
+            "--skip", help="leave out a secondary stage: prefill, distortion, speed or stream (repeatable)"
+        ),
     ] = None,
 ) -> None:
     """Run a grid of key x value methods on one model and text and write the results table."""

@@ -83,6 +83,19 @@ def test_rows_carry_consistent_numbers(result) -> None:
     assert "fisher" in result["correlation_with_attn_kl"]
 
 
+def test_every_row_reports_its_one_pass_to_streaming_gap(result) -> None:
+    """The streaming check scores the first window token by token too: the exact cache agrees
+    with its one-pass scoring to float rounding, and the table says how far the rows are apart."""
+    from headq_core.harness.report import stream_gap_line
+
+    gaps = [row["stream_gap_pct"] for row in result["rows"]]
+    assert all(math.isfinite(g) for g in gaps)
+    assert abs(gaps[0]) < 1e-3  # the exact row: the same attention either way
+    line = stream_gap_line(result)
+    assert line is not None and "token-by-token streaming" in line
+    assert line in markdown(result)
+
+
 def test_outputs_are_written_and_compare_renders_them(result, tmp_path: Path) -> None:
     paths = write_outputs(result, tmp_path)
     data = json.loads(paths["json"].read_text())

@@ -10,6 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from headq_core.harness.bench import STREAM_CHECK_TOKENS
+
 COLUMNS = (
     ("keys", "keys"),
     ("values", "values"),
@@ -53,6 +55,20 @@ def rows_table(result: dict[str, Any]) -> list[list[str]]:
     return [[_cell(row, key) for _, key in COLUMNS] for row in result["rows"]]
 
 
+def stream_gap_line(result: dict[str, Any]) -> str | None:
+    """One sentence on how far one-pass decode scoring is from token-by-token streaming, or None."""
+    gaps = [(row["stream_gap_pct"], row) for row in result["rows"] if row.get("stream_gap_pct") is not None]
+    if not gaps:
+        return None
+    worst, row = max(gaps, key=lambda g: abs(g[0]))
+    return (
+        f"One-pass decode scoring against token-by-token streaming (the first {STREAM_CHECK_TOKENS} scored tokens of "
+        f"the first window): the streamed PPL differs "
+        f"by {min(g for g, _ in gaps):+.2f}% to {max(g for g, _ in gaps):+.2f}% (largest: {row['keys']} | "
+        f"{row['values']}, {worst:+.2f}%); read differences between rows smaller than that as within the spread."
+    )
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The results table and the metric/KL correlations as Markdown, with the run's settings."""
     w = result["windowing"]
@@ -66,6 +82,9 @@ def markdown(result: dict[str, Any]) -> str:
         "|" + "---|" * len(COLUMNS),
     ]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows_table(result)]
+    gap = stream_gap_line(result)
+    if gap:
+        lines += ["", gap]
     corr = result.get("correlation_with_attn_kl") or {}
     if corr:
         lines += ["", "Spearman correlation with attention KL across (layer, head, combination) cells:", ""]
@@ -82,6 +101,9 @@ def print_table(result: dict[str, Any], console: Console | None = None) -> None:
     for cells in rows_table(result):
         table.add_row(*cells)
     console.print(table)
+    gap = stream_gap_line(result)
+    if gap:
+        console.print(gap, highlight=False)
     corr = result.get("correlation_with_attn_kl") or {}
     if corr:
         console.print(
