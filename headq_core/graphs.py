@@ -302,12 +302,12 @@ class StaticDecode:
 
     def _mask(self, attention_mask: torch.Tensor | None, batch: int) -> tuple[torch.Tensor | None, list[int]]:
         """The kernel's (b, capacity) uint8 mask (None where nothing is padded) and each row's next position."""
-        if attention_mask is None or bool(attention_mask.all()):
-            return None, [self.length] * batch
-        if attention_mask.shape != (batch, self.length):
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, self.length):
             raise ValueError(
                 f"attention_mask must be (batch, tokens held) = ({batch}, {self.length}), got {tuple(attention_mask.shape)}"
             )
+        if attention_mask is None or bool(attention_mask.all()):
+            return None, [self.length] * batch
         mask = torch.ones((batch, self.capacity), dtype=torch.uint8, device=self.device)
         mask[:, : self.length] = attention_mask.to(device=self.device, dtype=torch.uint8)
         return mask, [int(n) for n in attention_mask.sum(-1).tolist()]

@@ -137,6 +137,8 @@ def test_the_static_mode_says_what_it_cannot_take(make_model, make_ids) -> None:
         StaticDecode(model, cache, capacity=40, graphs=False)
     with pytest.raises(ValueError, match="CUDA graphs need"):
         StaticDecode(model, cache, capacity=100, graphs=True)
+    with pytest.raises(ValueError, match="attention_mask must be"):  # a mask of the prompt alone, say
+        StaticDecode(model, cache, capacity=100, attention_mask=torch.ones((3, 12)), graphs=False)
     with StaticDecode(model, cache, capacity=100, graphs=False):
         with pytest.raises(CacheStateError, match="static mode already"):
             StaticDecode(model, cache, capacity=100, graphs=False)
