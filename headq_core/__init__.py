@@ -8,7 +8,7 @@ from headq_core.cache import QuantizedKVCache
 from headq_core.chunked import prefill
 from headq_core.compat import cache_kwargs
 from headq_core.errors import CacheStateError, CalibrationError, HeadqError, PluginError, SpecError
-from headq_core.graphs import StaticDecode, greedy
+from headq_core.graphs import StaticDecode, greedy, static_generate
 from headq_core.hookspecs import hookimpl
 from headq_core.interfaces import (
     AttentionSample,
@@ -45,5 +45,6 @@ __all__ = [
     "parse_spec",
     "prefill",
     "register_attention",
+    "static_generate",
     "use_headq_attention",
 ]

@@ -616,3 +616,69 @@ def greedy(
                 token = run.step(token).argmax(-1, keepdim=True)
                 tokens.append(token)
     return torch.cat(tokens, dim=1)
+
+
+@torch.no_grad()
+def static_generate(
+    model: Any,
+    input_ids: torch.Tensor,
+    logits_processor: Any = None,
+    stopping_criteria: Any = None,
+    generation_config: Any = None,
+    synced_gpus: bool = False,
+    streamer: Any = None,
+    **model_kwargs: Any,
+) -> torch.Tensor:
+    """The decoding loop of ``model.generate(..., custom_generate=static_generate)``: generate
+    prepares the inputs, processors and stopping criteria as usual, then this loop runs the prompt
+    eagerly and every later step on :class:`StaticDecode` (CUDA graphs on CUDA). Greedy or sampled
+    (``do_sample``), with the logits processors, ``eos_token_id`` and ``max_new_tokens``/
+    ``max_length`` applied as generate's own loop does; it returns the ids (no output dict).
+    """
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    if cache is None or getattr(cache, "quantized_layers", None) is None:
+        raise CacheStateError("static_generate needs a QuantizedKVCache: pass **cache_kwargs(model, cache)")
+    if synced_gpus or (generation_config is not None and generation_config.return_dict_in_generate):
+        raise ValueError(
+            "static_generate returns the ids only, on one device (no synced_gpus, no output dict)"
+        )
+    attention_mask = model_kwargs.get("attention_mask")
+    held = cache.get_seq_length()
+    new = input_ids[:, held:]
+    positions = None
+    if attention_mask is not None:  # as generate places left-padded rows
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)[:, held:]
+    logits = model(
+        input_ids=new, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+        **cache_kwargs(model, cache),
+    ).logits[:, -1]  # fmt: skip
+    pad = getattr(generation_config, "_pad_token_tensor", None)
+    sample = bool(getattr(generation_config, "do_sample", False))
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    max_length = getattr(generation_config, "max_length", None) or input_ids.shape[1] + 20
+    run = None
+    try:
+        while True:
+            scores = logits_processor(input_ids, logits.float()) if logits_processor is not None else logits
+            if sample:
+                token = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+            else:
+                token = scores.argmax(-1)
+            if pad is not None:
+                token = torch.where(unfinished, token, pad.to(token.device))
+            input_ids = torch.cat([input_ids, token[:, None]], dim=1)
+            if streamer is not None:
+                streamer.put(token.cpu())
+            if stopping_criteria is not None:
+                unfinished &= ~stopping_criteria(input_ids, scores)
+            if not bool(unfinished.any()) or input_ids.shape[1] >= max_length:
+                break
+            if run is None:
+                run = StaticDecode(model, cache, capacity=max_length - 1, attention_mask=attention_mask)
+            logits = run.step(token[:, None])
+    finally:
+        if run is not None:
+            run.close()
+    if streamer is not None:
+        streamer.end()
+    return input_ids

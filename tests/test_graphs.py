@@ -185,3 +185,47 @@ def test_greedy_continues_a_cache_that_holds_a_first_turn(make_model, make_ids) 
         assert caches[0].get_seq_length() == caches[1].get_seq_length() == 30 + 12 + 49
         one = _cache(model, "kivi:bits=2", "kivi:bits=2")
         assert greedy(model, one, first, 1, graphs=False).shape == (2, 31) and one.static is None
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_generate_runs_its_decoding_loop_on_the_static_mode(make_model, make_ids, padded) -> None:
+    """``generate(custom_generate=static_generate)``: generate's own input preparation, processors
+    and stopping criteria, the static steps: the same ids as plain greedy generate, and an
+    end-of-sequence token stops a row (padding after it) as generate does."""
+    from headq_core import static_generate
+
+    model = make_model("llama", attn="headq")
+    ids, mask = _prompt(make_ids, padded)
+    mask = torch.ones_like(ids) if mask is None else mask
+    with torch.no_grad():
+        runs = []
+        for extra in ({}, {"custom_generate": static_generate}):
+            cache = _cache(model, "kivi:bits=2", "kivi:bits=2")
+            runs.append(
+                model.generate(
+                    ids,
+                    attention_mask=mask,
+                    **cache_kwargs(model, cache),
+                    max_new_tokens=40,
+                    do_sample=False,
+                    **extra,
+                )
+            )
+        assert torch.equal(runs[0], runs[1])
+        eos = int(runs[0][0, 45])  # a token row 0 emits: generation of that row stops there
+        stopped = []
+        for extra in ({}, {"custom_generate": static_generate}):
+            cache = _cache(model, "kivi:bits=2", "kivi:bits=2")
+            stopped.append(
+                model.generate(
+                    ids,
+                    attention_mask=mask,
+                    **cache_kwargs(model, cache),
+                    max_new_tokens=40,
+                    do_sample=False,
+                    eos_token_id=eos,
+                    pad_token_id=0,
+                    **extra,
+                )
+            )
+        assert torch.equal(stopped[0], stopped[1]) and int(stopped[1][0, -1]) in (0, eos)
