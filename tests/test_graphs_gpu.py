@@ -114,3 +114,24 @@ def test_a_graph_step_refuses_past_its_capacity() -> None:
                 token = run.step(token).argmax(-1, keepdim=True)
             with pytest.raises(Exception, match="set up for 320 tokens"):
                 run.step(token)
+
+
+@pytest.mark.parametrize(
+    ("keys", "values"), [("kivi:bits=2", "kivi:bits=2"), ("headq:rank=8,zbits=4", "kivi:bits=2")]
+)
+def test_generate_with_static_generate_replays_graphs(keys: str, values: str) -> None:
+    """``generate(custom_generate=static_generate)`` on CUDA: its decode steps are graph replays,
+    and its tokens are plain eager generate's (left-padded batch, 100 new tokens)."""
+    from headq_core import static_generate
+
+    model = _model()
+    ids, mask = _prompt(True)
+    with torch.no_grad():
+        runs = [
+            model.generate(
+                ids, attention_mask=mask, **cache_kwargs(model, _cache(model, keys, values)), max_new_tokens=100,
+                do_sample=False, **extra,
+            )
+            for extra in ({}, {"custom_generate": static_generate})
+        ]  # fmt: skip
+    assert torch.equal(runs[0], runs[1])
