@@ -288,7 +288,7 @@ def calibrate(
 @app.command()
 def compare(files: Annotated[list[Path], typer.Argument(help="bench JSON files")]) -> None:
     """Render earlier bench results side by side, with one combined plot."""
-    from headq_core.harness.report import COLUMNS, load_result, plot, rows_table
+    from headq_core.harness.report import COLUMNS, load_result, plot, rows_table, versus
 
     try:
         results = [load_result(f) for f in files]
@@ -298,9 +298,12 @@ def compare(files: Annotated[list[Path], typer.Argument(help="bench JSON files")
     table.add_column("run")
     for column, _ in COLUMNS:
         table.add_column(column)
+    table.add_column(f"decode PPL vs {results[0]['label']}")
+    first = {(row["keys"], row["values"]): row for row in results[0]["rows"]}
     for result in results:
-        for cells in rows_table(result):
-            table.add_row(result["label"], *cells)
+        for row, cells in zip(result["rows"], rows_table(result), strict=True):
+            mark = "–" if result is results[0] else versus(row, first.get((row["keys"], row["values"])))
+            table.add_row(result["label"], *cells, mark)
     console.print(table)
     out = files[0].parent / "compare.png"
     plot(results, out)

@@ -335,3 +335,34 @@ def test_methods_that_learn_are_calibrated_once_then_read_from_the_cache(
     other = calibration_methods([Combination("headq:rank=4", "fp16")])
     calibration_on_demand(loaded, other, console)
     assert len(list((tmp_path / "calibration").glob("*.safetensors"))) == 2
+
+
+def test_the_spread_over_windows_is_paired_and_matches_the_delta_method() -> None:
+    """± on every PPL figure: a bootstrap over windows, the same resamples for every row. A row
+    whose windows score exactly as the exact row's has no ΔPPL spread (paired), the PPL spread of
+    40 windows is the delta method's PPL·σ/√n to within 15%, excess removed gets one too, and
+    compare says whether two runs differ by more than their spreads."""
+    from headq_core.harness.bench import spread
+    from headq_core.harness.report import _cell, versus
+
+    gen = torch.Generator().manual_seed(0)
+    per_token = 3.0 + 0.3 * torch.randn(40, generator=gen, dtype=torch.float64)
+
+    def row(keys: str, values: str, shift: float, base: str | None = None) -> dict:
+        nll = ((per_token + shift) * 256).tolist()
+        ppl = math.exp(sum(nll) / (40 * 256))
+        return {"keys": keys, "values": values, "window_nll": nll, "scored_tokens": 40 * 256, "decode_ppl": ppl,
+                "excess_baseline": base, "excess_removed": 0.5 if base else math.nan}  # fmt: skip
+
+    exact, same = row("fp16", "fp16", 0.0), row("kivi:bits=8", "fp16", 0.0, "kivi | fp16")
+    base, half = row("kivi", "fp16", 0.2), row("headq", "fp16", 0.1, "kivi | fp16")
+    rows = [exact, same, base, half]
+    spread(rows, exact, {(r["keys"], r["values"]): r for r in rows})
+    assert same["delta_ppl_se"] == 0.0 and half["delta_ppl_se"] > 0
+    delta_method = exact["decode_ppl"] * float(per_token.std()) / math.sqrt(40)
+    assert exact["decode_ppl_se"] == pytest.approx(delta_method, rel=0.15)
+    assert 0 < half["excess_removed_se"] < 0.1  # the per-token shift is the same in every window
+    assert versus(half, half).startswith("+0.00 (within") and "beyond" in versus(base, exact)
+    assert _cell(exact, "decode_ppl") == f"{exact['decode_ppl']:.2f} ± {exact['decode_ppl_se']:.2f}"
+    half["delta_ppl"] = half["decode_ppl"] - exact["decode_ppl"]
+    assert "% ± " in _cell(half, "excess_removed") and " ± " in _cell(half, "delta_ppl")

@@ -188,6 +188,7 @@ def measure(
         "prefill_ppl": prefill_ppl,
         "stream_gap_pct": stream_gap,
         "scored_tokens": decode.tokens,
+        "window_nll": list(decode.window_nll),  # per window, for the spread over windows
         "bits": bits,
         "cache_bytes": cache.nbytes(),
         "cache_bytes_by_part": cache.nbytes_by_part(),
@@ -283,7 +284,44 @@ def finish(rows: list[dict[str, Any]], baseline: Combination | None) -> dict[str
             row["excess_note"] = "the baseline has no excess"
         else:
             row["excess_removed"] = 1 - row["delta_ppl"] / (base["decode_ppl"] - exact["decode_ppl"])
-    return {"correlation_with_attn_kl": correlations(rows)}
+    spread(rows, exact, found)
+    return {"correlation_with_attn_kl": correlations(rows), "bootstrap": BOOTSTRAP}
+
+
+BOOTSTRAP = 2000  # resamples of the windows for the spread of every PPL figure
+
+
+def spread(
+    rows: list[dict[str, Any]], exact: dict[str, Any] | None, found: dict[Any, dict[str, Any]]
+) -> None:
+    """The spread over windows of each row's decode PPL, ΔPPL and excess removed: the standard
+    deviation over BOOTSTRAP resamples of the windows, the same resamples for every row (rows are
+    measured on the same windows, so their differences are paired). Adds ``*_se`` keys; a figure
+    without per-window numbers (an old result) gets none."""
+    if not rows or any(len(r.get("window_nll") or []) != len(rows[0].get("window_nll") or []) for r in rows):
+        return
+    n = len(rows[0].get("window_nll") or [])
+    if n < 2:
+        return
+    pick = torch.randint(0, n, (BOOTSTRAP, n), generator=torch.Generator().manual_seed(0))
+    ppl = {}
+    for row in rows:
+        per_token = torch.tensor(row["window_nll"], dtype=torch.float64) * n / row["scored_tokens"]
+        ppl[id(row)] = per_token[pick].mean(-1).exp()
+        row["decode_ppl_se"] = float(ppl[id(row)].std())
+    if exact is None:
+        return
+    for row in rows:
+        if row is exact:
+            continue
+        delta = ppl[id(row)] - ppl[id(exact)]
+        row["delta_ppl_se"] = float(delta.std())
+        base = found.get(tuple(row["excess_baseline"].split(" | "))) if row.get("excess_baseline") else None
+        if base is not None and not math.isnan(row["excess_removed"]):
+            base_delta = ppl[id(base)] - ppl[id(exact)]
+            kept = base_delta > 0
+            if bool(kept.any()):
+                row["excess_removed_se"] = float((1 - delta[kept] / base_delta[kept]).std())
 
 
 def correlations(rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -79,6 +79,7 @@ class PerplexityResult:
     seconds: float
     mode: str
     caches: list[QuantizedKVCache] = attrs.field(eq=False, repr=False)
+    window_nll: tuple[float, ...] = ()  # each window's summed NLL over its scored tokens, in order
 
     @property
     def tokens_per_second(self) -> float:
@@ -144,17 +145,19 @@ def perplexity(
     progress: Callable[[int], None] | None = None,
 ) -> PerplexityResult:
     """Perplexity over ``windows`` (each (prefix + scored,) token ids) in the given mode."""
-    total, count, caches = 0.0, 0, []
+    per_window: list[float] = []
+    count, caches = 0, []
     start = time.perf_counter()
     for batch in _batches(windows, windowing.batch):
         nll, cache = window_nll(model, batch, windowing.prefix, settings, mode, windowing.prefill_chunk)
-        total += float(nll.sum())
+        per_window += nll.tolist()
         count += batch.shape[0] * windowing.scored
         caches.append(cache)
         if progress is not None:
             progress(batch.shape[0])
     seconds = time.perf_counter() - start
-    return PerplexityResult(math.exp(total / count), total, count, seconds, mode, caches)
+    total = sum(per_window)
+    return PerplexityResult(math.exp(total / count), total, count, seconds, mode, caches, tuple(per_window))
 
 
 @torch.no_grad()

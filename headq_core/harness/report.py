@@ -40,12 +40,16 @@ def _cell(row: dict[str, Any], key: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         note = row.get("excess_note") if key == "excess_removed" else None
         return f"– ({note})".replace(" | ", " / ") if note else "–"
+    se = row.get(f"{key}_se")
     if key == "excess_removed":
-        return f"{100 * value:.0f}% of {row['excess_baseline']}".replace(" | ", " / ")  # no pipes in a cell
+        pm = f" ± {100 * se:.0f}" if se is not None else ""
+        return f"{100 * value:.0f}%{pm} of {row['excess_baseline']}".replace(
+            " | ", " / "
+        )  # no pipes in a cell
     if key in ("decode_ppl", "prefill_ppl"):
-        return f"{value:.2f}"
+        return f"{value:.2f}" + (f" ± {se:.2f}" if se is not None else "")
     if key == "delta_ppl":
-        return f"{value:+.2f}"
+        return f"{value:+.2f}" + (f" ± {se:.2f}" if se is not None else "")
     if key == "decode_tokens_per_s":
         return f"{value:.1f}"
     return f"{value:.3g}"
@@ -53,6 +57,19 @@ def _cell(row: dict[str, Any], key: str) -> str:
 
 def rows_table(result: dict[str, Any]) -> list[list[str]]:
     return [[_cell(row, key) for _, key in COLUMNS] for row in result["rows"]]
+
+
+def versus(row: dict[str, Any], reference: dict[str, Any] | None) -> str:
+    """How a row's decode PPL compares with the same row of a reference run: the difference, and
+    "within the spread" where it is at most the two runs' spreads combined (or "–")."""
+    if reference is None:
+        return "–"
+    diff = row["decode_ppl"] - reference["decode_ppl"]
+    se_a, se_b = row.get("decode_ppl_se"), reference.get("decode_ppl_se")
+    if se_a is None or se_b is None:
+        return f"{diff:+.2f}"
+    combined = math.hypot(se_a, se_b)
+    return f"{diff:+.2f} ({'within' if abs(diff) <= combined else 'beyond'} the spread ± {combined:.2f})"
 
 
 def stream_gap_line(result: dict[str, Any]) -> str | None:
@@ -76,7 +93,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"Model `{result['model']['name']}` ({result['model']['fingerprint']}), text `{result['text']['name']}` "
         f"({result['text']['tokens']} tokens). Decode perplexity over {w['windows']} windows of "
         f"{w['prefix']} prefill + {w['scored']} scored tokens; full-precision window {result['cache']['window']}, "
-        f"sinks {result['cache']['sinks']}. Bits per element count every stored byte (K and V averaged).",
+        f"sinks {result['cache']['sinks']}. Bits per element count every stored byte (K and V averaged); "
+        "± is the spread over windows (standard deviation over bootstrap resamples of the windows, the same "
+        "resamples for every row).",
         "",
         "| " + " | ".join(name for name, _ in COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
