@@ -8,7 +8,8 @@ from headq_core.cache import QuantizedKVCache
 from headq_core.chunked import prefill
 from headq_core.compat import cache_kwargs
 from headq_core.errors import CacheStateError, CalibrationError, HeadqError, PluginError, SpecError
-from headq_core.graphs import StaticDecode, greedy, static_generate
+from headq_core.generation import greedy, static_generate
+from headq_core.graphs import StaticDecode
 from headq_core.hookspecs import hookimpl
 from headq_core.interfaces import (
     AttentionSample,

@@ -59,7 +59,8 @@ class _StaticStream:
 
     ``data``: an identity stream's tokens by position, (b, h, capacity, d); otherwise the window
     ring, (b, h, ring, d), token ``p`` in row ``p % ring``. ``arena``: the encoded tokens, buffers
-    for the capacity (None for an identity stream). ``encoded``: the flush rule's count so far.
+    for the capacity (None for an identity stream). How many tokens are encoded is the flush rule's
+    count at the stream's length (:meth:`encoded`): no step keeps it.
     """
 
     method: Any
@@ -67,7 +68,10 @@ class _StaticStream:
     unit: int
     data: torch.Tensor
     arena: BlockArena | None
-    encoded: int
+    window: int
+
+    def encoded(self, n_tokens: int) -> int:
+        return encoded_end(n_tokens, 0, self.window, self.unit)
 
     def store(self, new: torch.Tensor, row: torch.Tensor) -> None:
         self.data.index_copy_(2, row, new)
@@ -99,10 +103,11 @@ class _StaticStream:
             return ((decode_plan.DENSE, n_tokens, 0, 0),)
         assert self.arena is not None
         seg = self.arena.kernel_segment(0)
-        first, count = self.encoded % ring, n_tokens - self.encoded
+        encoded = self.encoded(n_tokens)
+        first, count = encoded % ring, n_tokens - encoded
         piece = min(count, ring - first)
         return (
-            (decode_plan.kind(seg), self.encoded, 0, getattr(seg, "chunk", 0)),
+            (decode_plan.kind(seg), encoded, 0, getattr(seg, "chunk", 0)),
             (decode_plan.DENSE, piece, first, 0),
             (decode_plan.DENSE, count - piece, 0, 0),
         )
@@ -114,18 +119,17 @@ class _StaticStream:
         assert self.arena is not None
         return [self.arena.kernel_segment(0), decode_plan.Dense(self.data), decode_plan.Dense(self.data)]
 
-    def handed_back(self, n_tokens: int, window: int, ring: int) -> Stream:
+    def handed_back(self, n_tokens: int, ring: int) -> Stream:
         """The eager stream holding the same tokens."""
+        encoded = self.encoded(n_tokens)
         if self.identity:
             exact = ExactTokens(self.data, 0, n_tokens, 0)
-            done = encoded_end(n_tokens, 0, window, self.unit)
-            return Stream(self.method, identity=True, exact=exact, encoded=done)
+            return Stream(self.method, identity=True, exact=exact, encoded=encoded)
         assert self.arena is not None
-        rows = torch.arange(self.encoded, n_tokens, device=self.data.device) % ring
-        exact = ExactTokens.of(self.data.index_select(2, rows), self.encoded)
-        arena = BlockArena(self.arena.buffers, self.encoded, self.arena.layout)
-        arenas = (arena,) if self.encoded else ()
-        return Stream(self.method, identity=False, arenas=arenas, exact=exact, encoded=self.encoded)
+        rows = torch.arange(encoded, n_tokens, device=self.data.device) % ring
+        exact = ExactTokens.of(self.data.index_select(2, rows), encoded)
+        arenas = (BlockArena(self.arena.buffers, encoded, self.arena.layout),) if encoded else ()
+        return Stream(self.method, identity=False, arenas=arenas, exact=exact, encoded=encoded)
 
 
 class StaticLayer:
@@ -261,7 +265,7 @@ class StaticDecode:
                 data = stream.exact.data
                 if stream.exact.origin != 0 or stream.exact.start != 0:
                     data = stream.exact.rows(0, layer.length)
-                streams.append(_StaticStream(stream.method, True, unit, data, None, stream.encoded))
+                streams.append(_StaticStream(stream.method, True, unit, data, None, self.window))
                 continue
             arena = stream.arenas[0] if stream.arenas else self._empty_arena(layer, stream)
             try:
@@ -274,7 +278,7 @@ class StaticDecode:
             ring = x.new_zeros((*x.shape[:2], self.ring, x.shape[-1]))
             rows = torch.arange(stream.encoded, layer.length, device=x.device) % self.ring
             ring.index_copy_(2, rows, x)
-            streams.append(_StaticStream(stream.method, False, unit, ring, arena, stream.encoded))
+            streams.append(_StaticStream(stream.method, False, unit, ring, arena, self.window))
         return StaticLayer(self, layer.layer_idx, *streams)
 
     def _empty_arena(self, layer: QuantizedLayer, stream: Stream) -> BlockArena:
@@ -319,17 +323,12 @@ class StaticDecode:
     def _pairs(self) -> list[tuple[int, int]]:
         """The pairs of segment kinds any step can launch: those of the steps of two periods of
         both encode units past the window (the flush rule repeats from there)."""
-        saved = [(layer.k.encoded, layer.v.encoded) for layer in self.layers]
         pairs: set[tuple[int, int]] = set()
         k, v = self.layers[0].k, self.layers[0].v
         span = self.window + 2 * math.lcm(k.unit, v.unit) + 2
         for n in range(self.length + 1, min(self.capacity, self.length + span) + 1):
-            for stream in (k, v):
-                stream.encoded = encoded_end(n, 0, self.window, stream.unit)
             rows, _, _ = decode_plan._splits(self._layouts(n), self.key_group, self.block_n, self.split, True)
             pairs |= set(rows)
-        for layer, (ek, ev) in zip(self.layers, saved, strict=True):
-            layer.k.encoded, layer.v.encoded = ek, ev
         return sorted(pairs)
 
     def _index_tables(self) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]], _Tables]:
@@ -400,19 +399,15 @@ class StaticDecode:
         put("cache position", pos)
         put("positions", [p + n_tokens - 1 - self.start for p in self.next_position])
         variant = []
-        for name, stream in (("keys", k), ("values", v)):
-            done = encoded_end(n_tokens, 0, self.window, stream.unit)
-            arena = stream.arena
-            flushing = arena is not None and done > stream.encoded
+        for name, stream in (("keys", k), ("values", v)):  # the rule is the same in every layer
+            before, arena = stream.encoded(n_tokens - 1), stream.arena
+            flushing = arena is not None and stream.encoded(n_tokens) > before  # one unit leaves
             if arena is not None and flushing:
-                put(f"{name} from", (stream.encoded + np.arange(stream.unit)) % self.ring)
+                put(f"{name} from", (before + np.arange(stream.unit)) % self.ring)
                 for i in range(len(arena.layout.tensors)):
-                    start = arena.layout.units(i, stream.encoded)
+                    start = arena.layout.units(i, before)
                     put(f"{name} to {i}", start + np.arange(arena.layout.units(i, stream.unit)))
             variant.append(flushing)
-        for layer in self.layers:  # the rule is the same in every layer
-            for stream in (layer.k, layer.v):
-                stream.encoded = encoded_end(n_tokens, 0, self.window, stream.unit)
         self.tables.host.numpy()[:] = values
         self.tables.splits_host.numpy()[:] = self._splits_table(n_tokens).reshape(-1, 7)
         return bool(variant[0]), bool(variant[1])
@@ -453,20 +448,14 @@ class StaticDecode:
         self._check_flags()
         if self._copied is not None:
             self._copied.synchronize()  # the last step's numbers have left the host buffers
-        saved = [(layer.k.encoded, layer.v.encoded) for layer in self.layers]
-        try:
-            self.variant = self._prepare(n_tokens)
-            self.tables.device.copy_(self.tables.host, non_blocking=True)
-            self.tables.splits.copy_(self.tables.splits_host, non_blocking=True)
-            self._ids.copy_(input_ids.reshape(self.batch, 1), non_blocking=True)
-            if self.graphs:
-                self._copied = torch.cuda.Event()
-                self._copied.record()
-            logits = self._run(self.variant)
-        except BaseException:
-            for layer, (ek, ev) in zip(self.layers, saved, strict=True):
-                layer.k.encoded, layer.v.encoded = ek, ev
-            raise
+        self.variant = self._prepare(n_tokens)
+        self.tables.device.copy_(self.tables.host, non_blocking=True)
+        self.tables.splits.copy_(self.tables.splits_host, non_blocking=True)
+        self._ids.copy_(input_ids.reshape(self.batch, 1), non_blocking=True)
+        if self.graphs:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        logits = self._run(self.variant)  # a step that fails counts nothing: the tokens held stay
         self.length = n_tokens
         for flag in self.cache._flags.values():
             flag.publish()
@@ -533,8 +522,8 @@ class StaticDecode:
         self.closed = True
         self.cache.static = None
         for static, layer in zip(self.layers, self.cache.quantized_layers(), strict=True):
-            layer.k = static.k.handed_back(self.length, self.window, self.ring)
-            layer.v = static.v.handed_back(self.length, self.window, self.ring)
+            layer.k = static.k.handed_back(self.length, self.ring)
+            layer.v = static.v.handed_back(self.length, self.ring)
             layer.length = self.length
             layer.undo = []
             layer.pending = layer.before_pass = layer.passed = None
@@ -573,6 +562,14 @@ def _refuse(model: Any, cache: Any, layers: list[QuantizedLayer]) -> None:
         why = "the model softcaps its attention logits"
     elif any(s.dropped or len(s.arenas) > 1 for layer in layers for s in (layer.k, layer.v)):
         why = "a layer's encoded tokens are not in one arena"
+    elif any(
+        s.encoded != encoded_end(layer.length, 0, cache.window, s.method.block_tokens)
+        for layer in layers
+        for s in (layer.k, layer.v)
+    ):
+        why = (
+            "its window holds more than the flush rule leaves there (after a crop): run one eager step first"
+        )
     else:
         d = layers[0].k.window.shape[-1] if layers[0].k.window is not None else 0
         if layers[0].device.type == "cuda" and (
@@ -581,104 +578,3 @@ def _refuse(model: Any, cache: Any, layers: list[QuantizedLayer]) -> None:
             why = "the kernel takes float16 or bfloat16 heads of 16 to 256 channels, a power of two"
     if why is not None:
         raise CacheStateError(f"static decode cannot take this cache: {why}")
-
-
-@torch.no_grad()
-def greedy(
-    model: Any,
-    cache: Any,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    *,
-    attention_mask: torch.Tensor | None = None,
-    graphs: bool | None = None,
-) -> torch.Tensor:
-    """Greedy decoding with the decode steps in static mode: the prompt runs eagerly (after what
-    the cache may hold already: ``attention_mask`` then covers every token, held and new), then
-    ``max_new_tokens`` tokens come from :class:`StaticDecode` (CUDA graphs on CUDA).
-    Returns (b, prompt + max_new_tokens) ids, as ``generate(do_sample=False)`` would."""
-    kwargs = cache_kwargs(model, cache)
-    positions = None
-    if attention_mask is not None:  # as generate places left-padded rows
-        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-        positions = positions[:, -input_ids.shape[1] :]
-    out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **kwargs
-    )
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    tokens = [input_ids, token]
-    if max_new_tokens > 1:  # the last token is returned, never stored
-        capacity = cache.get_seq_length() + max_new_tokens - 1
-        with StaticDecode(
-            model, cache, capacity=capacity, attention_mask=attention_mask, graphs=graphs
-        ) as run:
-            for _ in range(max_new_tokens - 1):
-                token = run.step(token).argmax(-1, keepdim=True)
-                tokens.append(token)
-    return torch.cat(tokens, dim=1)
-
-
-@torch.no_grad()
-def static_generate(
-    model: Any,
-    input_ids: torch.Tensor,
-    logits_processor: Any = None,
-    stopping_criteria: Any = None,
-    generation_config: Any = None,
-    synced_gpus: bool = False,
-    streamer: Any = None,
-    **model_kwargs: Any,
-) -> torch.Tensor:
-    """The decoding loop of ``model.generate(..., custom_generate=static_generate)``: generate
-    prepares the inputs, processors and stopping criteria as usual, then this loop runs the prompt
-    eagerly and every later step on :class:`StaticDecode` (CUDA graphs on CUDA). Greedy or sampled
-    (``do_sample``), with the logits processors, ``eos_token_id`` and ``max_new_tokens``/
-    ``max_length`` applied as generate's own loop does; it returns the ids (no output dict).
-    """
-    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
-    if cache is None or getattr(cache, "quantized_layers", None) is None:
-        raise CacheStateError("static_generate needs a QuantizedKVCache: pass **cache_kwargs(model, cache)")
-    if synced_gpus or (generation_config is not None and generation_config.return_dict_in_generate):
-        raise ValueError(
-            "static_generate returns the ids only, on one device (no synced_gpus, no output dict)"
-        )
-    attention_mask = model_kwargs.get("attention_mask")
-    held = cache.get_seq_length()
-    new = input_ids[:, held:]
-    positions = None
-    if attention_mask is not None:  # as generate places left-padded rows
-        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)[:, held:]
-    logits = model(
-        input_ids=new, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-        **cache_kwargs(model, cache),
-    ).logits[:, -1]  # fmt: skip
-    pad = getattr(generation_config, "_pad_token_tensor", None)
-    sample = bool(getattr(generation_config, "do_sample", False))
-    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    max_length = getattr(generation_config, "max_length", None) or input_ids.shape[1] + 20
-    run = None
-    try:
-        while True:
-            scores = logits_processor(input_ids, logits.float()) if logits_processor is not None else logits
-            if sample:
-                token = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
-            else:
-                token = scores.argmax(-1)
-            if pad is not None:
-                token = torch.where(unfinished, token, pad.to(token.device))
-            input_ids = torch.cat([input_ids, token[:, None]], dim=1)
-            if streamer is not None:
-                streamer.put(token.cpu())
-            if stopping_criteria is not None:
-                unfinished &= ~stopping_criteria(input_ids, scores)
-            if not bool(unfinished.any()) or input_ids.shape[1] >= max_length:
-                break
-            if run is None:
-                run = StaticDecode(model, cache, capacity=max_length - 1, attention_mask=attention_mask)
-            logits = run.step(token[:, None])
-    finally:
-        if run is not None:
-            run.close()
-    if streamer is not None:
-        streamer.end()
-    return input_ids

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from headq_core import CacheStateError, QuantizedKVCache, cache_kwargs
-from headq_core.graphs import StaticDecode, greedy
+from headq_core import CacheStateError, QuantizedKVCache, StaticDecode, cache_kwargs, greedy
 from headq_core.testing.calibration import calibration_for
 
 PAIRS = [
@@ -101,9 +100,6 @@ def test_every_step_splits_each_stored_token_exactly_once(make_model, make_ids) 
         model(ids, **cache_kwargs(model, cache))
     run = StaticDecode(model, cache, capacity=400, graphs=False)
     for n in range(41, 400, 7):
-        for layer in run.layers:
-            for stream in (layer.k, layer.v):
-                stream.encoded = (max(0, n - run.window) // stream.unit) * stream.unit
         table = run._splits_table(n).reshape(-1, 7)
         live = table[table[:, 4] > 0]
         covered = np.concatenate([np.arange(p, p + length) for p, length in live[:, 5:3:-1]])
@@ -142,6 +138,12 @@ def test_the_static_mode_says_what_it_cannot_take(make_model, make_ids) -> None:
     with StaticDecode(model, cache, capacity=100, graphs=False):
         with pytest.raises(CacheStateError, match="static mode already"):
             StaticDecode(model, cache, capacity=100, graphs=False)
+    cropped = _cache(model, "kivi:bits=2", "kivi:bits=2")
+    with torch.no_grad():
+        model(make_ids(3, 100, seed=3), **cache_kwargs(model, cropped))  # longer than a crop remembers
+    cropped.crop(-2)  # values stay encoded where the flush rule has the window
+    with pytest.raises(CacheStateError, match="run one eager step first"):
+        StaticDecode(model, cropped, capacity=100, graphs=False)
     model.set_attn_implementation("sdpa")
     with pytest.raises(CacheStateError, match="does not run the 'headq' attention"):
         StaticDecode(model, prefilled(), capacity=100, graphs=False)

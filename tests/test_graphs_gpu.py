@@ -14,8 +14,7 @@ pytest.importorskip("triton")
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from headq_core import QuantizedKVCache, cache_kwargs  # noqa: E402
-from headq_core.graphs import StaticDecode, greedy  # noqa: E402
+from headq_core import QuantizedKVCache, StaticDecode, cache_kwargs, greedy  # noqa: E402  # noqa: E402
 from headq_core.testing.calibration import calibration_for  # noqa: E402
 from headq_kernels import compiled_kernels  # noqa: E402
 
