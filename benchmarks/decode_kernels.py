@@ -43,7 +43,6 @@ LAUNCH = {
     "num_stages": 2,
     "fold": True,
     "hilo": False,
-    "gluon": False,
 }  # --tune sets some
 
 
@@ -135,7 +134,6 @@ class Cache:
         return fused._triton().attend(
             q, self.plan, scale=D**-0.5, side_query=side, half=LAUNCH["half"],
             num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"], fold=LAUNCH["fold"], hilo=LAUNCH["hilo"],
-            gluon=LAUNCH["gluon"],
         )  # fmt: skip
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +146,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v)  # q: (b, hkv, g, d), GQA folded into rows
 
 
-FOLDS = ("kivi2", "kivi4", "headq-r8")  # the providers the folded kernel runs
+FOLDS = ("kivi2", "kivi4", "headq-r8", "a2-mixed")  # the providers the folded kernel runs
 OURS = {
     "kivi2": ("kivi:bits=2", "kivi:bits=2"),
     "kivi4": ("kivi:bits=4", "kivi:bits=4"),
@@ -168,7 +166,6 @@ def check(cache: Cache, q: torch.Tensor) -> float:
 
 FOLD_VARIANTS = {
     "unfolded": {"fold": False},
-    "gluon": {"gluon": True},
     "hilo": {"hilo": True},
 }  # --fold-variants: beside the default
 
@@ -347,18 +344,17 @@ def table(result: dict[str, Any]) -> str:
     if folds:
         lines += [
             "",
-            "| batch | context | provider | folded (us) | Gluon folded (us) | unfolded (us) "
-            "| folded, two fp16 parts (us) | rel err: folded / Gluon folded / unfolded / two parts |",
-            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |",
+            "| batch | context | provider | folded (us) | unfolded (us) "
+            "| folded, two fp16 parts (us) | rel err: folded / unfolded / two parts |",
+            "| ---: | ---: | --- | ---: | ---: | ---: | --- |",
         ]
         for r in folds:
             errs = " / ".join(
-                "-" if e is None else f"{e:.1e}"
-                for e in (r["rel_err"], r["err_gluon"], r["err_unfolded"], r["err_hilo"])
+                "-" if e is None else f"{e:.1e}" for e in (r["rel_err"], r["err_unfolded"], r["err_hilo"])
             )
             lines.append(
                 f"| {r['batch']} | {r['context']} | {r['provider']} | {1e3 * r['ms']:.0f} | "
-                f"{1e3 * r['ms_gluon']:.0f} | {1e3 * r['ms_unfolded']:.0f} | {1e3 * r['ms_hilo']:.0f} | {errs} |"
+                f"{1e3 * r['ms_unfolded']:.0f} | {1e3 * r['ms_hilo']:.0f} | {errs} |"
             )
     lines += [
         "",

@@ -23,18 +23,17 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton.experimental.gluon._runtime import GluonASTSource
 
-from headq_kernels import gluon_folded, triton_decode, triton_folded
+from headq_kernels import triton_decode, triton_folded
 
 COMMON = dict(q_ptr="*fp16", qr_ptr="*fp32", seg_ptr="*i64", split_ptr="*i32", mask_ptr="*u8", o_ptr="*fp32")
 COMMON.update(ml_ptr="*fp32", HKV="i32", n_splits="i32", mask_stride="i32", qk_scale="fp32")
+COMMON.update(tail_ptr="*fp32", tail_start="i32", tail_len="i32")
 FOLDED_ARGS = dict(COMMON, zb_ptr="*fp32", ngb="i32")
-GENERIC_ARGS = dict(COMMON, tail_ptr="*fp32", tail_start="i32", tail_len="i32")
-FOLDED = dict(G=4, GP=4, D=128, BLOCK_N=128, K_BITS=2, K_GROUP=32, V_BITS=2, V_GROUP=32, R=0, Z_BITS=4)
-FOLDED.update(HAS_MASK=True, HILO=False)
-GLUON_ARGS = {k: v for k, v in FOLDED_ARGS.items() if k not in ("qr_ptr", "ngb")}
-GLUON = dict(G=4, GP=4, K_BITS=2, V_BITS=2, NGB=128, HAS_MASK=True)
+GENERIC_ARGS = COMMON
+FOLDED = dict(G=4, GP=4, D=128, BLOCK_N=128, K_BITS=2, K_GROUP=32, V_BITS=2, V_GROUP=32, V_HI=0, V_CHUNK=0)
+FOLDED.update(R=0, Z_BITS=4, HAS_MASK=True, TAIL=False, HILO=False)
+A2 = dict(FOLDED, V_HI=4, V_CHUNK=32)  # A² values: 2 and 4 bits in rows of 32 tokens
 GENERIC = dict(G=4, G_PAD=16, D=128, BLOCK_N=128, K_KIND=0, K_BITS=2, K_GROUP=32, K_BOOK=(1, 8, 0, 1, 0))
 GENERIC.update(
     V_KIND=0, V_BITS=2, V_GROUP=32, V_BOOK=(1, 8, 0, 1, 0), V_MIXED=(2, 2, 2, 2, 1, 1, 0), R=0, R_PAD=16
@@ -46,8 +45,8 @@ CASES: dict[str, tuple[Any, dict[str, str], dict[str, Any]]] = {
     "folded kivi2 hilo": (triton_folded._folded_split_kernel, FOLDED_ARGS, dict(FOLDED, HILO=True)),
     "folded kivi4": (triton_folded._folded_split_kernel, FOLDED_ARGS, dict(FOLDED, K_BITS=4, V_BITS=4)),
     "folded headq r8": (triton_folded._folded_split_kernel, FOLDED_ARGS, dict(FOLDED, R=8)),
-    "gluon kivi2": (gluon_folded._folded_split_kernel, GLUON_ARGS, GLUON),
-    "gluon kivi4": (gluon_folded._folded_split_kernel, GLUON_ARGS, dict(GLUON, K_BITS=4, V_BITS=4)),
+    "folded a2": (triton_folded._folded_split_kernel, FOLDED_ARGS, A2),
+    "folded a2 tail": (triton_folded._folded_split_kernel, FOLDED_ARGS, dict(A2, TAIL=True)),
     "generic kivi2": (triton_decode._decode_split_kernel, GENERIC_ARGS, GENERIC),
     "generic headq r8": (triton_decode._decode_split_kernel, GENERIC_ARGS, dict(GENERIC, R=8)),
 }
@@ -55,13 +54,10 @@ CASES: dict[str, tuple[Any, dict[str, str], dict[str, Any]]] = {
 
 def report(kernel: Any, args: dict[str, str], constants: dict[str, Any]) -> str:
     signature = dict(args, **{name: "constexpr" for name in constants})
-    gluon = kernel.is_gluon()
-    source = (GluonASTSource if gluon else ASTSource)(kernel, signature, constants)
-    if gluon:  # as triton_decode launches it
-        options = dict(num_warps=gluon_folded.WARPS.value, maxnreg=gluon_folded.MAX_REGISTERS)
-    else:
-        options = dict(num_warps=4, num_stages=2)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    source = ASTSource(kernel, signature, constants)
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2)
+    )
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
@@ -85,7 +81,9 @@ def report(kernel: Any, args: dict[str, str], constants: dict[str, Any]) -> str:
     body = [
         re.sub(r"^@!?U?P\w+\s+", "", text).split()[0] for address, text in lines if start <= address <= end
     ]
-    opcodes = collections.Counter(op.split(".")[0] for op in body).most_common(10)
+    opcodes = collections.Counter(op.split(".")[0] for op in body).most_common(
+        int(os.environ.get("TOP", "10"))
+    )
     moves = sum(op == "IMAD.MOV.U32" for op in body)
     return (
         f"registers {found.group(1)}, spill stack {found.group(2)} B, shared {compiled.metadata.shared} B, "

@@ -12,7 +12,6 @@ and values dequantized in float32 are rounded once more, as are the softmax weig
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
@@ -33,7 +32,7 @@ from headq_core.harness.perplexity import CacheSettings, Windowing, perplexity  
 from headq_core.spec import parse_spec  # noqa: E402
 from headq_core.testing.calibration import calibration_for  # noqa: E402
 from headq_kernels import affine_reference, triton_affine, triton_decode  # noqa: E402
-from headq_kernels.decode_plan import AFFINE  # noqa: E402
+from headq_kernels.decode_plan import AFFINE, MIXED  # noqa: E402
 
 TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
 CUDA = torch.device("cuda")
@@ -128,8 +127,9 @@ def _run_pair(
 ) -> list[float]:
     """Identical caches, one attended by the reference and one by the kernel; per-step errors.
 
-    Float16 KIVI keys (2 or 4 bits, HeadQ's base included) with KIVI values of 2 or 4 bits must run
-    on the folded kernel wherever both are encoded, and nothing else may.
+    Float16 KIVI keys (2 or 4 bits, HeadQ's base included) with KIVI values of 2 or 4 bits, or A²
+    values of those widths, must run on the folded kernel wherever both are encoded, and nothing
+    else may.
     """
     config = _config(hq, hkv, d)
     calibration = calibration_for(keys, values, config, tokens=512)
@@ -146,16 +146,13 @@ def _run_pair(
 
     def attend(q, plan, **kwargs):
         calls.append(1)
-        affine_pairs.append(any(k == AFFINE and v == AFFINE for k, v, _ in plan.launches))
+        affine_pairs.append(any(k == AFFINE and v in (AFFINE, MIXED) for k, v, _ in plan.launches))
         return real(q, plan, **kwargs)
 
     monkeypatch.setattr(triton_decode, "attend", attend)
     folded: list[int] = []
-    for name in ("_attend_folded", "_attend_gluon"):  # either folded kernel
-        real_kernel = getattr(triton_decode, name)
-        monkeypatch.setattr(
-            triton_decode, name, lambda *a, real_kernel=real_kernel: folded.append(1) or real_kernel(*a)
-        )
+    real_folded = triton_decode._attend_folded
+    monkeypatch.setattr(triton_decode, "_attend_folded", lambda *a: folded.append(1) or real_folded(*a))
     errors = []
     total = 0
     for step in range(steps + 1):
@@ -179,7 +176,7 @@ def _run_pair(
     assert len(calls) == expected, (
         "the fused kernel did not run" if not calls and expected else f"{len(calls)} kernel calls"
     )
-    foldable = dtype == torch.float16 and _fold_bits(keys, "kivi", "headq") and _fold_bits(values, "kivi")
+    foldable = dtype == torch.float16 and _fold_bits(keys, "kivi", "headq") and _fold_values(values)
     assert bool(folded) == (foldable and any(affine_pairs)), f"{len(folded)} folded launches"
     ref_stats, got_stats = (cache.quantized_layers()[0].sq_attention for cache in caches)
     if ref_stats is not None:  # the value policy's attention statistics, from the kernel's probabilities
@@ -191,6 +188,15 @@ def _fold_bits(spec: str, *methods: str) -> bool:
     """Whether a spec is one of ``methods`` at 2 or 4 bits (HeadQ's base: KIVI-2 by default)."""
     parsed = parse_spec(spec)
     return parsed.name in methods and parsed.get("bits") in (None, "2", "4")
+
+
+def _fold_values(spec: str) -> bool:
+    """KIVI values at 2 or 4 bits, or A² tiers whose widths are 2 or 4 bits."""
+    parsed = parse_spec(spec)
+    if parsed.name == "a2":
+        widths = {parsed.get("bits", "2"), parsed.get("hi", "4")}
+        return parsed.get("mode") != "greedy" and widths <= {"2", "4"}
+    return _fold_bits(spec, "kivi")
 
 
 CASES = [
@@ -218,33 +224,6 @@ def test_decode_matches_reference_per_layout(monkeypatch, keys: str, values: str
 
 
 @pytest.mark.parametrize(
-    ("keys", "values", "hkv", "prefix"),
-    [
-        ("kivi:bits=2", "kivi:bits=2", 8, 300),
-        ("kivi:bits=4", "kivi:bits=2", 8, 300),
-        ("kivi:bits=4", "kivi:bits=4", 4, 1100),
-        ("kivi:bits=2", "kivi:bits=4", 4, 1100),
-    ],
-)
-@pytest.mark.parametrize("pads", [None, [0, 37]])
-def test_gluon_folded_kernel_matches_reference(
-    monkeypatch, keys: str, values: str, hkv: int, prefix: int, pads
-) -> None:
-    """The Gluon kernel (opt-in) at Llama-3 shapes (4 query heads per KV head) and with 8: partial
-    tiles, left padding, a split per segment, several tiles a split."""
-    launches: list[int] = []
-    real_gluon = triton_decode._attend_gluon
-    monkeypatch.setattr(triton_decode, "_attend_gluon", lambda *a: launches.append(1) or real_gluon(*a))
-    monkeypatch.setattr(triton_decode, "attend", functools.partial(triton_decode.attend, gluon=True))
-    errors = _run_pair(
-        monkeypatch, keys, values, b=2, hq=32, hkv=hkv, d=128, prefix=prefix, steps=3, window=32, sinks=0,
-        dtype=torch.float16, pads=pads,
-    )  # fmt: skip
-    assert launches, "the Gluon kernel did not run"
-    assert max(errors) < TOLERANCE[torch.float16]
-
-
-@pytest.mark.parametrize(
     ("hq", "hkv", "d"),
     [(32, 8, 128), (8, 1, 128), (4, 4, 256), (12, 3, 64)],
     ids=["gqa", "mqa", "mha256", "g4d64"],
@@ -268,6 +247,8 @@ def test_decode_matches_reference_on_awkward_shapes(monkeypatch, hq, hkv, d, pre
 
 NEW_LAYOUTS = [
     ("kivi:bits=2", "a2"),
+    ("headq", "a2:chunk=128,frac=0.25"),
+    ("kivi:bits=4", "a2:bits=4"),
     ("headq", "a2:mode=greedy,avg=3,bits=1,hi=8,weight=abs"),
     ("fp16", "a2:chunk=64"),
     ("gsrq", "gsrq"),

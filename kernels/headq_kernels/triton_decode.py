@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from headq_kernels import triton_folded, triton_module
+from headq_kernels import triton_folded
 from headq_kernels.decode_plan import (
     AFFINE,
     CODEBOOK,
@@ -321,11 +321,14 @@ def _attend_folded(
     side_query: torch.Tensor | None,
     parts: torch.Tensor,
     ml: torch.Tensor,
+    logits: torch.Tensor,
     scale: float,
     hilo: bool,
     num_warps: int,
+    mixed: MixedChannels | None = None,
 ) -> Any:
-    """One launch of the folded kernel over affine/affine splits, into the same parts as the generic one."""
+    """One launch of the folded kernel over affine-key splits with affine (or ``mixed``) values,
+    into the same parts and statistics tail as the generic one."""
     b, hkv, g, d = q.shape
     ngb = triton_folded.bias_columns(plan)
     scratch = torch.empty(
@@ -334,37 +337,24 @@ def _attend_folded(
         device=q.device,
     )
     r = plan.side_rank
+    tail = logits.shape[-1] if logits is not ml else 0
+    if mixed is None:
+        v_bits, v_hi, v_group, chunk = plan.value_bits, 0, plan.value_group, 0
+    else:
+        v_bits, v_hi, v_group, chunk = (
+            mixed.widths[0],
+            (mixed.widths[1:] or (0,))[0],
+            mixed.group,
+            mixed.chunk,
+        )
     return triton_folded._folded_split_kernel[(splits.shape[0], b * hkv)](
-        q, side_query if r else q, plan.segments, splits, mask if mask is not None else q, parts, ml, scratch,
+        q, side_query if r else q, plan.segments, splits, mask if mask is not None else q, parts, ml, scratch, logits,
         hkv, plan.n_splits, mask.stride(0) if mask is not None else 0, scale * LOG2E, ngb,
+        plan.length - tail, max(tail, 1),
         G=g, GP=triton.next_power_of_2(g), D=d, BLOCK_N=plan.block_n,
-        K_BITS=plan.key_bits, K_GROUP=plan.key_group, V_BITS=plan.value_bits, V_GROUP=plan.value_group,
-        R=r, Z_BITS=max(1, plan.side_bits), HAS_MASK=mask is not None, HILO=hilo,
+        K_BITS=plan.key_bits, K_GROUP=plan.key_group, V_BITS=v_bits, V_GROUP=v_group, V_HI=v_hi, V_CHUNK=chunk,
+        R=r, Z_BITS=max(1, plan.side_bits), HAS_MASK=mask is not None, TAIL=tail > 0, HILO=hilo,
         num_warps=num_warps, num_stages=2,
-    )  # fmt: skip
-
-
-gluon_folded = triton_module("gluon_folded")  # None where Triton has no Gluon
-
-
-def _attend_gluon(
-    q: torch.Tensor,
-    plan: Plan,
-    splits: torch.Tensor,
-    mask: torch.Tensor | None,
-    parts: torch.Tensor,
-    ml: torch.Tensor,
-    scale: float,
-) -> Any:
-    """One launch of the Gluon folded kernel over affine/affine splits, into the same parts."""
-    b, hkv, g, _ = q.shape
-    ngb = triton_folded.bias_columns(plan)
-    scratch = torch.empty((b * hkv * plan.n_splits, 16, ngb), dtype=torch.float32, device=q.device)
-    return gluon_folded._folded_split_kernel[(splits.shape[0], b * hkv)](
-        q, plan.segments, splits, mask if mask is not None else q, parts, ml, scratch,
-        hkv, plan.n_splits, mask.stride(0) if mask is not None else 0, scale * LOG2E,
-        G=g, GP=gluon_folded.padded_heads(g), K_BITS=plan.key_bits, V_BITS=plan.value_bits, NGB=ngb,
-        HAS_MASK=mask is not None, num_warps=gluon_folded.WARPS.value, maxnreg=gluon_folded.MAX_REGISTERS,
     )  # fmt: skip
 
 
@@ -381,7 +371,6 @@ def attend(
     half: bool = True,
     fold: bool = True,
     hilo: bool = False,
-    gluon: bool = False,
 ) -> torch.Tensor:
     """Attention of q (b, hkv, g, d) (float16 or bfloat16) over a plan's tokens -> (b, hkv, g, d).
 
@@ -389,10 +378,8 @@ def attend(
     side_query: (b, hkv, g, r) float32, ``sign * U^T q`` for the side code, when the keys carry one.
     tail_probs: (b, hkv, g, T) float32, filled with the attention probabilities of the last T
     tokens (for a value policy's statistics). Tiles hold the plan's ``block_n`` tokens.
-    fold: run affine keys with affine values on :mod:`headq_kernels.triton_folded` where it applies
-    (float16); hilo: its folded operands in two float16 parts (a third of the error, more time);
-    gluon: the folded launches on :mod:`headq_kernels.gluon_folded` where it applies (experimental:
-    faster for 2-bit keys and values at long context, slower at 4 bits; see docs/kernels.md).
+    fold: run affine keys with affine or two-width mixed values on :mod:`headq_kernels.triton_folded`
+    where it applies (float16); hilo: its folded operands in two float16 parts (a third of the error, more time);
     """
     b, hkv, g, d = q.shape
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -417,25 +404,23 @@ def attend(
     )
     k_book = _book(plan.first(CODEBOOK, keys=True))
     v_book = _book(plan.first(CODEBOOK, keys=False))
-    v_mixed = _mixed(plan.first(MIXED, keys=False))
-    mixed_group = getattr(plan.first(MIXED, keys=False), "group", 1)
-    folded = fold and q.dtype == torch.float16 and triton_folded.eligible(plan, g, d, tail=tail)
-    on_gluon = (
-        folded
-        and gluon
-        and not hilo
-        and gluon_folded is not None
-        and gluon_folded.eligible(plan, g, d, tail=tail)
+    first_mixed = plan.first(MIXED, keys=False)
+    mixed = first_mixed if isinstance(first_mixed, MixedChannels) else None
+    v_mixed = _mixed(mixed)
+    mixed_group = getattr(mixed, "group", 1)
+    half_q = fold and q.dtype == torch.float16
+    folded = half_q and triton_folded.eligible(plan, g, d)
+    folded_mixed = (
+        half_q and isinstance(mixed, MixedChannels) and triton_folded.eligible(plan, g, d, mixed=mixed)
     )
     last_compiled.clear()
     for k_kind, v_kind, splits in plan.launches:
-        if on_gluon and k_kind == AFFINE and v_kind == AFFINE:
-            last_compiled.append(_attend_gluon(q, plan, splits, mask, parts, ml, scale))
-            continue
-        if folded and k_kind == AFFINE and v_kind == AFFINE:
-            last_compiled.append(
-                _attend_folded(q, plan, splits, mask, side_query, parts, ml, scale, hilo, num_warps)
+        if k_kind == AFFINE and ((folded and v_kind == AFFINE) or (folded_mixed and v_kind == MIXED)):
+            values = mixed if v_kind == MIXED else None
+            compiled = _attend_folded(
+                q, plan, splits, mask, side_query, parts, ml, logits, scale, hilo, num_warps, values
             )
+            last_compiled.append(compiled)
             continue
         compiled = _decode_split_kernel[(splits.shape[0], b * hkv)](
             q, side_query if r else q, plan.segments, splits, mask if mask is not None else q, parts, ml, logits,

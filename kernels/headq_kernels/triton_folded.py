@@ -26,8 +26,16 @@ the small operand instead:
   products on the same codes): the folded sums cancel against the zero terms, which magnifies
   the rounding of a single float16 operand.
 
-Settings it takes (``eligible``): float16 queries, 2 or 4 bits on both sides, groups of whole
-32-bit words, at most 16 query heads per KV head and 32 rows per product, no statistics tail.
+- mixed-width values (A², two widths): a token's words start at its row's start plus the words
+  of the tokens before it, counted from the packed width index (a popcount of the bits below it),
+  so the rows can be read in the tile's order; each width's rows are unpacked from their own words
+  (zeros elsewhere) into their own product, and the two sums meet in channel order at the end.
+- statistics tail (a value policy's attention probabilities): as in the generic kernel, the
+  scaled logits of positions from ``tail_start`` on are written out.
+
+Settings it takes (``eligible``): float16 queries, 2 or 4 bits on both sides (one or two widths
+of mixed values), groups of whole 32-bit words, at most 16 query heads per KV head and 32 rows
+per product.
 """
 
 from __future__ import annotations
@@ -35,8 +43,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from headq_kernels.decode_plan import Plan
+from headq_kernels.decode_plan import MixedChannels, Plan
 from headq_kernels.triton_tiles import (
+    EXTRA_C,
+    PTR0_C,
+    PTR1_C,
+    PTR2_C,
+    PTR3_C,
     TOKENS_C,
     _affine_key_segment,
     _affine_value_segment,
@@ -45,6 +58,7 @@ from headq_kernels.triton_tiles import (
     _side_logits,
     _side_segment,
     _split_row,
+    _unpack_rows,
 )
 
 # Folded operands carry a factor 2^8, so that small scales stay normal float16; a code of value 1
@@ -65,21 +79,39 @@ def bias_columns(plan: Plan) -> int:
     return max(16, triton.next_power_of_2(-(-plan.split // plan.key_group)))
 
 
-def eligible(plan: Plan, heads: int, head_dim: int, *, tail: int) -> bool:
-    """Whether the affine/affine launches of ``plan`` can run folded (float16 queries checked by the caller)."""
-    kb, kg, vb, vg = plan.key_bits, plan.key_group, plan.value_bits, plan.value_group
+def _values_fold(widths: tuple[int, ...], group: int, heads: int, head_dim: int) -> bool:
     return (
-        tail == 0
-        and kb in FOLD_BITS
-        and vb in FOLD_BITS
+        all(b in FOLD_BITS and group % (32 // b) == 0 for b in widths)
+        and head_dim % group == 0
+        and rows(head_dim // group, heads) <= 32
+    )
+
+
+def eligible(plan: Plan, heads: int, head_dim: int, *, mixed: MixedChannels | None = None) -> bool:
+    """Whether the launches of ``plan`` with affine keys and affine values (or the ``mixed`` value
+    segments) can run folded (float16 queries checked by the caller)."""
+    kb, kg = plan.key_bits, plan.key_group
+    keys = (
+        kb in FOLD_BITS
         and kg % (32 // kb) == 0
         and plan.block_n % kg == 0
-        and vg % (32 // vb) == 0
-        and head_dim % vg == 0
         and heads <= 16
         and rows(plan.block_n // kg, heads) <= 32
-        and rows(head_dim // vg, heads) <= 32
         and plan.side_rank <= 16
+    )
+    if mixed is None:
+        return keys and _values_fold((plan.value_bits,), plan.value_group, heads, head_dim)
+    lo_words = head_dim * mixed.widths[0] // 32
+    return (
+        keys
+        and len(mixed.widths) <= 2
+        and mixed.chunk <= 128
+        and plan.block_n % mixed.chunk == 0
+        and _values_fold(mixed.widths, mixed.group, heads, head_dim)
+        # the kernel reads a token's words as 16-byte vectors
+        and lo_words % 4 == 0
+        and mixed.row_words % lo_words == 0
+        and mixed.codes.data_ptr() % 16 == 0
     )
 
 
@@ -159,6 +191,113 @@ def _permute_words(x, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _unpermute_words(x, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
+    """(ROWS, N) in the tile's order (:func:`_code_of` at BITS) -> natural order; inverse of :func:`_permute_words`."""
+    per_word: tl.constexpr = 32 // BITS
+    x = tl.reshape(x, (ROWS, N // per_word, per_word // 2, 2))
+    return tl.reshape(tl.permute(x, (0, 1, 3, 2)), (ROWS, N))
+
+
+@triton.jit
+def _popcount(x):
+    """Set bits of each uint32."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return (x * 0x01010101) >> 24
+
+
+@triton.jit
+def _mixed_loads(
+    codes,
+    index,
+    row_words,
+    at,
+    live,
+    D: tl.constexpr,
+    LO: tl.constexpr,
+    HI: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """Code words of mixed-width tokens ``at`` (any order): (words at LO bits, zeros for tokens at
+    HI; words at HI bits, zeros for tokens at LO). With HI = 0 every token is at LO, and the second
+    is the first. A token's words start at its allocation row's, after the tokens before it: their
+    count at LO, and the HI ones among them from the one-bit width index (a popcount)."""
+    lo_words: tl.constexpr = D * LO // 32
+    row = at // CHUNK
+    pos = (at % CHUNK).to(tl.int32)
+    start = row * row_words + pos * lo_words
+    if HI > 0:
+        hi_words: tl.constexpr = D * HI // 32
+        index_words: tl.constexpr = (CHUNK + 31) // 32
+        before = tl.zeros_like(pos)
+        on_hi = tl.zeros_like(live)
+        for i in tl.static_range(index_words):
+            word = tl.load(index + row * index_words + i, mask=live, other=0).to(tl.uint32, bitcast=True)
+            below = pos - 32 * i  # this word's bits before the token
+            bits = tl.where(below >= 32, 0xFFFFFFFF, (1 << (below & 31)).to(tl.uint32) - 1)
+            before += _popcount(tl.where(below > 0, word & bits, 0)).to(tl.int32)
+            on_hi |= (below >= 0) & (below < 32) & (((word >> (below & 31)) & 1) != 0)
+        start += before * (hi_words - lo_words)
+        start = tl.multiple_of(start, lo_words)
+        on_hi = live & on_hi
+        w_lo = tl.load(
+            codes + start[:, None] + tl.arange(0, lo_words)[None, :], mask=(live & ~on_hi)[:, None], other=0
+        )
+        w_hi = tl.load(codes + start[:, None] + tl.arange(0, hi_words)[None, :], mask=on_hi[:, None], other=0)
+    else:
+        w_lo = tl.load(codes + start[:, None] + tl.arange(0, lo_words)[None, :], mask=live[:, None], other=0)
+        w_hi = w_lo
+    return w_lo, w_hi
+
+
+@triton.jit
+def _side_tile_loads(
+    codes,
+    step,
+    n_words,
+    tokens,
+    off,
+    tok,
+    R: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_BITS: tl.constexpr,
+    Z_BITS: tl.constexpr,
+):
+    """HeadQ's side codes of tokens off..off+BLOCK_N, for :func:`_side_tile`: the words holding the
+    first and the second half of each key word's tokens, (R_PAD, words), and the steps in the
+    tile's order. Each half is whole side-code words (``Z_BITS >= 2 * K_BITS``)."""
+    half: tl.constexpr = 16 // K_BITS  # tokens of a half key word
+    per_half: tl.constexpr = half * Z_BITS // 32  # side-code words of a half
+    key_words: tl.constexpr = BLOCK_N // (2 * half)
+    r = tl.arange(0, R_PAD)
+    j = tl.arange(0, key_words * per_half)
+    w = off // (32 // Z_BITS) + (j // per_half) * (2 * per_half) + j % per_half
+    live = (r[:, None] < R) & (w[None, :] < n_words)
+    first = tl.load(codes + r[:, None] * n_words + w[None, :], mask=live, other=0)
+    live = (r[:, None] < R) & (w[None, :] + per_half < n_words)
+    second = tl.load(codes + r[:, None] * n_words + w[None, :] + per_half, mask=live, other=0)
+    st = tl.load(step + off + tok, mask=off + tok < tokens, other=0.0)
+    return first, second, st
+
+
+@triton.jit
+def _side_tile(
+    first, second, st, qr, R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, Z_BITS: tl.constexpr
+):
+    """HeadQ: (16, BLOCK_N) logits ``(U^T q) . z_hat`` in the tile's order, from
+    :func:`_side_tile_loads`: the two halves' codes unpacked in token order and interleaved, which
+    is the order of the key tile's columns; no layout conversion of the product."""
+    levels: tl.constexpr = (1 << Z_BITS) - 1
+    r = tl.arange(0, R_PAD)
+    a = _unpack_rows(first, Z_BITS, R_PAD, BLOCK_N // 2, tl.float32)
+    b = _unpack_rows(second, Z_BITS, R_PAD, BLOCK_N // 2, tl.float32)
+    z = (tl.reshape(tl.join(a, b), (R_PAD, BLOCK_N)) - levels / 2) * st.to(tl.float32)[None, :]
+    return tl.dot(qr, tl.where(r[:, None] < R, z, 0.0))
+
+
+@triton.jit
 def _spread_rows(x, NX: tl.constexpr, GP: tl.constexpr, N: tl.constexpr):
     """(NX, N) -> (NX * GP, N): row (x, r) = x's row."""
     return tl.reshape(tl.broadcast_to(x[:, None, :], (NX, GP, N)), (NX * GP, N))
@@ -191,6 +330,8 @@ def _tile_loads(
     k_codes,
     k_scale,
     v_codes,
+    v_index,
+    v_row_words,
     v_scale,
     v_zero,
     bias_rows,
@@ -212,6 +353,10 @@ def _tile_loads(
     VX: tl.constexpr,
     VXP: tl.constexpr,
     V_W: tl.constexpr,
+    D: tl.constexpr,
+    V_BITS: tl.constexpr,
+    V_HI: tl.constexpr,
+    V_CHUNK: tl.constexpr,
     HAS_MASK: tl.constexpr,
 ):
     """What the tile at t of a split reads: key words and scales, value words, scales and zero
@@ -227,7 +372,11 @@ def _tile_loads(
     k_in = (xk[None, :] < KX) & (gk[None, :] < k_groups) & here
     ks = tl.load(k_scale + c[:, None] * k_groups + gk[None, :], mask=k_in, other=0.0)
     v_at = (v_off + t + tok).to(tl.int64)
-    vw = tl.load(v_codes + v_at[:, None] * V_W + tl.arange(0, V_W)[None, :], mask=live[:, None], other=0)
+    if V_CHUNK > 0:  # mixed widths
+        vw, vw_hi = _mixed_loads(v_codes, v_index, v_row_words, v_at, live, D, V_BITS, V_HI, V_CHUNK)
+    else:
+        vw = tl.load(v_codes + v_at[:, None] * V_W + tl.arange(0, V_W)[None, :], mask=live[:, None], other=0)
+        vw_hi = vw
     xv = tl.arange(0, VXP)
     vg = v_at[None, :] * VX + xv[:, None]
     v_in = live[None, :] & (xv[:, None] < VX)
@@ -239,10 +388,10 @@ def _tile_loads(
         seen = tl.load(mask_row + t + tok, mask=live, other=0)
     else:
         seen = live
-    return kw, ks, vw, vs, vz, bias, seen
+    return kw, ks, vw, vw_hi, vs, vz, bias, seen
 
 
-@triton.jit(do_not_specialize=["n_splits", "mask_stride", "ngb"])
+@triton.jit(do_not_specialize=["n_splits", "mask_stride", "ngb", "tail_start", "tail_len"])
 def _folded_split_kernel(
     q_ptr,
     qr_ptr,
@@ -252,11 +401,14 @@ def _folded_split_kernel(
     o_ptr,
     ml_ptr,
     zb_ptr,
+    tail_ptr,
     HKV,
     n_splits,
     mask_stride,
     qk_scale,
     ngb,
+    tail_start,
+    tail_len,
     G: tl.constexpr,
     GP: tl.constexpr,
     D: tl.constexpr,
@@ -265,12 +417,17 @@ def _folded_split_kernel(
     K_GROUP: tl.constexpr,
     V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr,
+    V_HI: tl.constexpr,
+    V_CHUNK: tl.constexpr,
     R: tl.constexpr,
     Z_BITS: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    TAIL: tl.constexpr,
     HILO: tl.constexpr,
 ):
-    """One split of one (sequence, KV head) over an affine key segment and an affine value segment.
+    """One split of one (sequence, KV head) over an affine key segment and an affine value segment
+    (V_CHUNK = 0) or a mixed one (allocation rows of V_CHUNK tokens at V_BITS, or at V_HI where
+    the width index says so; V_HI = 0: one width).
 
     Same tables and outputs as ``triton_decode._decode_split_kernel``; ``zb_ptr``: scratch of
     (ngb key groups x key rows) floats per program for the key zero terms (a run-time count: the
@@ -295,7 +452,19 @@ def _folded_split_kernel(
     k_words, k_groups, k_codes, k_scale, k_zero = _affine_key_segment(
         krow, k_tokens, bh64, D, K_BITS, K_GROUP
     )
-    v_codes, v_scale, v_zero = _affine_value_segment(vrow, tl.load(vrow + TOKENS_C), bh64, D, V_BITS, V_GROUP)
+    v_tokens = tl.load(vrow + TOKENS_C)
+    if V_CHUNK > 0:
+        v_row_words = tl.load(vrow + EXTRA_C)
+        v_rows = bh64 * (v_tokens // V_CHUNK)
+        v_codes = tl.load(vrow + PTR0_C).to(tl.pointer_type(tl.int32)) + v_rows * v_row_words
+        v_codes = tl.multiple_of(v_codes, 16)
+        v_index = tl.load(vrow + PTR3_C).to(tl.pointer_type(tl.int32)) + v_rows * ((V_CHUNK + 31) // 32)
+        v_scale = tl.load(vrow + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * v_tokens * VX
+        v_zero = tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16)) + bh64 * v_tokens * VX
+    else:
+        v_codes, v_scale, v_zero = _affine_value_segment(vrow, v_tokens, bh64, D, V_BITS, V_GROUP)
+        v_index = v_codes
+        v_row_words = 0
 
     r = tl.arange(0, GP)
     c = tl.arange(0, D)
@@ -332,7 +501,13 @@ def _folded_split_kernel(
             mask=(g16[:, None] < G) & (rr[None, :] < R),
             other=0.0,
         )
-        side_next = _side_loads(z_codes, z_step, z_words, k_tokens, k_off, R, R_PAD, BLOCK_N, Z_BITS)
+        if Z_BITS >= 2 * K_BITS:
+            side_next = _side_tile_loads(
+                z_codes, z_step, z_words, k_tokens, k_off, _code_of(tl.arange(0, BLOCK_N), K_BITS), R, R_PAD,
+                BLOCK_N, K_BITS, Z_BITS,
+            )  # fmt: skip
+        else:
+            side_next = _side_loads(z_codes, z_step, z_words, k_tokens, k_off, R, R_PAD, BLOCK_N, Z_BITS)
 
     tok = _code_of(n, K_BITS)  # token of each tile column (keys) and row (values)
     k_col = _code_scale(n, K_BITS)
@@ -344,18 +519,21 @@ def _folded_split_kernel(
     l_acc = tl.zeros((GP, BLOCK_N), tl.float32)
     z_acc = tl.zeros((VROWS, BLOCK_N), tl.float32)
     acc = tl.zeros((VROWS, D), tl.float32)
+    acc_hi = tl.zeros((VROWS, D) if V_HI > 0 else (1, 1), tl.float32)
     mask_row = mask_ptr + b * mask_stride + position
     bias_rows = scratch + krows * ngb + kx  # each key row's zero terms, from the split's first group
     loads = _tile_loads(
-        k_codes, k_scale, v_codes, v_scale, v_zero, bias_rows, mask_row, k_words, k_groups, k_off, v_off, 0, length,
-        c, tok, krows, BLOCK_N, GP, K_GROUP, KXP, K_PW, VX, VXP, V_W, HAS_MASK,
+        k_codes, k_scale, v_codes, v_index, v_row_words, v_scale, v_zero, bias_rows, mask_row, k_words, k_groups,
+        k_off, v_off, 0, length, c, tok, krows, BLOCK_N, GP, K_GROUP, KXP, K_PW, VX, VXP, V_W, D, V_BITS, V_HI,
+        V_CHUNK, HAS_MASK,
     )  # fmt: skip
     for t in range(0, length, BLOCK_N):
-        kw, ks, vw, vs, vz, bias, seen = loads
+        kw, ks, vw, vw_hi, vs, vz, bias, seen = loads
         # the next tile's codes and scales are loaded while this one is computed
         loads = _tile_loads(
-            k_codes, k_scale, v_codes, v_scale, v_zero, bias_rows, mask_row, k_words, k_groups, k_off, v_off, t + BLOCK_N,
-            length, c, tok, krows, BLOCK_N, GP, K_GROUP, KXP, K_PW, VX, VXP, V_W, HAS_MASK,
+            k_codes, k_scale, v_codes, v_index, v_row_words, v_scale, v_zero, bias_rows, mask_row, k_words, k_groups,
+            k_off, v_off, t + BLOCK_N, length, c, tok, krows, BLOCK_N, GP, K_GROUP, KXP, K_PW, VX, VXP, V_W, D, V_BITS,
+            V_HI, V_CHUNK, HAS_MASK,
         )  # fmt: skip
         live = t + tok < length
         k_at = k_off + t
@@ -365,17 +543,31 @@ def _folded_split_kernel(
         s = s * k_col[None, :] + bias[:, None]
         logits = _pick_rows(s, keep_k, KXP, GP, BLOCK_N)  # (GP, BLOCK_N)
         if R > 0:
-            z_packed, z_st = side_next
-            side_next = _side_loads(
-                z_codes, z_step, z_words, k_tokens, k_at + BLOCK_N, R, R_PAD, BLOCK_N, Z_BITS
-            )
-            side = _side_logits(z_packed, z_st, qr, R, R_PAD, BLOCK_N, Z_BITS)
-            side = _permute_words(side, 16, BLOCK_N, K_BITS)
+            if Z_BITS >= 2 * K_BITS:
+                z_first, z_second, z_st = side_next
+                side_next = _side_tile_loads(
+                    z_codes, z_step, z_words, k_tokens, k_at + BLOCK_N, tok, R, R_PAD, BLOCK_N, K_BITS, Z_BITS
+                )
+                side = _side_tile(z_first, z_second, z_st, qr, R, R_PAD, BLOCK_N, Z_BITS)
+            else:  # codes of a half key word share a side-code word: unpack in token order, then permute
+                z_packed, z_st = side_next
+                side_next = _side_loads(
+                    z_codes, z_step, z_words, k_tokens, k_at + BLOCK_N, R, R_PAD, BLOCK_N, Z_BITS
+                )
+                side = _side_logits(z_packed, z_st, qr, R, R_PAD, BLOCK_N, Z_BITS)
+                side = _permute_words(side, 16, BLOCK_N, K_BITS)
             logits += tl.sum(tl.reshape(side, (16 // GP, GP, BLOCK_N)), axis=0) * qk_scale
         keep = live
         if HAS_MASK:
             keep = keep & (seen != 0)
         logits = tl.where(keep[None, :], logits, float("-inf"))
+        if TAIL:  # the logits of positions from tail_start on, for a value policy's statistics
+            at = position + t + tok - tail_start
+            tl.store(
+                tail_ptr + (bh64 * G + r[:, None]) * tail_len + at[None, :],
+                logits,
+                mask=(r[:, None] < G) & (live & (at >= 0))[None, :],
+            )
         m_new, p, alpha = _online_softmax(logits, m_i)
         l_acc = l_acc * alpha[:, None] + p
         m_i = m_new
@@ -388,10 +580,20 @@ def _folded_split_kernel(
         # a fresh accumulator: the matrix unit aligns its sums to the largest term (the split's
         # running sum would truncate this tile's)
         acc = acc * alpha[:, None] + _folded_dot(pv, vt, tl.zeros((VROWS, D), tl.float32), HILO)
+        if V_HI > 0:
+            vt = _unpack_opaque(vw_hi, live_v, V_HI, BLOCK_N, D)
+            acc_hi = acc_hi * alpha[:, None] + _folded_dot(pv, vt, tl.zeros((VROWS, D), tl.float32), HILO)
 
     ch = _code_of(c, V_BITS)  # channel of each column
     out = acc * _code_scale(c, V_BITS)[None, :] + tl.sum(z_acc, axis=1)[:, None]
     out = _pick_rows(out, vx[:, None] == (ch // V_GROUP)[None, :], VXP, GP, D)  # (GP, D)
+    if V_HI > 0:  # the two widths' sums in channel order
+        ch_hi = _code_of(c, V_HI)
+        out_hi = _pick_rows(
+            acc_hi * _code_scale(c, V_HI)[None, :], vx[:, None] == (ch_hi // V_GROUP)[None, :], VXP, GP, D
+        )
+        out = _unpermute_words(out, GP, D, V_BITS) + _unpermute_words(out_hi, GP, D, V_HI)
+        ch = c
     row_out = (bh64 * n_splits + split) * G + r
     tl.store(o_ptr + row_out[:, None] * D + ch[None, :], out, mask=r[:, None] < G)
     tl.store(ml_ptr + row_out * 2, m_i, mask=r < G)

@@ -23,19 +23,24 @@ so each warp holds a quarter of the accumulators:
 - the zero terms: keys from a per-split product into a scratch buffer as in the Triton kernel,
   values as a per-tile sum.
 
-Gluon is marked experimental in Triton; this module is imported only where Triton provides it
-(``available``). Settings it takes (``eligible``): float16 queries, head_dim 128, 2 or 4 bits on
+Not part of the package (see ``experimental/README.md``): it lost or tied its benchmark against
+``headq_kernels.triton_folded`` except at 2 bits and 128k tokens. :func:`launch` runs one launch
+of a plan's affine/affine splits, into the parts ``triton_decode.attend`` merges. Settings it takes (``eligible``): float16 queries, head_dim 128, 2 or 4 bits on
 both sides, key groups of 32 tokens, value groups of 32 channels, at most 8 query heads per KV
 head, no side code (HeadQ runs on :mod:`triton_folded`), no statistics tail.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
+from headq_kernels import triton_folded
 from headq_kernels.decode_plan import AffineChannels, AffineTokens, Plan
 from headq_kernels.triton_tiles import COLUMNS_C, PTR0_C, PTR1_C, PTR2_C, SPLIT_COLUMNS_C, TOKENS_C
 
@@ -411,3 +416,25 @@ def _folded_split_kernel(
     gl.store(o_ptr + row_out[:, :, None] * D + tok3[None, None, :], out, mask=r_in[:, :, None])
     gl.store(ml_ptr + row_out * 2, m_i, mask=r_in)
     gl.store(ml_ptr + row_out * 2 + 1, l_i, mask=r_in)
+
+
+def launch(
+    q: torch.Tensor,
+    plan: Plan,
+    splits: torch.Tensor,
+    mask: torch.Tensor | None,
+    parts: torch.Tensor,
+    ml: torch.Tensor,
+    scale: float,
+) -> Any:
+    """One launch over a plan's affine/affine ``splits`` into ``triton_decode.attend``'s parts
+    (``parts``, ``ml``); ``scale`` as ``attend`` takes it."""
+    b, hkv, g, _ = q.shape
+    ngb = triton_folded.bias_columns(plan)
+    scratch = torch.empty((b * hkv * plan.n_splits, 16, ngb), dtype=torch.float32, device=q.device)
+    return _folded_split_kernel[(splits.shape[0], b * hkv)](
+        q, plan.segments, splits, mask if mask is not None else q, parts, ml, scratch,
+        hkv, plan.n_splits, mask.stride(0) if mask is not None else 0, scale * 1.4426950408889634,
+        G=g, GP=padded_heads(g), K_BITS=plan.key_bits, V_BITS=plan.value_bits, NGB=ngb,
+        HAS_MASK=mask is not None, num_warps=WARPS.value, maxnreg=MAX_REGISTERS,
+    )  # fmt: skip
