@@ -49,6 +49,12 @@ CASES: dict[str, tuple[Any, dict[str, str], dict[str, Any]]] = {
     "folded a2 tail": (triton_folded._folded_split_kernel, FOLDED_ARGS, dict(A2, TAIL=True)),
     "generic kivi2": (triton_decode._decode_split_kernel, GENERIC_ARGS, GENERIC),
     "generic headq r8": (triton_decode._decode_split_kernel, GENERIC_ARGS, dict(GENERIC, R=8)),
+    # GSRQ at 1 bit: one stage of 256 codewords of 8 channels, for keys and values
+    "generic gsrq": (
+        triton_decode._decode_split_kernel,
+        GENERIC_ARGS,
+        dict(GENERIC, K_KIND=3, K_BOOK=(8, 8, 0, 1, 0), V_KIND=3, V_BOOK=(8, 8, 0, 1, 0)),
+    ),
 }
 
 
