@@ -77,6 +77,14 @@ def _moved(now: Any, before: _LayerState) -> bool:
     )
 
 
+def _refuse_assignment(name: str, value: torch.Tensor | None) -> None:
+    if value is not None:  # the base class's __init__ assigns None
+        raise AttributeError(
+            f"a quantized layer's {name} are decoded from its encoded storage and cannot be assigned; "
+            "write through update()"
+        )
+
+
 class QuantizedLayer(CacheLayerMixin):
     """One layer of a :class:`QuantizedKVCache`."""
 
@@ -106,6 +114,27 @@ class QuantizedLayer(CacheLayerMixin):
         return encoded_end(n_tokens, self.cache.sinks, self.cache.window, stream.method.block_tokens)
 
     # --- transformers layer API --------------------------------------------------------------
+
+    # ``keys`` and ``values``: the base class's attributes, here every stored token decoded on
+    # access (the attention never reads them); None before the first update.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """Every stored key as the attention reads it, (b, kv_heads, length, d) in the model's
+        dtype, decoded on each access; None before the first update."""
+        return self.k.decoded().to(self.dtype) if self.is_initialized else None
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        _refuse_assignment("keys", value)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """Every stored value, as :attr:`keys`."""
+        return self.v.decoded().to(self.dtype) if self.is_initialized else None
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        _refuse_assignment("values", value)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device

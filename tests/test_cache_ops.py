@@ -516,3 +516,33 @@ def test_a_cache_built_for_another_models_config_is_refused(config_layers: int) 
     with torch.no_grad(), pytest.raises(CacheStateError, match=f"config of {config_layers} layers"):
         model(ids, **cache_kwargs(model, cache))
         model(ids[:, :1], **cache_kwargs(model, cache))
+
+
+def test_layer_keys_and_values_are_the_stored_tokens_decoded(
+    monkeypatch: pytest.MonkeyPatch, make_model: ModelFactory, make_ids: IdsFactory
+) -> None:
+    """``layer.keys`` / ``layer.values`` are what the attention reads, decoded on access (None
+    before the first update, as on DynamicCache's layers); decoding never reads them."""
+    reads: list[str] = []
+    for name in ("keys", "values"):
+        prop = getattr(QuantizedLayer, name)
+        counted = property(
+            lambda self, prop=prop, name=name: reads.append(name) or prop.fget(self), prop.fset
+        )
+        monkeypatch.setattr(QuantizedLayer, name, counted)
+    model = make_model("llama")
+    model.set_attn_implementation("headq")
+    cache = QuantizedKVCache(KEYS, VALUES, window=5, sinks=2, config=model.config)
+    ids = make_ids(3, 45, seed=7)
+    model.generate(ids[:, :30], **cache_kwargs(model, cache), max_new_tokens=15, do_sample=False)
+    assert not reads, f"decoding read layer.{reads[0]}"
+    for layer in cache.quantized_layers():
+        k, v = layer.decoded()
+        assert layer.keys is not None and layer.values is not None
+        assert layer.keys.dtype == layer.values.dtype == model.dtype
+        assert torch.equal(layer.keys, k.to(model.dtype)) and torch.equal(layer.values, v.to(model.dtype))
+        assert layer.keys.shape[-2] == cache.get_seq_length() == 44
+        with pytest.raises(AttributeError, match="write through update"):
+            layer.keys = k
+    fresh = QuantizedKVCache(KEYS, VALUES, window=5, sinks=2, config=model.config)
+    assert fresh.layers[0].keys is None and fresh.layers[0].values is None
