@@ -194,7 +194,7 @@ def _fold_values(spec: str) -> bool:
     """KIVI values at 2 or 4 bits, or A² tiers whose widths are 2 or 4 bits."""
     parsed = parse_spec(spec)
     if parsed.name == "a2":
-        widths = {parsed.get("bits", "2"), parsed.get("hi", "4")}
+        widths = {parsed.get("bits") or "2", parsed.get("hi") or "4"}
         return parsed.get("mode") != "greedy" and widths <= {"2", "4"}
     return _fold_bits(spec, "kivi")
 
@@ -289,8 +289,15 @@ def test_layouts_the_kernel_does_not_know_run_on_the_reference(monkeypatch) -> N
         )  # fmt: skip
 
 
-@pytest.mark.parametrize(("keys", "values"), [("kivi:bits=2", "kivi:bits=2"), ("kivi:bits=2", "a2")])
-def test_harness_perplexity_is_the_same_on_the_kernel_and_reference_paths(monkeypatch, keys, values) -> None:
+@pytest.mark.parametrize(
+    ("keys", "values", "tolerance"),
+    # A²'s widths follow the attention the kernel computes (float16 operands on the folded kernel):
+    # a token near the cut between widths may take the other one
+    [("kivi:bits=2", "kivi:bits=2", 5e-3), ("kivi:bits=2", "a2", 1e-2)],
+)
+def test_harness_perplexity_is_the_same_on_the_kernel_and_reference_paths(
+    monkeypatch, keys, values, tolerance
+) -> None:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -310,4 +317,4 @@ def test_harness_perplexity_is_the_same_on_the_kernel_and_reference_paths(monkey
     monkeypatch.setenv(fused_module.ENV, "1")
     kernel = perplexity(model, windows, settings, windowing, mode="stream").ppl
     assert len(calls) == 2 * 63  # every decode step of both layers
-    assert math.isfinite(kernel) and abs(kernel / reference - 1) < 5e-3, (kernel, reference)
+    assert math.isfinite(kernel) and abs(kernel / reference - 1) < tolerance, (kernel, reference)

@@ -165,8 +165,8 @@ def _decode_split_kernel(
     elif K_KIND == CODEBOOK_C:
         k_bytes: tl.constexpr = (D // K_BOOK[0] * (K_BOOK[1] + K_BOOK[2]) + 7) // 8
         k_idx = tl.load(krow + PTR0_C).to(tl.pointer_type(tl.uint8)) + bh64 * k_tokens * k_bytes
-        k_book0 = tl.multiple_of(tl.load(krow + PTR1_C).to(tl.pointer_type(tl.float16)), 16)
-        k_book1 = tl.multiple_of(tl.load(krow + PTR2_C).to(tl.pointer_type(tl.float16)), 16)
+        k_book0 = tl.load(krow + PTR1_C).to(tl.pointer_type(tl.float16))
+        k_book1 = tl.load(krow + PTR2_C).to(tl.pointer_type(tl.float16))
         if K_BOOK[4]:  # the codewords approximate scale * k: q . k = (q / scale) . codeword
             k_chan = tl.load(krow + PTR3_C).to(tl.pointer_type(tl.float16)) + h * D
             q = (q.to(tl.float32) / tl.load(k_chan + c).to(tl.float32)[None, :]).to(DT)
@@ -188,8 +188,8 @@ def _decode_split_kernel(
     elif V_KIND == CODEBOOK_C:
         v_bytes: tl.constexpr = (D // V_BOOK[0] * (V_BOOK[1] + V_BOOK[2]) + 7) // 8
         v_idx = tl.load(vrow + PTR0_C).to(tl.pointer_type(tl.uint8)) + bh64 * v_tokens * v_bytes
-        v_book0 = tl.multiple_of(tl.load(vrow + PTR1_C).to(tl.pointer_type(tl.float16)), 16)
-        v_book1 = tl.multiple_of(tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16)), 16)
+        v_book0 = tl.load(vrow + PTR1_C).to(tl.pointer_type(tl.float16))
+        v_book1 = tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16))
     else:
         v_base = tl.load(vrow + PTR0_C).to(tl.pointer_type(DT))
         v_base += b * tl.load(vrow + STRIDE_B_C) + h * tl.load(vrow + STRIDE_H_C)

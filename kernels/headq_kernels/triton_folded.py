@@ -58,7 +58,6 @@ from headq_kernels.triton_tiles import (
     _side_logits,
     _side_segment,
     _split_row,
-    _unpack_rows,
 )
 
 # Folded operands carry a factor 2^8, so that small scales stay normal float16; a code of value 1
@@ -249,52 +248,6 @@ def _mixed_loads(
         w_lo = tl.load(codes + start[:, None] + tl.arange(0, lo_words)[None, :], mask=live[:, None], other=0)
         w_hi = w_lo
     return w_lo, w_hi
-
-
-@triton.jit
-def _side_tile_loads(
-    codes,
-    step,
-    n_words,
-    tokens,
-    off,
-    tok,
-    R: tl.constexpr,
-    R_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    K_BITS: tl.constexpr,
-    Z_BITS: tl.constexpr,
-):
-    """HeadQ's side codes of tokens off..off+BLOCK_N, for :func:`_side_tile`: the words holding the
-    first and the second half of each key word's tokens, (R_PAD, words), and the steps in the
-    tile's order. Each half is whole side-code words (``Z_BITS >= 2 * K_BITS``)."""
-    half: tl.constexpr = 16 // K_BITS  # tokens of a half key word
-    per_half: tl.constexpr = half * Z_BITS // 32  # side-code words of a half
-    key_words: tl.constexpr = BLOCK_N // (2 * half)
-    r = tl.arange(0, R_PAD)
-    j = tl.arange(0, key_words * per_half)
-    w = off // (32 // Z_BITS) + (j // per_half) * (2 * per_half) + j % per_half
-    live = (r[:, None] < R) & (w[None, :] < n_words)
-    first = tl.load(codes + r[:, None] * n_words + w[None, :], mask=live, other=0)
-    live = (r[:, None] < R) & (w[None, :] + per_half < n_words)
-    second = tl.load(codes + r[:, None] * n_words + w[None, :] + per_half, mask=live, other=0)
-    st = tl.load(step + off + tok, mask=off + tok < tokens, other=0.0)
-    return first, second, st
-
-
-@triton.jit
-def _side_tile(
-    first, second, st, qr, R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, Z_BITS: tl.constexpr
-):
-    """HeadQ: (16, BLOCK_N) logits ``(U^T q) . z_hat`` in the tile's order, from
-    :func:`_side_tile_loads`: the two halves' codes unpacked in token order and interleaved, which
-    is the order of the key tile's columns; no layout conversion of the product."""
-    levels: tl.constexpr = (1 << Z_BITS) - 1
-    r = tl.arange(0, R_PAD)
-    a = _unpack_rows(first, Z_BITS, R_PAD, BLOCK_N // 2, tl.float32)
-    b = _unpack_rows(second, Z_BITS, R_PAD, BLOCK_N // 2, tl.float32)
-    z = (tl.reshape(tl.join(a, b), (R_PAD, BLOCK_N)) - levels / 2) * st.to(tl.float32)[None, :]
-    return tl.dot(qr, tl.where(r[:, None] < R, z, 0.0))
 
 
 @triton.jit
@@ -501,13 +454,7 @@ def _folded_split_kernel(
             mask=(g16[:, None] < G) & (rr[None, :] < R),
             other=0.0,
         )
-        if Z_BITS >= 2 * K_BITS:
-            side_next = _side_tile_loads(
-                z_codes, z_step, z_words, k_tokens, k_off, _code_of(tl.arange(0, BLOCK_N), K_BITS), R, R_PAD,
-                BLOCK_N, K_BITS, Z_BITS,
-            )  # fmt: skip
-        else:
-            side_next = _side_loads(z_codes, z_step, z_words, k_tokens, k_off, R, R_PAD, BLOCK_N, Z_BITS)
+        side_next = _side_loads(z_codes, z_step, z_words, k_tokens, k_off, R, R_PAD, BLOCK_N, Z_BITS)
 
     tok = _code_of(n, K_BITS)  # token of each tile column (keys) and row (values)
     k_col = _code_scale(n, K_BITS)
@@ -543,19 +490,12 @@ def _folded_split_kernel(
         s = s * k_col[None, :] + bias[:, None]
         logits = _pick_rows(s, keep_k, KXP, GP, BLOCK_N)  # (GP, BLOCK_N)
         if R > 0:
-            if Z_BITS >= 2 * K_BITS:
-                z_first, z_second, z_st = side_next
-                side_next = _side_tile_loads(
-                    z_codes, z_step, z_words, k_tokens, k_at + BLOCK_N, tok, R, R_PAD, BLOCK_N, K_BITS, Z_BITS
-                )
-                side = _side_tile(z_first, z_second, z_st, qr, R, R_PAD, BLOCK_N, Z_BITS)
-            else:  # codes of a half key word share a side-code word: unpack in token order, then permute
-                z_packed, z_st = side_next
-                side_next = _side_loads(
-                    z_codes, z_step, z_words, k_tokens, k_at + BLOCK_N, R, R_PAD, BLOCK_N, Z_BITS
-                )
-                side = _side_logits(z_packed, z_st, qr, R, R_PAD, BLOCK_N, Z_BITS)
-                side = _permute_words(side, 16, BLOCK_N, K_BITS)
+            z_packed, z_st = side_next
+            side_next = _side_loads(
+                z_codes, z_step, z_words, k_tokens, k_at + BLOCK_N, R, R_PAD, BLOCK_N, Z_BITS
+            )
+            side = _side_logits(z_packed, z_st, qr, R, R_PAD, BLOCK_N, Z_BITS)
+            side = _permute_words(side, 16, BLOCK_N, K_BITS)
             logits += tl.sum(tl.reshape(side, (16 // GP, GP, BLOCK_N)), axis=0) * qk_scale
         keep = live
         if HAS_MASK:
