@@ -190,6 +190,8 @@ def _row(seg: Segment) -> list[int]:
         # PTR0 indices, PTR1 / PTR2 the first two stages' codebooks, PTR3 the channel scale (or 0)
         if len(seg.books) > 2 or any(book.dtype != torch.float16 for book in seg.books):
             raise ValueError("codebook segments take one or two float16 stages")
+        if any(book.data_ptr() % 16 for book in seg.books):  # the kernel reads codewords as 16-byte vectors
+            raise ValueError("codebooks must start on 16-byte boundaries")
         tensors = [seg.indices, *seg.books, *([] if seg.scale is None else [seg.scale])]
         _contiguous(tensors)
         row[PTR0], row[PTR1] = seg.indices.data_ptr(), seg.books[0].data_ptr()

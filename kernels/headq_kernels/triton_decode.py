@@ -165,8 +165,8 @@ def _decode_split_kernel(
     elif K_KIND == CODEBOOK_C:
         k_bytes: tl.constexpr = (D // K_BOOK[0] * (K_BOOK[1] + K_BOOK[2]) + 7) // 8
         k_idx = tl.load(krow + PTR0_C).to(tl.pointer_type(tl.uint8)) + bh64 * k_tokens * k_bytes
-        k_book0 = tl.load(krow + PTR1_C).to(tl.pointer_type(tl.float16))
-        k_book1 = tl.load(krow + PTR2_C).to(tl.pointer_type(tl.float16))
+        k_book0 = tl.multiple_of(tl.load(krow + PTR1_C).to(tl.pointer_type(tl.float16)), 16)
+        k_book1 = tl.multiple_of(tl.load(krow + PTR2_C).to(tl.pointer_type(tl.float16)), 16)
         if K_BOOK[4]:  # the codewords approximate scale * k: q . k = (q / scale) . codeword
             k_chan = tl.load(krow + PTR3_C).to(tl.pointer_type(tl.float16)) + h * D
             q = (q.to(tl.float32) / tl.load(k_chan + c).to(tl.float32)[None, :]).to(DT)
@@ -188,8 +188,8 @@ def _decode_split_kernel(
     elif V_KIND == CODEBOOK_C:
         v_bytes: tl.constexpr = (D // V_BOOK[0] * (V_BOOK[1] + V_BOOK[2]) + 7) // 8
         v_idx = tl.load(vrow + PTR0_C).to(tl.pointer_type(tl.uint8)) + bh64 * v_tokens * v_bytes
-        v_book0 = tl.load(vrow + PTR1_C).to(tl.pointer_type(tl.float16))
-        v_book1 = tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16))
+        v_book0 = tl.multiple_of(tl.load(vrow + PTR1_C).to(tl.pointer_type(tl.float16)), 16)
+        v_book1 = tl.multiple_of(tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16)), 16)
     else:
         v_base = tl.load(vrow + PTR0_C).to(tl.pointer_type(DT))
         v_base += b * tl.load(vrow + STRIDE_B_C) + h * tl.load(vrow + STRIDE_H_C)
@@ -433,7 +433,9 @@ def attend(
             R=r if k_kind == AFFINE else 0, R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
             Z_BITS=max(1, plan.side_bits), HAS_MASK=mask is not None, TAIL=tail > 0,
             DT=dt, MATH=dt if half and q.dtype == torch.float16 else tl.float32,
-            num_warps=num_warps, num_stages=num_stages,
+            # codebook tiles gather their codewords as 16-byte vectors: staged through shared memory
+            # for a second stage they took 72 KiB a program and ran slower (docs/kernels.md)
+            num_warps=num_warps, num_stages=1 if CODEBOOK in (k_kind, v_kind) else num_stages,
         )  # fmt: skip
         last_compiled.append(compiled)
     out = torch.empty((b, hkv, g, d), dtype=q.dtype, device=q.device)
