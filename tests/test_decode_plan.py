@@ -103,6 +103,13 @@ def test_mismatched_streams_and_split_groups_are_refused() -> None:
     values = [decode_plan.Dense(torch.randn(1, 1, n, 16)) for n in (40, 24)]
     with pytest.raises(ValueError, match="inside a key group"):
         decode_plan.plan([block], values, batch_heads=1)
+    # affine keys grouped along channels (per-token keys) would be read as if grouped along tokens
+    codes, scale, zero = quantize_affine(torch.randn(1, 1, 64, 16), 2, 16)
+    per_token = decode_plan.AffineChannels(codes, scale, zero, 64, group=16)
+    with pytest.raises(ValueError, match="affine keys grouped along tokens"):
+        decode_plan.plan([per_token], [decode_plan.Dense(torch.randn(1, 1, 64, 16))], batch_heads=1)
+    with pytest.raises(ValueError, match="affine keys grouped along tokens"):
+        decode_plan.plan([decode_plan.Dense(torch.randn(1, 1, 64, 16))], [block], batch_heads=1)
 
 
 # --- the fused step against the reference path ----------------------------------------------------

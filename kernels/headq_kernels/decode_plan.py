@@ -326,6 +326,10 @@ def plan(
     segment's of each stream. ``tables``: reuse device tables made for the same integers.
     """
     tables = tables or Tables(size=0)
+    if any(isinstance(seg, AffineChannels) for seg in keys) or any(
+        isinstance(seg, AffineTokens) for seg in values
+    ):
+        raise ValueError("the kernel reads affine keys grouped along tokens and affine values along channels")
     k_affine, v_affine = _first(keys, AffineTokens), _first(values, AffineChannels)
     key_group = k_affine.group if k_affine is not None else 0
     layout = tuple(
