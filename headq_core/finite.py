@@ -18,6 +18,12 @@ from typing import Any
 import torch
 
 
+def checkable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or for a one-byte float (float8) its float16 copy: NaN and Inf carry over, and the
+    reductions the checks use exist for it."""
+    return t.to(torch.float16) if t.element_size() == 1 else t
+
+
 class DeviceFlag:
     """Whether everything checked on one device so far was finite, without a device-to-host sync.
 
@@ -35,7 +41,9 @@ class DeviceFlag:
 
     def watch(self, tensors: Iterable[torch.Tensor]) -> None:
         """Check each floating tensor (device work only)."""
-        self._sums += [t.sum(dtype=torch.float32) for t in tensors if t.is_floating_point() and t.numel()]
+        self._sums += [
+            checkable(t).sum(dtype=torch.float32) for t in tensors if t.is_floating_point() and t.numel()
+        ]
         if len(self._sums) > 1024:  # passes that never end (no last layer): fold now and then
             self.ok &= torch.isfinite(torch.stack(self._sums).sum())
             self._sums = []

@@ -43,6 +43,7 @@ import torch
 from headq_core import fused
 from headq_core.compat import cache_kwargs
 from headq_core.errors import CacheStateError
+from headq_core.finite import checkable
 from headq_core.interfaces import KeyQuantizer
 from headq_core.layer import LAYER_ATTR, QuantizedLayer
 from headq_core.layouts import NoKernelLayout
@@ -503,7 +504,7 @@ class StaticDecode:
         if flag is not None:
             flag.watch(tensors)
             return
-        if all(bool(torch.isfinite(t).all()) for t in tensors):
+        if all(bool(torch.isfinite(checkable(t)).all()) for t in tensors):
             return
         raise CacheStateError(
             f"layer {layer_idx}: the token at position {self.length} holds (or encodes to) a NaN or Inf; "

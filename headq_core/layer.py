@@ -26,6 +26,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from headq_core.errors import CacheStateError
+from headq_core.finite import checkable
 from headq_core.interfaces import KeyQuantizer
 from headq_core.layouts import PARTS, EncodedBlock, Part, block_nbytes, iter_stored
 from headq_core.step import Step, StreamView, encoded_end
@@ -462,9 +463,9 @@ class QuantizedLayer(CacheLayerMixin):
             flag.watch(t for _, t in floats)
             return
         # the CPU from here on: reading the check back costs no sync
-        if bool(torch.stack([torch.isfinite(t).all() for _, t in floats]).all()):
+        if bool(torch.stack([torch.isfinite(checkable(t)).all() for _, t in floats]).all()):
             return
-        name = next(name for name, t in floats if not bool(torch.isfinite(t).all()))
+        name = next(name for name, t in floats if not bool(torch.isfinite(checkable(t)).all()))
         raise CacheStateError(
             f"layer {self.layer_idx}: {stream.method!r} stored non-finite {name!r} for positions {first} to "
             f"{first + block.tokens - 1}; their values exceed what its storage holds (float16 scales and "
