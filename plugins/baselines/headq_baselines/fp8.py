@@ -68,10 +68,14 @@ def encode(x: torch.Tensor, config: Fp8Config) -> Fp8Block:
     return Fp8Block(tokens=x.shape[-2], codes=x.clamp(-top, top).to(dtype), scale=scale)
 
 
+SUITE_ROWS = (("fp8", "fp8"),)  # keys and values, as engines store them
+
+
 class Fp8Keys(KeyQuantizer):
     name = "fp8"
     config_class = Fp8Config
     summary = "float8 per element, a float16 scale per token and KV head (or none)"
+    suite_rows = SUITE_ROWS
     config: Fp8Config
 
     def encode(self, keys: torch.Tensor, layer_idx: int) -> Fp8Block:
@@ -85,6 +89,7 @@ class Fp8Values(ValuePolicy):
     name = "fp8"
     config_class = Fp8Config
     summary = Fp8Keys.summary
+    suite_rows = SUITE_ROWS
     config: Fp8Config
 
     def encode(

@@ -71,10 +71,14 @@ def encode(x: torch.Tensor, config: IntConfig) -> EncodedBlock:
     )
 
 
+SUITE_ROWS = (("int", "int"), ("int:bits=4", "int:bits=4"))  # keys and values, as engines store them
+
+
 class IntKeys(KeyQuantizer):
     name = "int"
     config_class = IntConfig
     summary = "int codes per token and KV head, a float16 scale (and minimum, affine) per token and head"
+    suite_rows = SUITE_ROWS
     config: IntConfig
 
     def encode(self, keys: torch.Tensor, layer_idx: int) -> EncodedBlock:
@@ -88,6 +92,7 @@ class IntValues(ValuePolicy):
     name = "int"
     config_class = IntConfig
     summary = IntKeys.summary
+    suite_rows = SUITE_ROWS
     config: IntConfig
 
     def encode(
