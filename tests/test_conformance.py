@@ -41,6 +41,10 @@ _BASELINE_SPECS = [
     "fp8:scale=none",
     "int:bits=4",
     "int:mode=affine",
+    "rotation:bits=2",
+    "rotation:bits=2.5",
+    "rotation:bits=3.5,seed=7",
+    "rotation:bits=4",
     "int:bits=4,mode=affine",
 ]
 
