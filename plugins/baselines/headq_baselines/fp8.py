@@ -13,7 +13,8 @@ from typing import Literal
 import attrs
 import torch
 
-from headq_core import KeyQuantizer, MethodConfig, ValuePolicy
+from headq_baselines.pair import key_and_value
+from headq_core import MethodConfig
 from headq_core.layouts import EncodedBlock, stored
 
 FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -71,31 +72,11 @@ def encode(x: torch.Tensor, config: Fp8Config) -> Fp8Block:
 SUITE_ROWS = (("fp8", "fp8"),)  # keys and values, as engines store them
 
 
-class Fp8Keys(KeyQuantizer):
-    name = "fp8"
-    config_class = Fp8Config
-    summary = "float8 per element, a float16 scale per token and KV head (or none)"
-    suite_rows = SUITE_ROWS
-    config: Fp8Config
-
-    def encode(self, keys: torch.Tensor, layer_idx: int) -> Fp8Block:
-        return encode(keys, self.config)
-
-    def nominal_bits(self, head_dim: int) -> dict[str, float]:
-        return self.config.bits_per_element(head_dim)
-
-
-class Fp8Values(ValuePolicy):
-    name = "fp8"
-    config_class = Fp8Config
-    summary = Fp8Keys.summary
-    suite_rows = SUITE_ROWS
-    config: Fp8Config
-
-    def encode(
-        self, values: torch.Tensor, layer_idx: int, sq_attention: torch.Tensor | None = None
-    ) -> Fp8Block:
-        return encode(values, self.config)
-
-    def nominal_bits(self, head_dim: int) -> dict[str, float]:
-        return self.config.bits_per_element(head_dim)
+Fp8Keys, Fp8Values = key_and_value(
+    "Fp8",
+    "fp8",
+    Fp8Config,
+    encode,
+    "float8 per element, a float16 scale per token and KV head (or none)",
+    SUITE_ROWS,
+)

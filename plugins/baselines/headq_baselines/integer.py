@@ -17,7 +17,8 @@ from typing import Literal
 import attrs
 import torch
 
-from headq_core import KeyQuantizer, MethodConfig, ValuePolicy
+from headq_baselines.pair import key_and_value
+from headq_core import MethodConfig
 from headq_core.layouts import AffineBlock, EncodedBlock, stored
 from headq_kernels import pack_codes, quantize_affine, unpack_codes
 
@@ -74,31 +75,11 @@ def encode(x: torch.Tensor, config: IntConfig) -> EncodedBlock:
 SUITE_ROWS = (("int", "int"), ("int:bits=4", "int:bits=4"))  # keys and values, as engines store them
 
 
-class IntKeys(KeyQuantizer):
-    name = "int"
-    config_class = IntConfig
-    summary = "int codes per token and KV head, a float16 scale (and minimum, affine) per token and head"
-    suite_rows = SUITE_ROWS
-    config: IntConfig
-
-    def encode(self, keys: torch.Tensor, layer_idx: int) -> EncodedBlock:
-        return encode(keys, self.config)
-
-    def nominal_bits(self, head_dim: int) -> dict[str, float]:
-        return self.config.bits_per_element(head_dim)
-
-
-class IntValues(ValuePolicy):
-    name = "int"
-    config_class = IntConfig
-    summary = IntKeys.summary
-    suite_rows = SUITE_ROWS
-    config: IntConfig
-
-    def encode(
-        self, values: torch.Tensor, layer_idx: int, sq_attention: torch.Tensor | None = None
-    ) -> EncodedBlock:
-        return encode(values, self.config)
-
-    def nominal_bits(self, head_dim: int) -> dict[str, float]:
-        return self.config.bits_per_element(head_dim)
+IntKeys, IntValues = key_and_value(
+    "Int",
+    "int",
+    IntConfig,
+    encode,
+    "int codes per token and KV head, a float16 scale (and minimum, affine) per token and head",
+    SUITE_ROWS,
+)

@@ -27,7 +27,8 @@ import math
 import attrs
 import torch
 
-from headq_core import KeyQuantizer, MethodConfig, ValuePolicy
+from headq_baselines.pair import key_and_value
+from headq_core import MethodConfig
 from headq_core.layouts import EncodedBlock, stored
 from headq_kernels import pack_planes, unpack_planes
 
@@ -130,33 +131,11 @@ def encode(x: torch.Tensor, config: RotationConfig) -> RotatedBlock:
 SUITE_ROWS = (("rotation:bits=2.5", "rotation:bits=2.5"), ("rotation:bits=3.5", "rotation:bits=3.5"))
 
 
-class RotationKeys(KeyQuantizer):
-    name = "rotation"
-    config_class = RotationConfig
-    summary = (
-        "randomized Hadamard rotation, Lloyd-Max codes per coordinate, a float16 norm per token and KV head"
-    )
-    suite_rows = SUITE_ROWS
-    config: RotationConfig
-
-    def encode(self, keys: torch.Tensor, layer_idx: int) -> RotatedBlock:
-        return encode(keys, self.config)
-
-    def nominal_bits(self, head_dim: int) -> dict[str, float]:
-        return self.config.bits_per_element(head_dim)
-
-
-class RotationValues(ValuePolicy):
-    name = "rotation"
-    config_class = RotationConfig
-    summary = RotationKeys.summary
-    suite_rows = SUITE_ROWS
-    config: RotationConfig
-
-    def encode(
-        self, values: torch.Tensor, layer_idx: int, sq_attention: torch.Tensor | None = None
-    ) -> RotatedBlock:
-        return encode(values, self.config)
-
-    def nominal_bits(self, head_dim: int) -> dict[str, float]:
-        return self.config.bits_per_element(head_dim)
+RotationKeys, RotationValues = key_and_value(
+    "Rotation",
+    "rotation",
+    RotationConfig,
+    encode,
+    "randomized Hadamard rotation, Lloyd-Max codes per coordinate, a float16 norm per token and KV head",
+    SUITE_ROWS,
+)
