@@ -45,7 +45,6 @@ from headq_kernels.decode_plan import (
     plan,
 )
 from headq_kernels.triton_tiles import (
-    EXTRA_C,
     PTR0_C,
     PTR1_C,
     PTR2_C,
@@ -59,6 +58,7 @@ from headq_kernels.triton_tiles import (
     _affine_value_segment,
     _affine_values,
     _codebook_tokens,
+    _mixed_value_segment,
     _mixed_values,
     _online_softmax,
     _side_segment,
@@ -178,13 +178,9 @@ def _decode_split_kernel(
     if V_KIND == AFFINE_C:
         v_codes, v_scale, v_zero = _affine_value_segment(vrow, v_tokens, bh64, D, V_BITS, V_GROUP)
     elif V_KIND == MIXED_C:
-        v_row_words = tl.load(vrow + EXTRA_C)
-        index_words: tl.constexpr = (V_MIXED[5] * V_MIXED[6] + 31) // 32
-        v_rows = v_tokens // V_MIXED[5]
-        v_codes = tl.load(vrow + PTR0_C).to(tl.pointer_type(tl.int32)) + bh64 * v_rows * v_row_words
-        v_index = tl.load(vrow + PTR3_C).to(tl.pointer_type(tl.int32)) + bh64 * v_rows * index_words
-        v_scale = tl.load(vrow + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * v_tokens * (D // V_GROUP)
-        v_zero = tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16)) + bh64 * v_tokens * (D // V_GROUP)
+        v_codes, v_index, v_scale, v_zero, v_row_words = _mixed_value_segment(
+            vrow, v_tokens, bh64, D, V_GROUP, V_MIXED[5], V_MIXED[6], False
+        )
     elif V_KIND == CODEBOOK_C:
         v_bytes: tl.constexpr = (D // V_BOOK[0] * (V_BOOK[1] + V_BOOK[2]) + 7) // 8
         v_idx = tl.load(vrow + PTR0_C).to(tl.pointer_type(tl.uint8)) + bh64 * v_tokens * v_bytes
@@ -341,12 +337,8 @@ def _attend_folded(
     if mixed is None:
         v_bits, v_hi, v_group, chunk = plan.value_bits, 0, plan.value_group, 0
     else:
-        v_bits, v_hi, v_group, chunk = (
-            mixed.widths[0],
-            (mixed.widths[1:] or (0,))[0],
-            mixed.group,
-            mixed.chunk,
-        )
+        v_bits, v_group, chunk = mixed.widths[0], mixed.group, mixed.chunk
+        v_hi = mixed.widths[1] if len(mixed.widths) > 1 else 0
     return triton_folded._folded_split_kernel[(splits.shape[0], b * hkv)](
         q, side_query if r else q, plan.segments, splits, mask if mask is not None else q, parts, ml, scratch, logits,
         hkv, plan.n_splits, mask.stride(0) if mask is not None else 0, scale * LOG2E, ngb,
@@ -410,9 +402,7 @@ def attend(
     mixed_group = getattr(mixed, "group", 1)
     half_q = fold and q.dtype == torch.float16
     folded = half_q and triton_folded.eligible(plan, g, d)
-    folded_mixed = (
-        half_q and isinstance(mixed, MixedChannels) and triton_folded.eligible(plan, g, d, mixed=mixed)
-    )
+    folded_mixed = half_q and mixed is not None and triton_folded.eligible(plan, g, d, mixed=mixed)
     last_compiled.clear()
     for k_kind, v_kind, splits in plan.launches:
         if k_kind == AFFINE and ((folded and v_kind == AFFINE) or (folded_mixed and v_kind == MIXED)):

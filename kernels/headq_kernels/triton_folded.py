@@ -45,14 +45,10 @@ import triton.language as tl
 
 from headq_kernels.decode_plan import MixedChannels, Plan
 from headq_kernels.triton_tiles import (
-    EXTRA_C,
-    PTR0_C,
-    PTR1_C,
-    PTR2_C,
-    PTR3_C,
     TOKENS_C,
     _affine_key_segment,
     _affine_value_segment,
+    _mixed_value_segment,
     _online_softmax,
     _side_loads,
     _side_logits,
@@ -406,14 +402,10 @@ def _folded_split_kernel(
         krow, k_tokens, bh64, D, K_BITS, K_GROUP
     )
     v_tokens = tl.load(vrow + TOKENS_C)
-    if V_CHUNK > 0:
-        v_row_words = tl.load(vrow + EXTRA_C)
-        v_rows = bh64 * (v_tokens // V_CHUNK)
-        v_codes = tl.load(vrow + PTR0_C).to(tl.pointer_type(tl.int32)) + v_rows * v_row_words
-        v_codes = tl.multiple_of(v_codes, 16)
-        v_index = tl.load(vrow + PTR3_C).to(tl.pointer_type(tl.int32)) + v_rows * ((V_CHUNK + 31) // 32)
-        v_scale = tl.load(vrow + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * v_tokens * VX
-        v_zero = tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16)) + bh64 * v_tokens * VX
+    if V_CHUNK > 0:  # a one-bit width index (two widths at most), codes on 16 bytes (``eligible``)
+        v_codes, v_index, v_scale, v_zero, v_row_words = _mixed_value_segment(
+            vrow, v_tokens, bh64, D, V_GROUP, V_CHUNK, 1, True
+        )
     else:
         v_codes, v_scale, v_zero = _affine_value_segment(vrow, v_tokens, bh64, D, V_BITS, V_GROUP)
         v_index = v_codes

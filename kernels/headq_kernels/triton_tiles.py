@@ -84,6 +84,32 @@ def _affine_value_segment(vrow, tokens, bh64, D: tl.constexpr, BITS: tl.constexp
 
 
 @triton.jit
+def _mixed_value_segment(
+    vrow,
+    tokens,
+    bh64,
+    D: tl.constexpr,
+    GROUP: tl.constexpr,
+    CHUNK: tl.constexpr,
+    INDEX_BITS: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """Mixed-width values of one (sequence, KV head): codes (allocation rows of ``row_words``
+    words), the packed width index, scales, zero points, and ``row_words``. ALIGNED: the caller
+    checked that the codes start on 16 bytes (the hint must sit where the pointer is computed)."""
+    row_words = tl.load(vrow + EXTRA_C)
+    rows = bh64 * (tokens // CHUNK)
+    index_words: tl.constexpr = (CHUNK * INDEX_BITS + 31) // 32
+    codes = tl.load(vrow + PTR0_C).to(tl.pointer_type(tl.int32)) + rows * row_words
+    if ALIGNED:
+        codes = tl.multiple_of(codes, 16)
+    index = tl.load(vrow + PTR3_C).to(tl.pointer_type(tl.int32)) + rows * index_words
+    scale = tl.load(vrow + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * tokens * (D // GROUP)
+    zero = tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16)) + bh64 * tokens * (D // GROUP)
+    return codes, index, scale, zero, row_words
+
+
+@triton.jit
 def _side_segment(krow, tokens, bh64, R: tl.constexpr, BITS: tl.constexpr):
     """HeadQ's side code of one (sequence, KV head): words per rank, codes, per-token steps."""
     words = tokens * BITS // 32
