@@ -182,7 +182,7 @@ def test_a_crop_is_the_cache_that_never_saw_the_tokens(keys: str, values: str, r
     anywhere back: every stored tensor equals a cache fed the same tokens without the cropped
     ones (the passes cut where the crop falls)."""
     from headq_core.testing.calibration import calibration_for
-    from headq_core.testing.conformance import model_config
+    from headq_core.testing.driving import model_config
 
     config = model_config(head_dim=64, layers=1)
     calibration = calibration_for(keys, values, config, tokens=256)
@@ -207,7 +207,7 @@ def test_a_crop_is_the_cache_that_never_saw_the_tokens(keys: str, values: str, r
 
 def test_a_value_policy_with_a_statistic_is_not_croppable() -> None:
     """A²'s statistic took in the queries a crop removes: the cache says so, as transformers asks."""
-    from headq_core.testing.conformance import model_config
+    from headq_core.testing.driving import model_config
 
     assert not QuantizedKVCache("kivi:bits=2", "a2", config=model_config()).is_croppable
     assert QuantizedKVCache("kivi:bits=2", "kivi:bits=2", config=model_config()).is_croppable

@@ -23,7 +23,7 @@ from headq_core.testing import (
     snr_db,
     snr_floor_db,
 )
-from headq_core.testing.conformance import model_config
+from headq_core.testing.driving import model_config
 from headq_kernels import quantize_affine
 
 _REGISTRY = get_registry()

@@ -18,7 +18,7 @@ from headq_core import CalibrationError, QuantizedKVCache, SpecError, get_regist
 from headq_core.calibration import Calibration, calibrate
 from headq_core.layouts import Codebook, block_nbytes
 from headq_core.testing import feed, outlier_data, synthetic_calibration
-from headq_core.testing.conformance import model_config
+from headq_core.testing.driving import model_config
 
 CONFIG = model_config(kv_heads=2, head_dim=32, layers=2)
 

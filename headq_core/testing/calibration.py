@@ -22,7 +22,7 @@ def synthetic_stats(
     model_config: Any, needs: set[str], *, tokens: int = 1024, seed: int = 0
 ) -> CalibrationStats:
     """Random :class:`CalibrationStats` with the shapes of ``model_config``: per layer (kv_heads, ...)."""
-    from headq_core.testing.conformance import outlier_data
+    from headq_core.testing.driving import outlier_data
 
     shape = model_shape(model_config)
     h, d = shape["kv_heads"], shape["head_dim"]

@@ -23,249 +23,94 @@ What is checked, on random non-zero data with a few large outlier channels
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import torch
 
 from headq_core.attention import headq_attention
 from headq_core.cache import QuantizedKVCache
-from headq_core.errors import CalibrationError
-from headq_core.interfaces import KeyQuantizer, Method, ValuePolicy
+from headq_core.interfaces import KeyQuantizer, ValuePolicy
 from headq_core.layer import QuantizedLayer
 from headq_core.layouts import PARTS, EncodedBlock, block_nbytes, concat_blocks, iter_stored, map_batched
 from headq_core.registry import Registry, get_registry
 from headq_core.spec import Spec, parse_spec
-
-Kind = Literal["key", "value"]
-
-BATCH = 2
-KV_HEADS = 2
-QUERY_GROUP = 2  # query heads per KV head when driving a cache (GQA)
-HEAD_DIM = 64
-MIN_TOKENS = 128
-
-# SNR floors in dB by payload bits per element. Correct min/max affine quantization of the
-# outlier data below reaches about 6 dB per bit minus 6 to 12 dB (per-token groups that span an
-# outlier channel lose the most); 1-bit min/max codes are below 0 dB by nature. Sixteen bits or
-# more (fp16, bf16) must be near-lossless.
-_FLOORS: tuple[tuple[float, float], ...] = ((1.0, -12.0), (2.0, -2.0), (4.0, 10.0), (8.0, 34.0), (16.0, 50.0))
-
-
-def snr_floor_db(bits: float) -> float:
-    """The lowest round-trip SNR (dB) a correct method storing ``bits`` payload bits may reach."""
-    if bits <= _FLOORS[0][0]:
-        return _FLOORS[0][1]
-    for (b0, f0), (b1, f1) in itertools.pairwise(_FLOORS):
-        if bits <= b1:
-            return f0 + (f1 - f0) * (bits - b0) / (b1 - b0)
-    return _FLOORS[-1][1]
-
-
-def snr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-noise ratio ``10 log10(|x|^2 / |x - x_hat|^2)`` in dB (inf when equal)."""
-    ref = reference.double()
-    noise = (ref - approx.double()).square().sum().item()
-    signal = ref.square().sum().item()
-    if noise == 0.0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise)
-
-
-def outlier_data(
-    shape: Sequence[int], *, seed: int = 0, outliers: int = 4, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """Random non-zero ``(batch, heads, tokens, head_dim)`` data shaped like real keys.
-
-    Gaussian entries, a per-(batch, head) channel offset, and ``outliers`` channels five times
-    larger with a shift, as pre-RoPE keys of real models have.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    *lead, dim = shape
-    x = torch.randn(*lead, dim, generator=gen)
-    channels = torch.randperm(dim, generator=gen)[: min(outliers, dim)]
-    x[..., channels] = x[..., channels] * 5.0 + 2.0
-    x = x + 0.5 * torch.randn(*lead[:-1], 1, dim, generator=gen)
-    return x.to(dtype)
-
-
-def model_config(*, kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM, layers: int = 2) -> Any:
-    """A small Llama config with the given KV geometry, for methods that bind to a model."""
-    from transformers import LlamaConfig
-
-    heads = kv_heads * QUERY_GROUP
-    return LlamaConfig(
-        vocab_size=128,
-        hidden_size=heads * head_dim,
-        intermediate_size=2 * heads * head_dim,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-    )
-
-
-# --- driving a cache without a model ---------------------------------------------------------
-
-
-class _Attention(torch.nn.Module):
-    """Stands in for a model's attention module (the function reads only ``training``)."""
-
-
-def feed(
-    cache: QuantizedKVCache,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    queries: torch.Tensor,
-    chunks: Sequence[int],
-    *,
-    layers: int = 1,
-) -> torch.Tensor:
-    """Run tokens through ``cache`` in passes of ``chunks`` tokens, as a model's layers would.
-
-    keys, values: (batch, kv_heads, tokens, head_dim); queries: (batch, q_heads, tokens,
-    head_dim). Each pass updates every layer (all layers get the same data) and runs the
-    ``headq`` attention function with a causal mask, so values flush and statistics flow exactly
-    as in a model. Returns layer 0's attention output, (batch, tokens, q_heads, head_dim).
-    """
-    if sum(chunks) > keys.shape[-2]:
-        raise ValueError(f"chunks {list(chunks)} ask for more than {keys.shape[-2]} tokens")
-    module = _Attention().eval()
-    outputs, start = [], 0
-    for n in chunks:
-        sl = slice(start, start + n)
-        total = start + n
-        positions = torch.arange(total, device=keys.device)
-        allowed = positions[None, :] <= positions[start:total, None]  # (n, total)
-        mask = allowed.expand(keys.shape[0], 1, n, total)
-        for layer_idx in range(layers):
-            k, v = cache.update(keys[..., sl, :], values[..., sl, :], layer_idx)
-            out, _ = headq_attention(module, queries[..., sl, :], k, v, mask)
-            if layer_idx == 0:
-                outputs.append(out)
-        start = total
-    return torch.cat(outputs, dim=1)
-
+from headq_core.testing.driving import (
+    BATCH,
+    HEAD_DIM,
+    KV_HEADS,
+    MIN_TOKENS,
+    QUERY_GROUP,
+    AttentionModule,
+    Kind,
+    Subject,
+    fail,
+    feed,
+    held_bytes,
+    held_tensors,
+    model_config,
+    outlier_data,
+    snr_db,
+    snr_floor_db,
+)
 
 # --- checks -----------------------------------------------------------------------------------
 
 
-@attrs.frozen
-class _Subject:
-    """A method under test and how to build fresh copies of it."""
-
-    kind: Kind
-    spec: Spec
-    registry: Registry
-    model_config: Any
-    calibration: Any
-
-    @property
-    def label(self) -> str:
-        return f"{self.spec} ({'key quantizer' if self.kind == 'key' else 'value policy'})"
-
-    def build(self) -> Any:
-        method: Method
-        if self.kind == "key":
-            method = self.registry.key_quantizer(self.spec)
-        else:
-            method = self.registry.value_policy(self.spec)
-        try:
-            method.bind(self.model_config, self.calibration)
-        except CalibrationError as err:
-            raise AssertionError(
-                f"{self.label}: bind() needs calibration; pass calibration= to the check ({err})"
-            ) from err
-        return method
-
-    def encode(self, method: Any, x: torch.Tensor, stats: torch.Tensor | None = None) -> EncodedBlock:
-        block: EncodedBlock
-        if self.kind == "key":
-            block = method.encode(x, 0)
-        else:
-            block = method.encode(x, 0, stats)
-        return block
-
-
-def _fail(subject: _Subject, message: str) -> AssertionError:
-    return AssertionError(f"{subject.label}: {message}")
-
-
-def _tensors(value: Any, name: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor reachable from an attribute value (nested blocks, lists, dicts)."""
-    if isinstance(value, torch.Tensor):
-        yield name, value
-    elif isinstance(value, EncodedBlock):
-        for field in attrs.fields(type(value)):
-            yield from _tensors(getattr(value, field.name), f"{name}.{field.name}" if name else field.name)
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            yield from _tensors(item, f"{name}[{i}]")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from _tensors(item, f"{name}[{key!r}]")
-
-
-def held_bytes(block: EncodedBlock) -> int:
-    """Bytes of every tensor ``block`` holds, found by walking its fields (declared or not)."""
-    return sum(t.numel() * t.element_size() for _, t in _tensors(block, ""))
-
-
-def check_block_storage(subject: _Subject, block: EncodedBlock, x: torch.Tensor, method: Any) -> None:
+def check_block_storage(subject: Subject, block: EncodedBlock, x: torch.Tensor, method: Any) -> None:
     """Every tensor is declared and counted; the bits ``nominal_bits`` reports are the bits stored.
 
     ``block`` encodes ``x`` in float16, the dtype the nominal figures of exact storage assume.
     """
     declared = {name for name, *_ in iter_stored(block)}
-    hidden = [name for name, _ in _tensors(block, "") if name not in declared]
+    hidden = [name for name, _ in held_tensors(block, "") if name not in declared]
     if hidden:
-        raise _fail(
+        raise fail(
             subject,
             f"{type(block).__name__} holds tensors not declared with stored(): {', '.join(hidden)}; "
             "the cache cannot count, reorder or merge them",
         )
     counted = sum(block_nbytes(block).values())
     if counted != held_bytes(block):
-        raise _fail(subject, f"block_nbytes counts {counted} bytes, the block holds {held_bytes(block)}")
+        raise fail(subject, f"block_nbytes counts {counted} bytes, the block holds {held_bytes(block)}")
     parts = block_nbytes(block)
     if parts["payload"] == 0:
-        raise _fail(subject, "the block stores no payload (declare its codes with stored('payload'))")
+        raise fail(subject, "the block stores no payload (declare its codes with stored('payload'))")
     nominal = method.nominal_bits(x.shape[-1])
     for part, bits in nominal.items():
         if part in ("exact", "other"):
             continue
         measured = 8 * parts[part] / x.numel()
         if abs(measured - bits) > 0.01 * bits + 1e-6:
-            raise _fail(
+            raise fail(
                 subject,
                 f"reports {bits:.4g} {part} bits per element but stores {measured:.4g} "
                 f"({parts[part]} bytes for {x.numel()} elements); storage must be real, e.g. packed codes",
             )
 
 
-def check_round_trip(subject: _Subject, x: torch.Tensor, *, floor_db: float | None = None) -> None:
+def check_round_trip(subject: Subject, x: torch.Tensor, *, floor_db: float | None = None) -> None:
     """Decoding, and the method's own logits or readout, reproduce the input above the SNR floor."""
     method = subject.build()
     original = x.clone()
     stats = _stats(x, method)
     block = subject.encode(method, x, stats)
     if not torch.equal(x, original):
-        raise _fail(subject, "encode() modified its input in place")
+        raise fail(subject, "encode() modified its input in place")
     if block.tokens != x.shape[-2]:
-        raise _fail(subject, f"encoded {block.tokens} tokens, was given {x.shape[-2]}")
+        raise fail(subject, f"encoded {block.tokens} tokens, was given {x.shape[-2]}")
     check_block_storage(subject, subject.encode(method, x.half(), stats), x, method)
     payload_bits = 8 * block_nbytes(block)["payload"] / x.numel()
     floor = snr_floor_db(payload_bits) if floor_db is None else floor_db
     x_hat = block.dequantize(torch.float32)
     if x_hat.shape != x.shape or x_hat.dtype != torch.float32:
-        raise _fail(
+        raise fail(
             subject, f"dequantize() gave {x_hat.dtype} {tuple(x_hat.shape)}, expected {tuple(x.shape)}"
         )
     if not torch.isfinite(x_hat).all():
-        raise _fail(subject, "dequantize() gave non-finite values")
+        raise fail(subject, "dequantize() gave non-finite values")
     _above(subject, "dequantize() round-trip", snr_db(x, x_hat), floor, payload_bits)
 
     gen = torch.Generator().manual_seed(1)
@@ -281,13 +126,13 @@ def check_round_trip(subject: _Subject, x: torch.Tensor, *, floor_db: float | No
         want = probs @ x.float()
         what = "readout()"
     if got.shape != want.shape:
-        raise _fail(subject, f"{what} gave shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+        raise fail(subject, f"{what} gave shape {tuple(got.shape)}, expected {tuple(want.shape)}")
     _above(subject, what, snr_db(want, got), floor, payload_bits)
     check_as_read(subject, method, block, query if subject.kind == "key" else probs, got)
 
 
 def check_as_read(
-    subject: _Subject, method: Any, block: EncodedBlock, inputs: torch.Tensor, got: torch.Tensor
+    subject: Subject, method: Any, block: EncodedBlock, inputs: torch.Tensor, got: torch.Tensor
 ) -> None:
     """What ``keys_as_read`` / ``values_as_read`` give (SDPA reads them) is what ``logits`` /
     ``readout`` compute, to float rounding."""
@@ -297,20 +142,20 @@ def check_as_read(
     if read is None:
         return
     if read.shape != block.dequantize(torch.float32).shape:
-        raise _fail(subject, f"{name} gave shape {tuple(read.shape)}, expected the block's (b, h, tokens, d)")
+        raise fail(subject, f"{name} gave shape {tuple(read.shape)}, expected the block's (b, h, tokens, d)")
     again = inputs @ read.transpose(-1, -2) if key else inputs @ read
     err = (again - got).abs().max().item()
     if err > 1e-4 * max(1.0, got.abs().max().item()):
-        raise _fail(
+        raise fail(
             subject,
             f"{name} differs from what {'logits()' if key else 'readout()'} computes by up to {err:.3g}: "
             "a multi-token pass would read other tokens than a decode step",
         )
 
 
-def _above(subject: _Subject, what: str, got: float, floor: float, bits: float) -> None:
+def _above(subject: Subject, what: str, got: float, floor: float, bits: float) -> None:
     if not got >= floor:
-        raise _fail(
+        raise fail(
             subject,
             f"{what} SNR is {got:.2f} dB, below the floor of {floor:.2f} dB for {bits:.3g} payload bits "
             "per element",
@@ -324,31 +169,31 @@ def _stats(x: torch.Tensor, method: Any) -> torch.Tensor | None:
     return torch.rand(x.shape[:-1], generator=gen)
 
 
-def check_deterministic(subject: _Subject, x: torch.Tensor) -> None:
+def check_deterministic(subject: Subject, x: torch.Tensor) -> None:
     """Two fresh instances encoding equal inputs store bitwise equal tensors."""
     first = subject.encode(subject.build(), x.clone(), _stats(x, subject.build()))
     second = subject.encode(subject.build(), x.clone(), _stats(x, subject.build()))
     a = {name: t for name, t, *_ in iter_stored(first)}
     b = {name: t for name, t, *_ in iter_stored(second)}
     if a.keys() != b.keys():
-        raise _fail(subject, f"two encodes stored different tensors: {sorted(a)} vs {sorted(b)}")
+        raise fail(subject, f"two encodes stored different tensors: {sorted(a)} vs {sorted(b)}")
     for name in a:
         if (
             a[name].dtype != b[name].dtype
             or a[name].shape != b[name].shape
             or not torch.equal(a[name], b[name])
         ):
-            raise _fail(subject, f"the same input gave different stored {name!r} on a second encode")
+            raise fail(subject, f"the same input gave different stored {name!r} on a second encode")
 
 
-def check_block_ops(subject: _Subject, x: torch.Tensor) -> None:
+def check_block_ops(subject: Subject, x: torch.Tensor) -> None:
     """Batch maps commute with decoding; merged blocks decode to the concatenation of their parts."""
     method = subject.build()
     block = subject.encode(method, x, _stats(x, method))
     flip = torch.arange(x.shape[0] - 1, -1, -1)
     mapped = map_batched(block, lambda t: t.index_select(0, flip)).dequantize(torch.float32)
     if not torch.equal(mapped, block.dequantize(torch.float32).index_select(0, flip)):
-        raise _fail(
+        raise fail(
             subject,
             "reordering the batch of a block (beam search) does not reorder its decoded tokens; "
             "check stored(batched=...) on its tensors",
@@ -369,34 +214,34 @@ def check_block_ops(subject: _Subject, x: torch.Tensor) -> None:
     want = torch.cat([p.dequantize(torch.float32) for p in parts], dim=-2)
     got = merged.dequantize(torch.float32)
     if got.shape != want.shape or not torch.equal(got, want):
-        raise _fail(
+        raise fail(
             subject,
             "two blocks merged by concat_blocks do not decode to their concatenation; "
             "check token_axis() for every stored tensor",
         )
 
 
-def check_spec_round_trip(subject: _Subject) -> None:
+def check_spec_round_trip(subject: Subject) -> None:
     """``parse_spec(str(spec)) == spec``; building from ``str(spec)`` gives an equal config."""
     method = subject.build()
     spec = method.spec
     text = str(spec)
     if parse_spec(text) != spec:
-        raise _fail(subject, f"parse_spec({text!r}) gives {parse_spec(text)!r}, not {spec!r}")
+        raise fail(subject, f"parse_spec({text!r}) gives {parse_spec(text)!r}, not {spec!r}")
     again = attrs.evolve(subject, spec=parse_spec(text)).build()
     if again.config != method.config:
-        raise _fail(subject, f"building from {text!r} gives {again.config!r}, not {method.config!r}")
+        raise fail(subject, f"building from {text!r} gives {again.config!r}, not {method.config!r}")
     full = dict(method.config.to_params(all_fields=True))
     rebuilt = method.config_class.from_params(full, method=spec.name)
     if rebuilt != method.config:
-        raise _fail(subject, f"config from all its parameters {full} is {rebuilt!r}, not {method.config!r}")
+        raise fail(subject, f"config from all its parameters {full} is {rebuilt!r}, not {method.config!r}")
     resolved = subject.registry.resolve(subject.kind, text)
     if resolved != spec:
-        raise _fail(subject, f"registry.resolve({text!r}) is {resolved}, not {spec}")
+        raise fail(subject, f"registry.resolve({text!r}) is {resolved}, not {spec}")
 
 
 def check_cache(
-    subject: _Subject,
+    subject: Subject,
     *,
     tokens: int,
     window: int,
@@ -430,7 +275,7 @@ def check_cache(
     stream_of = {"key": "k", "value": "v"}
     for layer in cache.quantized_layers():
         if layer.get_seq_length() != tokens:
-            raise _fail(
+            raise fail(
                 subject, f"layer {layer.layer_idx} holds {layer.get_seq_length()} tokens, fed {tokens}"
             )
         stream = getattr(layer, stream_of[subject.kind])
@@ -438,17 +283,17 @@ def check_cache(
         decoded_k, decoded_v = layer.decoded()
         for name, got in (("keys", decoded_k), ("values", decoded_v)):
             if got.shape != shape:
-                raise _fail(subject, f"decoded {name} have shape {tuple(got.shape)}, expected {shape}")
+                raise fail(subject, f"decoded {name} have shape {tuple(got.shape)}, expected {shape}")
 
     elements = 2 * layers * BATCH * KV_HEADS * tokens * head_dim  # keys and values
     held = sum(_layer_bytes(layer) for layer in cache.quantized_layers())
     nbytes = cache.nbytes()
     if nbytes != held:
-        raise _fail(subject, f"cache.nbytes() is {nbytes}, but the cache holds {held} bytes of tensors")
+        raise fail(subject, f"cache.nbytes() is {nbytes}, but the cache holds {held} bytes of tensors")
     bits = cache.bits_per_element()
     total_bits = bits["all"]["total"] * elements
     if abs(total_bits - 8 * nbytes) > 0.01 * 8 * nbytes:
-        raise _fail(
+        raise fail(
             subject,
             f"bits_per_element() says {bits['all']['total']:.4f} bits x {elements} elements = "
             f"{total_bits:.0f} bits, but nbytes() is {nbytes} bytes = {8 * nbytes} bits",
@@ -457,12 +302,12 @@ def check_cache(
     for kind in ("keys", "values"):
         want = 8 * sum(by_part[kind].values()) / (elements / 2)
         if abs(bits[kind]["total"] - want) > 0.01 * want:
-            raise _fail(
+            raise fail(
                 subject, f"bits_per_element()[{kind!r}] is {bits[kind]['total']:.4f}, bytes give {want:.4f}"
             )
         split = sum(bits[kind][p] for p in PARTS)
         if abs(split - bits[kind]["total"]) > 1e-9 * max(1.0, split):
-            raise _fail(subject, f"the parts of bits_per_element()[{kind!r}] do not add up to its total")
+            raise fail(subject, f"the parts of bits_per_element()[{kind!r}] do not add up to its total")
     return cache
 
 
@@ -477,30 +322,30 @@ def _chunks(tokens: int) -> list[int]:
 
 
 def _check_flush_rule(
-    subject: _Subject, layer: QuantizedLayer, stream: Any, tokens: int, window: int, sinks: int
+    subject: Subject, layer: QuantizedLayer, stream: Any, tokens: int, window: int, sinks: int
 ) -> None:
     g = stream.method.block_tokens
     exact_sinks = stream.sink_len()
     exact_window = 0 if stream.window is None else stream.window.shape[-2]
     if exact_sinks != min(tokens, sinks):
-        raise _fail(subject, f"holds {exact_sinks} sink tokens after {tokens} tokens with sinks={sinks}")
+        raise fail(subject, f"holds {exact_sinks} sink tokens after {tokens} tokens with sinks={sinks}")
     if exact_sinks + stream.encoded + exact_window != tokens:
-        raise _fail(
+        raise fail(
             subject,
             f"sinks {exact_sinks} + encoded {stream.encoded} + window {exact_window} != {tokens} tokens",
         )
     if sum(block.tokens for block in stream.blocks) != stream.encoded:
-        raise _fail(subject, "the encoded blocks do not add up to the encoded token count")
+        raise fail(subject, "the encoded blocks do not add up to the encoded token count")
     rest = tokens - exact_sinks
     lo, hi = min(rest, window), min(rest, window + g - 1)
     if not lo <= exact_window <= hi:
-        raise _fail(
+        raise fail(
             subject,
             f"keeps {exact_window} exact window tokens after {tokens} tokens (window={window}, sinks={sinks}, "
             f"block_tokens={g}); expected between {lo} and {hi}",
         )
     if stream.encoded % g:
-        raise _fail(subject, f"encoded {stream.encoded} tokens, not whole blocks of {g}")
+        raise fail(subject, f"encoded {stream.encoded} tokens, not whole blocks of {g}")
 
 
 def _layer_bytes(layer: QuantizedLayer) -> int:
@@ -516,7 +361,7 @@ def _layer_bytes(layer: QuantizedLayer) -> int:
     return total
 
 
-def check_padding(subject: _Subject, *, head_dim: int = HEAD_DIM) -> None:
+def check_padding(subject: Subject, *, head_dim: int = HEAD_DIM) -> None:
     """A left-padded row's attention output does not depend on what its padding holds.
 
     Three rows with 0, 5 and ``block_tokens + 3`` padding tokens go through a cache (the method
@@ -541,7 +386,7 @@ def check_padding(subject: _Subject, *, head_dim: int = HEAD_DIM) -> None:
         keys, values = (method, "fp16") if subject.kind == "key" else ("fp16", method)
         cache = QuantizedKVCache(keys, values, window=4, config=subject.model_config,
                                  calibration=subject.calibration, registry=subject.registry)  # fmt: skip
-        module, out, start = _Attention().eval(), [], 0
+        module, out, start = AttentionModule().eval(), [], 0
         for n in (prompt,) + (1,) * steps:
             stop = start + n
             pos = torch.arange(stop)
@@ -556,7 +401,7 @@ def check_padding(subject: _Subject, *, head_dim: int = HEAD_DIM) -> None:
     real = ~is_pad
     if not torch.equal(outputs[0][real], outputs[1][real]):
         diff = (outputs[0][real] - outputs[1][real]).abs().max().item()
-        raise _fail(
+        raise fail(
             subject,
             f"a left-padded row's output changes by up to {diff:.3g} when only its padding tokens change: "
             "padding reaches the method's statistics",
@@ -585,14 +430,14 @@ def _check(
             from headq_core.testing.calibration import synthetic_calibration
 
             calibration = synthetic_calibration([(kind, unbound)], config)
-    subject = _Subject(kind, parse_spec(spec), registry, config, calibration)
+    subject = Subject(kind, parse_spec(spec), registry, config, calibration)
     method = subject.build()
     expected = KeyQuantizer if kind == "key" else ValuePolicy
     if not isinstance(method, expected):
-        raise _fail(subject, f"built {type(method).__name__}, not a {expected.__name__}")
+        raise fail(subject, f"built {type(method).__name__}, not a {expected.__name__}")
     g = method.block_tokens
     if not isinstance(g, int) or g <= 0:
-        raise _fail(subject, f"block_tokens must be a positive int, got {g!r}")
+        raise fail(subject, f"block_tokens must be a positive int, got {g!r}")
     tokens = g * max(2, math.ceil(MIN_TOKENS / g))
     x = outlier_data((BATCH, KV_HEADS, tokens, head_dim), seed=0)
     check_spec_round_trip(subject)
@@ -605,7 +450,7 @@ def _check(
     check_state_counted(subject)
 
 
-def check_state_counted(subject: _Subject) -> None:
+def check_state_counted(subject: Subject) -> None:
     """A method that holds what it learned counts it: ``state_nbytes`` over the model's layers is
     at least its calibration tensors at two bytes per number (so that two authors of one method
     report the same bits per element, whichever precision they hold it in)."""
@@ -619,7 +464,7 @@ def check_state_counted(subject: _Subject) -> None:
     layers = int(getattr(subject.model_config, "num_hidden_layers", 0) or 0)
     counted = sum(method.state_nbytes(layer) for layer in range(layers))
     if counted < learned:
-        raise _fail(
+        raise fail(
             subject,
             f"state_nbytes counts {counted} bytes over {layers} layers, but the method holds {learned} bytes of "
             "calibration tensors (at two bytes per number): count the per-layer state it keeps "
