@@ -58,7 +58,7 @@ CASES: dict[str, tuple[Any, dict[str, str], dict[str, Any]]] = {
 }
 
 
-def report(kernel: Any, args: dict[str, str], constants: dict[str, Any]) -> str:
+def report(kernel: Any, args: dict[str, str], constants: dict[str, Any], top: int = 10) -> str:
     signature = dict(args, **{name: "constexpr" for name in constants})
     source = ASTSource(kernel, signature, constants)
     compiled = triton.compile(
@@ -87,9 +87,7 @@ def report(kernel: Any, args: dict[str, str], constants: dict[str, Any]) -> str:
     body = [
         re.sub(r"^@!?U?P\w+\s+", "", text).split()[0] for address, text in lines if start <= address <= end
     ]
-    opcodes = collections.Counter(op.split(".")[0] for op in body).most_common(
-        int(os.environ.get("TOP", "10"))
-    )
+    opcodes = collections.Counter(op.split(".")[0] for op in body).most_common(top)
     moves = sum(op == "IMAD.MOV.U32" for op in body)
     return (
         f"registers {found.group(1)}, spill stack {found.group(2)} B, shared {compiled.metadata.shared} B, "
@@ -101,11 +99,12 @@ def report(kernel: Any, args: dict[str, str], constants: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help=f"cases to compile, of: {', '.join(CASES)} (all)")
+    parser.add_argument("--opcodes", type=int, default=10, help="the most frequent opcodes to list")
     args = parser.parse_args()
     if unknown := set(args.names) - set(CASES):
         parser.error(f"unknown cases: {', '.join(sorted(unknown))}")
     for name in args.names or CASES:
-        print(f"{name}: {report(*CASES[name])}", flush=True)
+        print(f"{name}: {report(*CASES[name], top=args.opcodes)}", flush=True)
 
 
 if __name__ == "__main__":
