@@ -8,9 +8,11 @@ sequence, for each batch and context. Providers:
 - ``dequant-sdpa``: dequantize the whole KIVI-2 cache to fp16 with the torch reference, then SDPA
   (what a cache that stores quantized tensors but attends in fp16 does each step);
 - ours: the fused Triton kernel over KIVI-2 (G=32), KIVI-4, HeadQ rank 8 on KIVI-2, KIVI-2 keys
-  with A² values (2 and 4 bits, 10% at 4; mixed widths), and GSRQ at 1 bit on keys and values
-  (one stage of 256 codewords per 8 channels), each with a full-precision window of 128 tokens,
-  cache held as 8,192-token blocks.
+  with A² values (2 and 4 bits, 10% at 4; mixed widths), GSRQ at 1 bit on keys and values
+  (one stage of 256 codewords per 8 channels), and what engines ship (headq-baselines, keys and
+  values alike): fp8 e4m3 and int8 / int4 with a scale per token and head, and the rotation
+  method at 2.5 and 3.5 bits; each with a full-precision window of 128 tokens, cache held as
+  8,192-token blocks.
 
 Every row reports the median time (``triton.testing.do_bench``), the speed-up over both
 baselines, the bytes the path must read (the cache as stored, plus the query) and those bytes per
@@ -153,6 +155,12 @@ OURS = {
     "headq-r8": ("headq:rank=8,zbits=4", "kivi:bits=2"),
     "a2-mixed": ("kivi:bits=2", "a2"),
     "gsrq-1": ("gsrq", "gsrq"),
+    # what engines ship (headq-baselines), keys and values alike
+    "fp8": ("fp8", "fp8"),
+    "int8": ("int", "int"),
+    "int4": ("int:bits=4", "int:bits=4"),
+    "rot-2.5": ("rotation:bits=2.5", "rotation:bits=2.5"),
+    "rot-3.5": ("rotation:bits=3.5", "rotation:bits=3.5"),
 }
 
 

@@ -13,6 +13,10 @@ as ``generate`` does. Caches:
   quantization: the cost of the runtime itself);
 - ``headq-kivi2`` / ``headq-kivi4``: KIVI keys and values, a 128-token window;
 - ``headq-headq``: HeadQ rank 8 on KIVI-2 keys, KIVI-2 values;
+- ``headq-a2``: KIVI-2 keys, A² values (2 and 4 bits);
+- ``headq-fp8``, ``headq-int4``, ``headq-rotation``: what engines ship (headq-baselines), keys
+  and values alike: fp8 e4m3 and int4 with a scale per token and head, the rotation method at
+  3.5 bits;
 - ``...-graph`` (``headq-fp16-graph``, ``headq-kivi2-graph``, ``headq-headq-graph``): the same
   caches in static mode (:class:`~headq_core.graphs.StaticDecode`), each decode step a CUDA graph
   replay; their warm-up is at least 72 steps, so that both flush patterns are captured.
@@ -46,7 +50,8 @@ import headq_kernels
 HQ, HKV, D = 32, 8, 128
 WINDOW = 128
 CACHES = [
-    "dynamic", "quanto2", "quanto4", "headq-fp16", "headq-kivi2", "headq-kivi4", "headq-headq",
+    "dynamic", "quanto2", "quanto4", "headq-fp16", "headq-kivi2", "headq-kivi4", "headq-headq", "headq-a2",
+    "headq-fp8", "headq-int4", "headq-rotation",
     "headq-fp16-graph", "headq-kivi2-graph", "headq-headq-graph",
 ]  # fmt: skip
 GRAPH_WARMUP = 72  # a static decode runs a flush pattern once eagerly and captures it the second time
@@ -55,6 +60,10 @@ HEADQ_SPECS = {
     "headq-kivi2": ("kivi:bits=2", "kivi:bits=2"),
     "headq-kivi4": ("kivi:bits=4", "kivi:bits=4"),
     "headq-headq": ("headq:rank=8,zbits=4", "kivi:bits=2"),
+    "headq-a2": ("kivi:bits=2", "a2"),
+    "headq-fp8": ("fp8", "fp8"),
+    "headq-int4": ("int:bits=4", "int:bits=4"),
+    "headq-rotation": ("rotation:bits=3.5", "rotation:bits=3.5"),
 }
 
 

@@ -9,7 +9,7 @@ what=${1:-all}
 [ $# -gt 0 ] && shift
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e kernels -e . -e plugins/kivi -e plugins/headq \
-  -e plugins/a2 -e plugins/gsrq >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+  -e plugins/a2 -e plugins/gsrq -e plugins/baselines >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
 status=0

@@ -171,11 +171,7 @@ def side_query(keys: list[Any], q: torch.Tensor) -> torch.Tensor | None:
 
 def _heads(seg: Any) -> int:
     """KV heads of a segment: its tensors are (b, kv_heads, ...)."""
-    if isinstance(seg, decode_plan.Dense):
-        return int(seg.data.shape[1])
-    if isinstance(seg, decode_plan.Codebook):
-        return int(seg.indices.shape[1])
-    return int(seg.scale.shape[1])
+    return int(decode_plan.first_tensor(seg).shape[1])
 
 
 def _segments(view: StreamView, stop: int, query: torch.Tensor, *, keys: bool) -> list[Any] | None:

@@ -162,7 +162,28 @@ CASES = [
 @pytest.mark.parametrize(("keys", "values", "window", "sinks"), CASES)
 @pytest.mark.parametrize("prefix", [95, 96, 97, 1100])
 def test_the_fused_step_matches_the_reference_path(monkeypatch, keys, values, window, sinks, prefix) -> None:
-    b, hq, hkv, d = 3, 4, 2, 16
+    _fused_against_reference(monkeypatch, keys, values, window, sinks, prefix, d=16)
+
+
+ENGINE_CASES = [
+    ("fp8", "fp8", 0, 0),
+    ("fp8:format=e5m2,scale=none", "int:bits=4", 3, 2),
+    ("int", "rotation:bits=2.5", 4, 0),
+    ("rotation:bits=3.5", "kivi:bits=2", 0, 1),
+    ("kivi:bits=2", "int:bits=8", 32, 0),
+]
+
+
+@pytest.mark.parametrize(("keys", "values", "window", "sinks"), ENGINE_CASES)
+@pytest.mark.parametrize("prefix", [95, 1100])
+def test_engine_formats_take_the_fused_step(monkeypatch, keys, values, window, sinks, prefix) -> None:
+    """fp8, per-token-head integers and rotated tokens (headq-baselines) as the kernel reads them."""
+    pytest.importorskip("headq_baselines")
+    _fused_against_reference(monkeypatch, keys, values, window, sinks, prefix, d=64)
+
+
+def _fused_against_reference(monkeypatch, keys, values, window, sinks, prefix, *, d: int) -> None:
+    b, hq, hkv = 3, 4, 2
     config = LlamaConfig(hidden_size=hq * d, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=d,
                          num_hidden_layers=1, intermediate_size=32, vocab_size=32)  # fmt: skip
     calibration = calibration_for(keys, values, config, tokens=256)
@@ -211,3 +232,42 @@ def test_a_plan_that_the_kernel_cannot_run_still_runs_in_torch() -> None:
     want = torch.softmax(logits, dim=-1) @ v
     got = decode_plan.attend_torch(q, plan, scale=0.25, mask=mask)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_rotated_segments_attend_in_their_interleaved_basis() -> None:
+    """What the kernel computes for rotated tokens, written out in torch: logits of the query
+    turned by the segment's basis against the two halves' levels set side by side, times each
+    token's norm, and a readout turned back by the basis, equal attention over the tokens decoded."""
+    rotation = pytest.importorskip("headq_baselines.rotation")
+    from headq_kernels import unpack_planes
+
+    gen = torch.Generator().manual_seed(5)
+    d = 64
+    x = torch.randn(2, 3, 40, d, generator=gen)
+    block = rotation.encode(x, rotation.RotationConfig(bits=2.5, seed=3))
+    seg = block.kernel_segment(40)
+    lo = seg.levels[0][unpack_planes(seg.first, seg.widths[0], d // 2).long()]
+    hi = seg.levels[1][unpack_planes(seg.second, seg.widths[1], d // 2).long()]
+    tiles = torch.stack([lo, hi], dim=-1).reshape(2, 3, 40, d)  # the halves side by side
+    q = torch.randn(2, 3, 5, d, generator=gen)
+    logits = (q @ seg.basis.T) @ tiles.transpose(-1, -2) * seg.norm.float().transpose(-1, -2)
+    decoded = block.dequantize()
+    torch.testing.assert_close(logits, q @ decoded.transpose(-1, -2), rtol=1e-4, atol=1e-4)
+    p = torch.softmax(logits, dim=-1)
+    readout = ((p * seg.norm.float().transpose(-1, -2)) @ tiles) @ seg.basis
+    torch.testing.assert_close(readout, p @ decoded, rtol=1e-4, atol=1e-5)
+
+
+def test_every_float8_byte_decodes_by_the_kernels_rule() -> None:
+    """The scaled-token kernel reads float8 bytes as float16 bits: an e5m2 byte is a float16's high
+    byte, and an e4m3 byte's exponent and mantissa moved 7 bits up are its value over 2^8."""
+    byte = torch.arange(256, dtype=torch.int32)
+    for dtype, bits, unit in (
+        (torch.float8_e5m2, byte << 8, 1.0),
+        (torch.float8_e4m3fn, ((byte & 0x80) << 8) | ((byte & 0x7F) << 7), 256.0),
+    ):
+        want = byte.to(torch.uint8).view(dtype).float()
+        got = bits.to(torch.int16).view(torch.float16).float() * unit
+        finite = want.isfinite()
+        assert finite.sum() >= 248  # every byte but the NaNs (and e5m2's infinities)
+        assert torch.equal(got[finite], want[finite])

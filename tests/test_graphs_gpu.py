@@ -26,6 +26,8 @@ PAIRS = [
     ("kivi:bits=2", "fp16"),
     ("headq:rank=8,zbits=4", "kivi:bits=2"),
     ("gsrq", "fp16"),
+    ("rotation:bits=3.5", "fp8"),  # headq-baselines: rotated keys, scaled values
+    ("int:bits=4", "rotation:bits=2.5"),
 ]
 
 

@@ -254,6 +254,14 @@ NEW_LAYOUTS = [
     ("gsrq", "gsrq"),
     ("gsrq:bits=2,scale=fisher", "kivi:bits=2"),
     ("kivi:bits=2", "gsrq:bits=0.75,scale=fisher"),
+    # headq-baselines: float8 and per-token-head integers (scaled tokens), rotated tokens
+    ("fp8", "fp8"),
+    ("fp8:format=e5m2,scale=none", "int:bits=4"),
+    ("int", "rotation:bits=2.5"),
+    ("rotation:bits=3.5", "fp8:format=e5m2"),
+    ("rotation", "a2"),
+    ("int:bits=4", "kivi:bits=2"),
+    ("kivi:bits=2", "rotation:bits=4"),
 ]
 
 
@@ -263,7 +271,8 @@ NEW_LAYOUTS = [
 def test_decode_matches_reference_on_mixed_width_and_codebook_layouts(
     monkeypatch, keys, values, d, dtype
 ) -> None:
-    """A² values (their statistics included) and GSRQ codebooks, with sinks and a short window."""
+    """A² values (their statistics included), GSRQ codebooks and the engine formats, with sinks and
+    a short window."""
     errors = _run_pair(
         monkeypatch, keys, values, b=3, hq=8, hkv=2, d=d, prefix=161, steps=3, window=4, sinks=2, dtype=dtype,
         pads=[0, 7, 40],

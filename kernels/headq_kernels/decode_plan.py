@@ -33,9 +33,11 @@ def next_power_of_2(n: int) -> int:
 # Columns of the segment table (int64); what the pointers hold depends on the segment's kind.
 KIND, TOKENS, PTR0, PTR1, PTR2, PTR3, PTR4, STRIDE_B, STRIDE_H, STRIDE_T, EXTRA = range(11)
 COLUMNS = 11
-# Segment kinds. Keys: AFFINE (AffineTokens), DENSE, CODEBOOK; values: AFFINE (AffineChannels),
-# DENSE, MIXED, CODEBOOK.
-AFFINE, DENSE, MIXED, CODEBOOK = range(4)
+# Segment kinds. Keys: AFFINE (AffineTokens), DENSE, CODEBOOK, SCALED, ROTATED; values: AFFINE
+# (AffineChannels), DENSE, MIXED, CODEBOOK, SCALED, ROTATED.
+AFFINE, DENSE, MIXED, CODEBOOK, SCALED, ROTATED = range(6)
+# Formats of scaled tokens: offset integers packed along channels, float8 e4m3 or e5m2 bytes.
+INT, E4M3, E5M2 = range(3)
 
 
 @dataclass
@@ -136,7 +138,48 @@ class Codebook:
         return tuple(int(book.shape[1]).bit_length() - 1 for book in self.books)
 
 
-Segment = Dense | AffineTokens | AffineChannels | MixedChannels | Codebook
+@dataclass
+class Scaled:
+    """Tokens of one row each with one float16 scale per token (vLLM's per-token-head formats):
+    ``x = scale * level``. format INT: codes (b, h, t, d*bits/32) int32 packed along channels,
+    ``level = code - (2^(bits-1) - 1)``; E4M3 / E5M2 (bits 8): codes (b, h, t, d/4) int32,
+    each token's float8 bytes viewed as words.
+    scale (b, h, t, 1) float16, or None: a unit scale. ``decode`` as for :class:`MixedChannels`.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor | None
+    tokens: int
+    format: int
+    bits: int
+    decode: Callable[[], torch.Tensor]
+    covered: int | None = None
+
+
+@dataclass
+class Rotated:
+    """Tokens in a rotated basis (the TurboQuant family): ``x = (norm / sqrt(d)) * y R``, where
+    the first half of ``y`` is ``levels[0][code]`` at ``widths[0]`` bits and the second half
+    ``levels[1][code]`` at ``widths[1]``. first, second (b, h, t, words) int32: each half's codes as
+    bit planes (``pack_planes``); norm (b, h, t, 1) float16; levels (2, 16) float32.
+
+    basis (d, d) float32: ``R`` with its rows interleaved (row ``2i`` is ``R[i]``, ``2i + 1`` is
+    ``R[d/2 + i]``), so that the kernel sets the two halves' levels side by side: it attends with
+    ``basis q`` and turns its values' readout back with ``basis``.
+    """
+
+    first: torch.Tensor
+    second: torch.Tensor
+    norm: torch.Tensor
+    levels: torch.Tensor
+    basis: torch.Tensor
+    tokens: int
+    widths: tuple[int, int]
+    decode: Callable[[], torch.Tensor]
+    covered: int | None = None
+
+
+Segment = Dense | AffineTokens | AffineChannels | MixedChannels | Codebook | Scaled | Rotated
 
 
 def kind(seg: Segment) -> int:
@@ -146,7 +189,17 @@ def kind(seg: Segment) -> int:
         return MIXED
     if isinstance(seg, Codebook):
         return CODEBOOK
+    if isinstance(seg, Scaled):
+        return SCALED
+    if isinstance(seg, Rotated):
+        return ROTATED
     return AFFINE
+
+
+def interleaved_basis(rotation: torch.Tensor) -> torch.Tensor:
+    """:attr:`Rotated.basis` of a rotation ``R`` (d, d): its rows of the two halves interleaved."""
+    d = rotation.shape[0]
+    return torch.stack([rotation[: d // 2], rotation[d // 2 :]], dim=1).reshape(d, d).float().contiguous()
 
 
 @dataclass
@@ -186,6 +239,15 @@ def _row(seg: Segment) -> list[int]:
         row[STRIDE_B], row[STRIDE_H], row[STRIDE_T] = d.stride(0), d.stride(1), d.stride(2)
         return row
     row[KIND], row[TOKENS] = kind(seg), seg.tokens
+    if isinstance(seg, Scaled):  # PTR0 codes, PTR1 the scales (or 0)
+        _contiguous([seg.codes, *([] if seg.scale is None else [seg.scale])])
+        row[PTR0], row[PTR1] = seg.codes.data_ptr(), 0 if seg.scale is None else seg.scale.data_ptr()
+        return row
+    if isinstance(seg, Rotated):  # PTR0 / PTR1 the halves' codes, PTR2 norms, PTR3 levels, PTR4 basis
+        tensors = [seg.first, seg.second, seg.norm, seg.levels, seg.basis]
+        _contiguous(tensors)
+        row[PTR0], row[PTR1], row[PTR2], row[PTR3], row[PTR4] = (t.data_ptr() for t in tensors)
+        return row
     if isinstance(seg, Codebook):
         # PTR0 indices, PTR1 / PTR2 the first two stages' codebooks, PTR3 the channel scale (or 0)
         if len(seg.books) > 2 or any(book.dtype != torch.float16 for book in seg.books):
@@ -342,7 +404,7 @@ def plan(
     length = sum(n for _, n, _, _ in layout[0])
     split = split_length(length, batch_heads, block_n) if split is None else split
     split = max(block_n, split // block_n * block_n)
-    device = _first_tensor([*keys, *values]).device
+    device = first_tensor([*keys, *values][0]).device
     rows = [_row(seg) for seg in [*keys, *values]]
 
     def make_splits() -> tuple[list[tuple[int, int, torch.Tensor]], int]:
@@ -373,10 +435,12 @@ def plan(
     )
 
 
-def _first_tensor(segments: Sequence[Segment]) -> torch.Tensor:
-    seg = segments[0]
+def first_tensor(seg: Segment) -> torch.Tensor:
+    """A segment's first stored tensor, (b, kv_heads, ...)."""
     if isinstance(seg, Dense):
         return seg.data
+    if isinstance(seg, Rotated):
+        return seg.first
     return seg.indices if isinstance(seg, Codebook) else seg.codes
 
 
@@ -442,7 +506,7 @@ def _decoded(seg: Segment) -> torch.Tensor:
     """A segment's tokens, dequantized: (b, h, tokens, d) float32 (a dense one: all its rows)."""
     if isinstance(seg, Dense):
         return seg.data.float()
-    if isinstance(seg, MixedChannels | Codebook):
+    if isinstance(seg, MixedChannels | Codebook | Scaled | Rotated):
         return seg.decode().float()
     x = dequantize_affine(seg.codes, seg.scale, seg.zero, seg.bits, seg.group)
     return x.transpose(-1, -2) if isinstance(seg, AffineTokens) else x

@@ -7,12 +7,17 @@ the program reads each segment where the cache keeps it, in its own layout:
 
 - key segments: affine codes grouped along tokens (KIVI keys; :class:`AffineTokens`), optionally
   with HeadQ's low-rank side code (``(U^T q) . z_hat`` added to the logits), codebook indices
-  (GSRQ; :class:`Codebook`), or dense tokens;
+  (GSRQ; :class:`Codebook`), scaled or rotated tokens, or dense tokens;
 - value segments: affine codes grouped along channels (KIVI values; :class:`AffineChannels`),
-  the same at per-token widths (A²; :class:`MixedChannels`), codebook indices, or dense tokens.
+  the same at per-token widths (A²; :class:`MixedChannels`), codebook indices, scaled or rotated
+  tokens, or dense tokens.
 
 Each layout's tile is decoded by :mod:`headq_kernels.triton_tiles`; a channel scale of codebook
-tokens moves to the query (keys) or to the split's output (values).
+tokens moves to the query (keys) or to the split's output (values), a token's scale of scaled and
+rotated tokens to its logit (keys) or its probability (values). Rotated keys are attended with the
+query turned into their basis once per split, and rotated values' readout is turned back once at
+its end (logits and weighted sums are invariant under a shared orthogonal rotation), so no token
+is ever turned back.
 
 Segments are described by a small int64 table of device pointers and strides (no copy of the
 cache); ``decode_plan.plan`` builds it, :func:`attend` runs a plan: one launch per pair of segment kinds
@@ -35,12 +40,16 @@ from headq_kernels.decode_plan import (
     CODEBOOK,
     DENSE,
     MIXED,
+    ROTATED,
+    SCALED,
     AffineChannels,
     AffineTokens,
     Codebook,
     Dense,
     MixedChannels,
     Plan,
+    Rotated,
+    Scaled,
     Segment,
     plan,
 )
@@ -61,6 +70,10 @@ from headq_kernels.triton_tiles import (
     _mixed_value_segment,
     _mixed_values,
     _online_softmax,
+    _rotated_segment,
+    _rotated_tokens,
+    _scaled_segment,
+    _scaled_tokens,
     _side_segment,
     _side_term,
     _split_row,
@@ -73,6 +86,8 @@ __all__ = [
     "Dense",
     "MixedChannels",
     "Plan",
+    "Rotated",
+    "Scaled",
     "Segment",
     "attend",
     "plan",
@@ -87,6 +102,9 @@ AFFINE_C: tl.constexpr = tl.constexpr(AFFINE)
 DENSE_C: tl.constexpr = tl.constexpr(DENSE)
 MIXED_C: tl.constexpr = tl.constexpr(MIXED)
 CODEBOOK_C: tl.constexpr = tl.constexpr(CODEBOOK)
+SCALED_C: tl.constexpr = tl.constexpr(SCALED)
+ROTATED_C: tl.constexpr = tl.constexpr(ROTATED)
+BASIS_CHUNK: tl.constexpr = tl.constexpr(32)  # channels of a rotated basis read at a time
 
 
 # Arguments that change from step to step are not specialized (on value 1 or divisibility by 16):
@@ -118,10 +136,12 @@ def _decode_split_kernel(
     K_BITS: tl.constexpr,
     K_GROUP: tl.constexpr,
     K_BOOK: tl.constexpr,
+    K_TOK: tl.constexpr,
     V_KIND: tl.constexpr,
     V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr,
     V_BOOK: tl.constexpr,
+    V_TOK: tl.constexpr,
     V_MIXED: tl.constexpr,
     R: tl.constexpr,
     R_PAD: tl.constexpr,
@@ -134,6 +154,7 @@ def _decode_split_kernel(
     """One split of one (sequence, KV head); every split of a launch has the same segment kinds.
 
     K_BOOK / V_BOOK: codebook settings (dim, first and second stage's index bits, stages, scaled);
+    K_TOK / V_TOK: scaled and rotated tokens' settings (format, bits, scaled, two halves' widths);
     V_MIXED: mixed-width settings (four widths, how many are used, chunk, index bits).
     TAIL: also write the scaled logits of positions from ``tail_start`` on (for the statistics).
     """
@@ -170,6 +191,21 @@ def _decode_split_kernel(
         if K_BOOK[4]:  # the codewords approximate scale * k: q . k = (q / scale) . codeword
             k_chan = tl.load(krow + PTR3_C).to(tl.pointer_type(tl.float16)) + h * D
             q = (q.to(tl.float32) / tl.load(k_chan + c).to(tl.float32)[None, :]).to(DT)
+    elif K_KIND == SCALED_C:
+        k_codes, k_scale = _scaled_segment(krow, k_tokens, bh64, D, K_TOK[1])
+    elif K_KIND == ROTATED_C:
+        k_first, k_second, k_norm, k_levels, k_basis = _rotated_segment(
+            krow, k_tokens, bh64, D, K_TOK[3], K_TOK[4]
+        )
+        # the query in the keys' basis, (basis q) per row, a few of its channels at a time
+        turned = tl.zeros((G_PAD, D), tl.float32)
+        for c0 in tl.static_range(0, D, BASIS_CHUNK):
+            i = c0 + tl.arange(0, BASIS_CHUNK)
+            qc = tl.load(q_ptr + (bh64 * G + g[:, None]) * D + i[None, :], mask=g[:, None] < G, other=0.0)
+            turned += tl.dot(
+                qc.to(tl.float32), tl.load(k_basis + c[None, :] * D + i[:, None]), input_precision="ieee"
+            )
+        q = turned.to(DT)
     else:
         k_base = tl.load(krow + PTR0_C).to(tl.pointer_type(DT))
         k_base += b * tl.load(krow + STRIDE_B_C) + h * tl.load(krow + STRIDE_H_C)
@@ -186,6 +222,12 @@ def _decode_split_kernel(
         v_idx = tl.load(vrow + PTR0_C).to(tl.pointer_type(tl.uint8)) + bh64 * v_tokens * v_bytes
         v_book0 = tl.multiple_of(tl.load(vrow + PTR1_C).to(tl.pointer_type(tl.float16)), 16)
         v_book1 = tl.multiple_of(tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16)), 16)
+    elif V_KIND == SCALED_C:
+        v_codes, v_scale = _scaled_segment(vrow, v_tokens, bh64, D, V_TOK[1])
+    elif V_KIND == ROTATED_C:
+        v_first, v_second, v_norm, v_levels, v_basis = _rotated_segment(
+            vrow, v_tokens, bh64, D, V_TOK[3], V_TOK[4]
+        )
     else:
         v_base = tl.load(vrow + PTR0_C).to(tl.pointer_type(DT))
         v_base += b * tl.load(vrow + STRIDE_B_C) + h * tl.load(vrow + STRIDE_H_C)
@@ -208,6 +250,16 @@ def _decode_split_kernel(
                 k_idx, k_book0, k_book1, k_off + t + n, live, D, BLOCK_N, K_BOOK[0], K_BOOK[1], K_BOOK[2], K_BOOK[3],
             )  # fmt: skip
             s = tl.dot(q, tl.trans(kt.to(DT)))
+        elif K_KIND == SCALED_C:
+            kt, k_unit = _scaled_tokens(
+                k_codes, k_scale, k_off + t + n, live, D, BLOCK_N, K_TOK[0], K_TOK[1], K_TOK[2], MATH
+            )
+            s = tl.dot(q, tl.trans(kt.to(DT))) * k_unit[None, :]
+        elif K_KIND == ROTATED_C:
+            kt, k_unit = _rotated_tokens(
+                k_first, k_second, k_norm, k_levels, k_off + t + n, live, D, BLOCK_N, K_TOK[3], K_TOK[4], MATH
+            )
+            s = tl.dot(q, tl.trans(kt.to(DT))) * k_unit[None, :]
         else:
             kt = tl.load(
                 k_base + (k_off + t + n)[None, :].to(tl.int64) * k_stride + c[:, None],
@@ -226,6 +278,7 @@ def _decode_split_kernel(
             tl.store(tail_ptr + rows + at[None, :], s, mask=(g[:, None] < G) & seen[None, :])
         m_new, p, alpha = _online_softmax(s, m_i)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        weights = p  # times each token's scale for scaled and rotated values
         if V_KIND == AFFINE_C:
             v = _affine_values(
                 v_codes, v_scale, v_zero, v_off + t + n, live, D, BLOCK_N, V_BITS, V_GROUP, MATH
@@ -239,13 +292,25 @@ def _decode_split_kernel(
             v = _codebook_tokens(
                 v_idx, v_book0, v_book1, v_off + t + n, live, D, BLOCK_N, V_BOOK[0], V_BOOK[1], V_BOOK[2], V_BOOK[3],
             ).to(DT)  # fmt: skip
+        elif V_KIND == SCALED_C:
+            v, v_unit = _scaled_tokens(
+                v_codes, v_scale, v_off + t + n, live, D, BLOCK_N, V_TOK[0], V_TOK[1], V_TOK[2], MATH
+            )
+            v = v.to(DT)
+            weights = p * v_unit[None, :]
+        elif V_KIND == ROTATED_C:
+            v, v_unit = _rotated_tokens(
+                v_first, v_second, v_norm, v_levels, v_off + t + n, live, D, BLOCK_N, V_TOK[3], V_TOK[4], MATH
+            )
+            v = v.to(DT)
+            weights = p * v_unit[None, :]
         else:
             v = tl.load(
                 v_base + (v_off + t + n)[:, None].to(tl.int64) * v_stride + c[None, :],
                 mask=live[:, None],
                 other=0.0,
             )
-        acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
+        acc = acc * alpha[:, None] + tl.dot(weights.to(DT), v)
         m_i = m_new
     if V_KIND == CODEBOOK_C:
         if V_BOOK[4]:  # the codewords approximate scale * v: this split's readout divides by it
@@ -253,7 +318,13 @@ def _decode_split_kernel(
             acc = acc / tl.load(v_chan + c).to(tl.float32)[None, :]
 
     out = (bh64 * n_splits + split) * G + g
-    tl.store(o_ptr + out[:, None] * D + c[None, :], acc, mask=g[:, None] < G)
+    if V_KIND == ROTATED_C:  # this split's readout turned back: acc times the basis, a few columns at a time
+        for j0 in tl.static_range(0, D, BASIS_CHUNK):
+            j = j0 + tl.arange(0, BASIS_CHUNK)
+            turned = tl.dot(acc, tl.load(v_basis + c[:, None] * D + j[None, :]), input_precision="ieee")
+            tl.store(o_ptr + out[:, None] * D + j[None, :], turned, mask=g[:, None] < G)
+    else:
+        tl.store(o_ptr + out[:, None] * D + c[None, :], acc, mask=g[:, None] < G)
     tl.store(ml_ptr + out * 2, m_i, mask=g < G)
     tl.store(ml_ptr + out * 2 + 1, l_i, mask=g < G)
 
@@ -299,6 +370,15 @@ def _book(seg: Segment | None) -> tuple[int, ...]:
         return (1, 8, 0, 1, 0)
     w = seg.widths
     return (int(seg.books[0].shape[-1]), w[0], w[1] if len(w) > 1 else 0, len(w), int(seg.scale is not None))
+
+
+def _tok(seg: Segment | None) -> tuple[int, ...]:
+    """Scaled and rotated tokens' constexprs: (format, bits, scaled, the two halves' widths)."""
+    if isinstance(seg, Scaled):
+        return (seg.format, seg.bits, int(seg.scale is not None), 2, 2)
+    if isinstance(seg, Rotated):
+        return (0, 8, 1, *seg.widths)
+    return (0, 8, 1, 2, 2)
 
 
 def _mixed(seg: Segment | None) -> tuple[int, ...]:
@@ -396,6 +476,8 @@ def attend(
     )
     k_book = _book(plan.first(CODEBOOK, keys=True))
     v_book = _book(plan.first(CODEBOOK, keys=False))
+    k_tok = _tok(plan.first(SCALED, keys=True) or plan.first(ROTATED, keys=True))
+    v_tok = _tok(plan.first(SCALED, keys=False) or plan.first(ROTATED, keys=False))
     first_mixed = plan.first(MIXED, keys=False)
     mixed = first_mixed if isinstance(first_mixed, MixedChannels) else None
     v_mixed = _mixed(mixed)
@@ -417,9 +499,9 @@ def attend(
             hkv, plan.n_splits, mask.stride(0) if mask is not None else 0, scale * LOG2E,
             plan.length - tail, max(tail, 1),
             G=g, G_PAD=g_pad, D=d, BLOCK_N=plan.block_n,
-            K_KIND=k_kind, K_BITS=max(1, plan.key_bits), K_GROUP=max(1, plan.key_group), K_BOOK=k_book,
+            K_KIND=k_kind, K_BITS=max(1, plan.key_bits), K_GROUP=max(1, plan.key_group), K_BOOK=k_book, K_TOK=k_tok,
             V_KIND=v_kind, V_BITS=max(1, plan.value_bits),
-            V_GROUP=mixed_group if v_kind == MIXED else max(1, plan.value_group), V_BOOK=v_book, V_MIXED=v_mixed,
+            V_GROUP=mixed_group if v_kind == MIXED else max(1, plan.value_group), V_BOOK=v_book, V_TOK=v_tok, V_MIXED=v_mixed,
             R=r if k_kind == AFFINE else 0, R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
             Z_BITS=max(1, plan.side_bits), HAS_MASK=mask is not None, TAIL=tail > 0,
             DT=dt, MATH=dt if half and q.dtype == torch.float16 else tl.float32,

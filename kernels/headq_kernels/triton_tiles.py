@@ -8,7 +8,10 @@ for the matrix products of ``triton_decode``'s split kernel; and the pieces both
   sum of word counts over the allocation row (tiles start on rows), then each width in use is
   unpacked from its own tokens;
 - codebook tokens (GSRQ): each sub-vector's codeword (``dim`` contiguous float16 channels of a
-  codebook that stays in cache) is gathered per stage and summed.
+  codebook that stays in cache) is gathered per stage and summed;
+- scaled tokens (fp8 and per-token-head integers) and rotated tokens (the TurboQuant family): a
+  tile of levels and one scale per token, which the split kernel applies to the logits (keys) or
+  to the probabilities (values) rather than to the tile.
 """
 
 from __future__ import annotations
@@ -107,6 +110,26 @@ def _mixed_value_segment(
     scale = tl.load(vrow + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * tokens * (D // GROUP)
     zero = tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16)) + bh64 * tokens * (D // GROUP)
     return codes, index, scale, zero, row_words
+
+
+@triton.jit
+def _scaled_segment(row, tokens, bh64, D: tl.constexpr, BITS: tl.constexpr):
+    """Scaled tokens of one (sequence, KV head): codes (int32 words) and scales."""
+    codes = tl.load(row + PTR0_C).to(tl.pointer_type(tl.int32)) + bh64 * tokens * (D * BITS // 32)
+    scale = tl.load(row + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * tokens
+    return codes, scale
+
+
+@triton.jit
+def _rotated_segment(row, tokens, bh64, D: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr):
+    """Rotated tokens of one (sequence, KV head): both halves' codes, norms, the levels, the basis."""
+    half: tl.constexpr = D // 2
+    first = tl.load(row + PTR0_C).to(tl.pointer_type(tl.int32)) + bh64 * tokens * (half * W0 // 32)
+    second = tl.load(row + PTR1_C).to(tl.pointer_type(tl.int32)) + bh64 * tokens * (half * W1 // 32)
+    norm = tl.load(row + PTR2_C).to(tl.pointer_type(tl.float16)) + bh64 * tokens
+    levels = tl.load(row + PTR3_C).to(tl.pointer_type(tl.float32))
+    basis = tl.load(row + PTR4_C).to(tl.pointer_type(tl.float32))
+    return first, second, norm, levels, basis
 
 
 @triton.jit
@@ -259,6 +282,93 @@ def _mixed_values(
     s = tl.load(scale + gi, mask=live[:, None], other=0.0).to(MATH)
     z = tl.load(zero + gi, mask=live[:, None], other=0.0).to(MATH)
     return x * _spread(s, BLOCK_N, groups, GROUP) + _spread(z, BLOCK_N, groups, GROUP)
+
+
+@triton.jit
+def _scaled_tokens(
+    codes,
+    scale,
+    t,
+    live,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FORMAT: tl.constexpr,
+    BITS: tl.constexpr,
+    SCALED: tl.constexpr,
+    MATH: tl.constexpr,
+):
+    """Scaled tokens t (BLOCK_N,) of one head: their levels (BLOCK_N, D) in MATH and each token's
+    scale (BLOCK_N,) float32 (0 past the end). Float8 codes are read as words of four bytes.
+
+    An e5m2 byte is the high byte of a float16; an e4m3 byte's exponent and mantissa, moved to a
+    float16's low exponent bits, give the value times 2^-8 (subnormals included), so its scale
+    carries the 2^8.
+    """
+    words: tl.constexpr = D * BITS // 32
+    packed = tl.load(
+        codes + t[:, None].to(tl.int64) * words + tl.arange(0, words)[None, :], mask=live[:, None], other=0
+    )
+    if FORMAT == 0:
+        x = _unpack_rows(packed, BITS, BLOCK_N, D, MATH) - ((1 << (BITS - 1)) - 1)
+        unit = 1.0
+    else:
+        byte = _unpack_rows(packed, 8, BLOCK_N, D, tl.int32)
+        if FORMAT == 1:
+            half_bits = ((byte & 0x80) << 8) | ((byte & 0x7F) << 7)
+            unit = 256.0
+        else:
+            half_bits = byte << 8
+            unit = 1.0
+        x = half_bits.to(tl.int16).to(tl.float16, bitcast=True).to(MATH)
+    if SCALED:
+        s = tl.load(scale + t, mask=live, other=0.0).to(tl.float32) * unit
+    else:
+        s = tl.where(live, unit, 0.0)
+    return x, s
+
+
+@triton.jit
+def _plane_codes(words, rows, live, HALF: tl.constexpr, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Codes of WIDTH bits (2 to 4) of HALF channels per token, stored as ``pack_planes`` stores
+    them: (BLOCK_N, HALF) int32."""
+    base = words + rows * (HALF * WIDTH // 32)
+    if WIDTH == 4:
+        packed = tl.load(base + tl.arange(0, HALF // 8)[None, :], mask=live[:, None], other=0)
+        code = _unpack_rows(packed, 4, BLOCK_N, HALF, tl.int32)
+    else:
+        packed = tl.load(base + tl.arange(0, HALF // 16)[None, :], mask=live[:, None], other=0)
+        code = _unpack_rows(packed, 2, BLOCK_N, HALF, tl.int32)
+        if WIDTH == 3:  # then the high bit's plane
+            high = tl.load(base + HALF // 16 + tl.arange(0, HALF // 32)[None, :], mask=live[:, None], other=0)
+            code |= _unpack_rows(high, 1, BLOCK_N, HALF, tl.int32) << 2
+    return code
+
+
+@triton.jit
+def _rotated_tokens(
+    first,
+    second,
+    norm,
+    levels,
+    t,
+    live,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    W0: tl.constexpr,
+    W1: tl.constexpr,
+    MATH: tl.constexpr,
+):
+    """Rotated tokens t (BLOCK_N,) of one head in the interleaved basis (``decode_plan.Rotated``):
+    levels (BLOCK_N, D) in MATH, the two halves' side by side, and each token's norm (BLOCK_N,)
+    float32 (the levels carry the ``1 / sqrt(d)``)."""
+    half: tl.constexpr = D // 2
+    rows = t[:, None].to(tl.int64)
+    lo_codes = tl.reshape(_plane_codes(first, rows, live, half, W0, BLOCK_N), (BLOCK_N * half,))
+    hi_codes = tl.reshape(_plane_codes(second, rows, live, half, W1, BLOCK_N), (BLOCK_N * half,))
+    lo = tl.reshape(tl.gather(tl.load(levels + tl.arange(0, 16)), lo_codes, 0), (BLOCK_N, half))
+    hi = tl.reshape(tl.gather(tl.load(levels + 16 + tl.arange(0, 16)), hi_codes, 0), (BLOCK_N, half))
+    x = tl.reshape(tl.join(lo, hi), (BLOCK_N, D)).to(MATH)
+    return x, tl.load(norm + t, mask=live, other=0.0).to(tl.float32)
 
 
 @triton.jit

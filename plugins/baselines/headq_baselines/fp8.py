@@ -16,6 +16,7 @@ import torch
 from headq_baselines.pair import key_and_value
 from headq_core import MethodConfig
 from headq_core.layouts import EncodedBlock, stored
+from headq_kernels import decode_plan
 
 FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 # the smallest scale kept: an all-zero row still decodes to zeros
@@ -54,6 +55,13 @@ class Fp8Block(EncodedBlock):
         if self.scale is not None:
             x = x * self.scale.float()
         return x.to(dtype)
+
+    def kernel_segment(self, covered: int) -> decode_plan.Segment:
+        e4m3 = self.codes.dtype == torch.float8_e4m3fn
+        return decode_plan.Scaled(
+            self.codes.view(torch.int32), self.scale, self.tokens, decode_plan.E4M3 if e4m3 else decode_plan.E5M2, 8,
+            self.dequantize, covered=covered,
+        )  # fmt: skip
 
 
 def encode(x: torch.Tensor, config: Fp8Config) -> Fp8Block:

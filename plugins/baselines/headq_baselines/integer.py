@@ -20,7 +20,7 @@ import torch
 from headq_baselines.pair import key_and_value
 from headq_core import MethodConfig
 from headq_core.layouts import AffineBlock, EncodedBlock, stored
-from headq_kernels import pack_codes, quantize_affine, unpack_codes
+from headq_kernels import decode_plan, pack_codes, quantize_affine, unpack_codes
 
 
 @attrs.frozen
@@ -51,6 +51,11 @@ class SymmetricBlock(EncodedBlock):
         top = (1 << (self.bits - 1)) - 1
         d = self.codes.shape[-1] * 32 // self.bits
         return ((unpack_codes(self.codes, self.bits, d).float() - top) * self.scale.float()).to(dtype)
+
+    def kernel_segment(self, covered: int) -> decode_plan.Segment:
+        return decode_plan.Scaled(
+            self.codes, self.scale, self.tokens, decode_plan.INT, self.bits, self.dequantize, covered=covered
+        )
 
 
 def encode(x: torch.Tensor, config: IntConfig) -> EncodedBlock:

@@ -29,8 +29,8 @@ import torch
 
 from headq_baselines.pair import key_and_value
 from headq_core import MethodConfig
-from headq_core.layouts import EncodedBlock, stored
-from headq_kernels import pack_planes, unpack_planes
+from headq_core.layouts import EncodedBlock, NoKernelLayout, stored
+from headq_kernels import decode_plan, pack_planes, unpack_planes
 
 BITS = (2.0, 2.5, 3.0, 3.5, 4.0)
 
@@ -81,6 +81,19 @@ def rotation(head_dim: int, seed: int, device: torch.device) -> torch.Tensor:
     return (h * signs / math.sqrt(head_dim)).to(device)
 
 
+@functools.cache
+def kernel_tables(
+    widths: tuple[int, int], head_dim: int, seed: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """What the decode kernel reads besides the tokens (rebuilt from the spec, like the rotation):
+    each half's levels over ``sqrt(d)`` (2, 16) float32, and the interleaved basis (d, d) float32."""
+    table = torch.zeros(2, 16)
+    for row, width in enumerate(widths):
+        table[row, : 1 << width] = levels(width) / math.sqrt(head_dim)
+    basis = decode_plan.interleaved_basis(rotation(head_dim, seed, torch.device("cpu")))
+    return table.to(device), basis.to(device)
+
+
 def _code(u: torch.Tensor, bits: int) -> torch.Tensor:
     """Index of the nearest level for each coordinate of ``u`` (standard-normal scale)."""
     table = levels(bits).to(u.device)
@@ -107,6 +120,18 @@ class RotatedBlock(EncodedBlock):
         ]
         y = torch.cat(parts, dim=-1) * (self.norm.float() / math.sqrt(d))
         return (y @ rotation(d, self.seed, y.device)).to(dtype)  # rows times R: R^T applied to each
+
+    def kernel_segment(self, covered: int) -> decode_plan.Segment:
+        """The kernel attends in the rotated basis: the query turns once per split, never a token."""
+        d = self.head_dim
+        if d < 64:
+            raise NoKernelLayout(
+                f"rotated tokens of head_dim {d}: the kernel reads halves of 32 channels or more"
+            )
+        table, basis = kernel_tables(self.widths, d, self.seed, self.first.device)
+        return decode_plan.Rotated(
+            self.first, self.second, self.norm, table, basis, self.tokens, self.widths, self.dequantize, covered=covered
+        )  # fmt: skip
 
 
 def encode(x: torch.Tensor, config: RotationConfig) -> RotatedBlock:
