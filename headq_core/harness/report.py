@@ -86,6 +86,30 @@ def stream_gap_line(result: dict[str, Any]) -> str | None:
     )
 
 
+def row_label(row: dict[str, Any]) -> str:
+    """``keys | values``, or a peer row's one name (the same in both columns)."""
+    return str(row["keys"]) if row.get("peer") else f"{row['keys']} | {row['values']}"
+
+
+def peer_lines(result: dict[str, Any], *, skipped: bool = True) -> list[str]:
+    """What a peer row is and how it was measured, and (``skipped``) each peer left out and why."""
+    peers = [row for row in result["rows"] if row.get("peer")]
+    lines = []
+    if peers:
+        packages = sorted({row["peer"]["package"] for row in peers if row["peer"].get("package")})
+        lines.append(
+            "Peer rows run transformers' own QuantizedCache"
+            + (f" ({', '.join(packages)})" if packages else "")
+            + " on the same windows and batches, its scored tokens fed one at a time (it cannot emulate "
+            "streaming in one pass); bits count its stored codes, each group's scale and zero point, and "
+            "its full-precision residual window; prefill PPL, the streaming check and the distortion "
+            "metrics need headq's cache (–)."
+        )
+    if skipped:
+        lines += [f"Skipped peer {s['peer']}: {s['reason']}." for s in result.get("peers_skipped") or []]
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The results table and the metric/KL correlations as Markdown, with the run's settings."""
     w = result["windowing"]
@@ -104,6 +128,8 @@ def markdown(result: dict[str, Any]) -> str:
     gap = stream_gap_line(result)
     if gap:
         lines += ["", gap]
+    for line in peer_lines(result):
+        lines += ["", line]
     corr = result.get("correlation_with_attn_kl") or {}
     if corr:
         lines += ["", "Spearman correlation with attention KL across (layer, head, combination) cells:", ""]
@@ -123,6 +149,8 @@ def print_table(result: dict[str, Any], console: Console | None = None) -> None:
     gap = stream_gap_line(result)
     if gap:
         console.print(gap, highlight=False)
+    for line in peer_lines(result, skipped=False):  # the console said so when it skipped them
+        console.print(line, highlight=False, markup=False)
     corr = result.get("correlation_with_attn_kl") or {}
     if corr:
         console.print(
@@ -180,7 +208,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path:
             ax.step(*zip(*front, strict=True), where="post", color=color, alpha=0.5, linewidth=1)
             for r, (x, y) in zip(mine, points, strict=True):
                 ax.annotate(
-                    f"{r['keys']} | {r['values']}",
+                    row_label(r),
                     (x, y),
                     fontsize=6,
                     xytext=(3, 3),

@@ -6,6 +6,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import attrs
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from headq_core.errors import HeadqError, SpecError
@@ -27,6 +29,7 @@ from headq_core.harness.bench import (
     finish,
     measure,
 )
+from headq_core.harness.peers import PeerSpec, check, default_peers, measure_peer, parse_peer
 from headq_core.harness.perplexity import CacheSettings, Windowing
 from headq_core.harness.report import print_table, write_outputs
 from headq_core.registry import get_registry
@@ -49,6 +52,7 @@ class BenchOptions:
     baseline: Combination | None = Combination("kivi:bits=2", "kivi:bits=2")  # per row kind: see finish()
     calibration: Path | None = None
     skip: frozenset[str] = frozenset()
+    peers: tuple[PeerSpec, ...] = ()  # rows of transformers' QuantizedCache (harness.peers)
 
     @classmethod
     def from_cli(
@@ -70,16 +74,28 @@ class BenchOptions:
         calibration: Path | None = None,
         skip: list[str] | None = None,
         prefill_chunk: int | None = None,
+        peers: list[str] | None = None,
     ) -> BenchOptions:
-        """Flags override the suite file's [bench] table, which overrides the defaults."""
+        """Flags override the suite file's [bench] table, which overrides the defaults.
+
+        Peer rows come from ``--peer``, else the suite's ``peers`` list, else the default suite's
+        (quanto at 4 and 2 bits, where optimum-quanto is installed) when the method rows are the
+        default suite's too.
+        """
         settings: dict[str, Any] = {}
         combos: list[Combination] = []
         if suite is not None:
             settings, combos = read_suite(suite)
         if keys or values:
             combos = [Combination(k, v) for k in keys or ["fp16"] for v in values or ["fp16"]]
+        suite_peers = settings.get("peers", [])
+        if not isinstance(suite_peers, list) or not all(isinstance(p, str) for p in suite_peers):
+            raise HeadqError(f'{suite}: [bench] peers must be a list of peer specs, e.g. ["quanto:bits=2"]')
+        peer_specs = [parse_peer(p) for p in peers or suite_peers]
         if not combos:
             combos = default_suite()
+            if not peers and "peers" not in settings:
+                peer_specs = default_peers()
 
         def pick(flag: Any, key: str, default: Any) -> Any:
             return flag if flag is not None else settings.get(key, default)
@@ -102,6 +118,7 @@ class BenchOptions:
             baseline=Combination(*baseline),
             calibration=calibration,
             skip=_stages(skip if skip is not None else settings.get("skip", [])),
+            peers=tuple(dict.fromkeys(peer_specs)),
         )
 
 
@@ -238,6 +255,17 @@ def calibration_on_demand(loaded: Any, methods: list[tuple[str, Any]], console: 
     return artifact
 
 
+def _stage_reporter(progress: Progress, task: Any, console: Console, label: str) -> Callable[[str], None]:
+    """The callback that shows a row's stage: on the live bar, or one log line per stage in a file."""
+
+    def say(stage: str) -> None:
+        progress.update(task, description=f"{label}: {stage}")
+        if not console.is_terminal:
+            console.log(f"{label}: {stage}", highlight=False)
+
+    return say
+
+
 def run_bench(
     options: BenchOptions, *, out_dir: Path, stem: str = "bench", console: Console | None = None
 ) -> dict[str, Any]:
@@ -279,6 +307,15 @@ def run_bench(
         cache = settings.build(loaded.model.config)
         for warning in exact_warnings(cache, w.length):
             console.print(f"[yellow]warning[/yellow] {combo.label}: {warning}", highlight=False)
+    peers, skipped = [], []
+    for peer in options.peers:
+        with console.status(f"preparing {peer.label}"):  # optimum-quanto may build its CPU extension once
+            reason = check(peer, loaded.model.config, loaded.model.device)
+        if reason is None:
+            peers.append(peer)
+        else:
+            skipped.append({"peer": str(peer), "reason": reason})
+            console.print(f"[yellow]skipped[/yellow] {peer.label}: {escape(reason)}", highlight=False)
 
     rows: list[dict[str, Any]] = []
     with Progress(
@@ -288,17 +325,10 @@ def run_bench(
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        task = progress.add_task("capturing exact attention", total=len(combos))
+        task = progress.add_task("capturing exact attention", total=len(combos) + len(peers))
         diagnosed = [] if "distortion" in options.skip else windows[: options.diag_windows]
         captured = capture_all(loaded.model, diagnosed)
         for combo in combos:
-            label = combo.label
-
-            def say(stage: str, label: str = label) -> None:
-                progress.update(task, description=f"{label}: {stage}")
-                if not console.is_terminal:  # a log file gets one line per stage instead of a live bar
-                    console.log(f"{label}: {stage}", highlight=False)
-
             row = measure(
                 loaded.model,
                 windows,
@@ -310,9 +340,13 @@ def run_bench(
                 diag_windows=options.diag_windows,
                 captured=captured,
                 skip=options.skip,
-                progress=say,
+                progress=_stage_reporter(progress, task, console, combo.label),
             )
             rows.append(row)
+            progress.advance(task)
+        for peer in peers:
+            say = _stage_reporter(progress, task, console, peer.label)
+            rows.append(measure_peer(loaded.model, windows, peer, w, skip=options.skip, progress=say))
             progress.advance(task)
     extra = finish(rows, baseline)
     result = {
@@ -331,6 +365,7 @@ def run_bench(
         "calibration": calibration.metadata if calibration is not None else None,
         "diagnostics": {"windows": options.diag_windows, "positions_per_window": 16},
         "skipped": sorted(options.skip),
+        "peers_skipped": skipped,
         "environment": environment(),
         "rows": rows,
         **extra,
