@@ -70,8 +70,10 @@ def levels(bits: int) -> torch.Tensor:
     return c.float()
 
 
+@functools.cache
 def rotation(head_dim: int, seed: int, device: torch.device) -> torch.Tensor:
-    """``H diag(s) / sqrt(d)`` (d, d) float32: orthogonal, rebuilt from the seed."""
+    """``H diag(s) / sqrt(d)`` (d, d) float32: orthogonal, rebuilt from the seed once per device
+    (a CUDA-graph capture that encodes must find it there already). Do not write to it."""
     if head_dim & (head_dim - 1):
         raise ValueError(f"the Hadamard rotation needs a power-of-two head_dim, got {head_dim}")
     h = torch.ones((1, 1))
@@ -94,9 +96,14 @@ def kernel_tables(
     return table.to(device), basis.to(device)
 
 
+@functools.cache
+def _levels_on(bits: int, device: torch.device) -> torch.Tensor:
+    return levels(bits).to(device)
+
+
 def _code(u: torch.Tensor, bits: int) -> torch.Tensor:
     """Index of the nearest level for each coordinate of ``u`` (standard-normal scale)."""
-    table = levels(bits).to(u.device)
+    table = _levels_on(bits, u.device)
     return torch.bucketize(u.contiguous(), (table[1:] + table[:-1]) / 2)
 
 
@@ -115,7 +122,7 @@ class RotatedBlock(EncodedBlock):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         d = self.head_dim
         parts = [
-            levels(width).to(words.device)[unpack_planes(words, width, d // 2).long()]
+            _levels_on(width, words.device)[unpack_planes(words, width, d // 2).long()]
             for words, width in ((self.first, self.widths[0]), (self.second, self.widths[1]))
         ]
         y = torch.cat(parts, dim=-1) * (self.norm.float() / math.sqrt(d))
