@@ -35,7 +35,7 @@ FOLDED = dict(G=4, GP=4, D=128, BLOCK_N=128, K_BITS=2, K_GROUP=32, V_BITS=2, V_G
 FOLDED.update(R=0, Z_BITS=4, HAS_MASK=True, TAIL=False, HILO=False)
 A2 = dict(FOLDED, V_HI=4, V_CHUNK=32)  # A² values: 2 and 4 bits in rows of 32 tokens
 GENERIC = dict(G=4, G_PAD=16, D=128, BLOCK_N=128, K_KIND=0, K_BITS=2, K_GROUP=32, K_BOOK=(1, 8, 0, 1, 0))
-GENERIC.update(K_TOK=(0, 8, 1, 2, 2, 0), V_TOK=(0, 8, 1, 2, 2, 0))
+GENERIC.update(K_TOK=(0, 8, 1, 2, 2), V_TOK=(0, 8, 1, 2, 2))
 GENERIC.update(
     V_KIND=0, V_BITS=2, V_GROUP=32, V_BOOK=(1, 8, 0, 1, 0), V_MIXED=(2, 2, 2, 2, 1, 1, 0), R=0, R_PAD=16
 )
@@ -59,13 +59,13 @@ CASES: dict[str, tuple[Any, dict[str, str], dict[str, Any]]] = {
     # what engines ship: scaled tokens (fp8 e4m3, int4 with a scale per token and head) and rotated
     # tokens at 3.5 bits (4 and 3 bits for the two halves), keys and values alike
     "generic fp8": (
-        triton_decode._decode_split_kernel, GENERIC_ARGS, dict(GENERIC, K_KIND=4, K_TOK=(1, 8, 1, 2, 2, 1), V_KIND=4, V_TOK=(1, 8, 1, 2, 2, 1)),
+        triton_decode._decode_split_kernel, GENERIC_ARGS, dict(GENERIC, K_KIND=4, K_TOK=(1, 8, 1, 2, 2), V_KIND=4, V_TOK=(1, 8, 1, 2, 2)),
     ),
     "generic int4": (
-        triton_decode._decode_split_kernel, GENERIC_ARGS, dict(GENERIC, K_KIND=4, K_TOK=(0, 4, 1, 2, 2, 1), V_KIND=4, V_TOK=(0, 4, 1, 2, 2, 1)),
+        triton_decode._decode_split_kernel, GENERIC_ARGS, dict(GENERIC, K_KIND=4, K_TOK=(0, 4, 1, 2, 2), V_KIND=4, V_TOK=(0, 4, 1, 2, 2)),
     ),
     "generic rotation 3.5": (
-        triton_decode._decode_split_kernel, GENERIC_ARGS, dict(GENERIC, K_KIND=5, K_TOK=(0, 8, 1, 4, 3, 0), V_KIND=5, V_TOK=(0, 8, 1, 4, 3, 0)),
+        triton_decode._decode_split_kernel, GENERIC_ARGS, dict(GENERIC, K_KIND=5, K_TOK=(0, 8, 1, 4, 3), V_KIND=5, V_TOK=(0, 8, 1, 4, 3)),
     ),
 }  # fmt: skip
 

@@ -154,7 +154,7 @@ def _decode_split_kernel(
     """One split of one (sequence, KV head); every split of a launch has the same segment kinds.
 
     K_BOOK / V_BOOK: codebook settings (dim, first and second stage's index bits, stages, scaled);
-    K_TOK / V_TOK: scaled and rotated tokens' settings (format, bits, scaled, two halves' widths, aligned);
+    K_TOK / V_TOK: scaled and rotated tokens' settings (format, bits, scaled, two halves' widths);
     V_MIXED: mixed-width settings (four widths, how many are used, chunk, index bits).
     TAIL: also write the scaled logits of positions from ``tail_start`` on (for the statistics).
     """
@@ -192,7 +192,7 @@ def _decode_split_kernel(
             k_chan = tl.load(krow + PTR3_C).to(tl.pointer_type(tl.float16)) + h * D
             q = (q.to(tl.float32) / tl.load(k_chan + c).to(tl.float32)[None, :]).to(DT)
     elif K_KIND == SCALED_C:
-        k_codes, k_scale = _scaled_segment(krow, k_tokens, bh64, D, K_TOK[1], K_TOK[5])
+        k_codes, k_scale = _scaled_segment(krow, k_tokens, bh64, D, K_TOK[1])
     elif K_KIND == ROTATED_C:
         k_first, k_second, k_norm, k_levels, k_basis = _rotated_segment(
             krow, k_tokens, bh64, D, K_TOK[3], K_TOK[4]
@@ -223,7 +223,7 @@ def _decode_split_kernel(
         v_book0 = tl.multiple_of(tl.load(vrow + PTR1_C).to(tl.pointer_type(tl.float16)), 16)
         v_book1 = tl.multiple_of(tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16)), 16)
     elif V_KIND == SCALED_C:
-        v_codes, v_scale = _scaled_segment(vrow, v_tokens, bh64, D, V_TOK[1], V_TOK[5])
+        v_codes, v_scale = _scaled_segment(vrow, v_tokens, bh64, D, V_TOK[1])
     elif V_KIND == ROTATED_C:
         v_first, v_second, v_norm, v_levels, v_basis = _rotated_segment(
             vrow, v_tokens, bh64, D, V_TOK[3], V_TOK[4]
@@ -373,14 +373,12 @@ def _book(seg: Segment | None) -> tuple[int, ...]:
 
 
 def _tok(seg: Segment | None) -> tuple[int, ...]:
-    """Scaled and rotated tokens' constexprs: (format, bits, scaled, the two halves' widths,
-    aligned: scaled codes start on 16 bytes and a token's words fill whole 16 bytes)."""
+    """Scaled and rotated tokens' constexprs: (format, bits, scaled, the two halves' widths)."""
     if isinstance(seg, Scaled):
-        aligned = seg.codes.data_ptr() % 16 == 0 and seg.codes.shape[-1] % 4 == 0
-        return (seg.format, seg.bits, int(seg.scale is not None), 2, 2, int(aligned))
+        return (seg.format, seg.bits, int(seg.scale is not None), 2, 2)
     if isinstance(seg, Rotated):
-        return (0, 8, 1, *seg.widths, 0)
-    return (0, 8, 1, 2, 2, 0)
+        return (0, 8, 1, *seg.widths)
+    return (0, 8, 1, 2, 2)
 
 
 def _mixed(seg: Segment | None) -> tuple[int, ...]:

@@ -113,12 +113,9 @@ def _mixed_value_segment(
 
 
 @triton.jit
-def _scaled_segment(row, tokens, bh64, D: tl.constexpr, BITS: tl.constexpr, ALIGNED: tl.constexpr):
-    """Scaled tokens of one (sequence, KV head): codes (int32 words) and scales. ALIGNED: the
-    caller checked that the codes start on 16 bytes and a token's words fill whole 16 bytes."""
+def _scaled_segment(row, tokens, bh64, D: tl.constexpr, BITS: tl.constexpr):
+    """Scaled tokens of one (sequence, KV head): codes (int32 words) and scales."""
     codes = tl.load(row + PTR0_C).to(tl.pointer_type(tl.int32)) + bh64 * tokens * (D * BITS // 32)
-    if ALIGNED:
-        codes = tl.multiple_of(codes, 16)
     scale = tl.load(row + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * tokens
     return codes, scale
 
