@@ -20,6 +20,7 @@ import headq_core
 from headq_core.errors import HeadqError
 from headq_core.harness import loading
 from headq_core.harness.loading import (
+    HELD_OUT,
     KNOWN_SHA256,
     NAMED_TEXTS,
     ModelLoadError,
@@ -76,10 +77,11 @@ def fake_datasets(monkeypatch: pytest.MonkeyPatch, load_dataset: Any) -> list[tu
 def test_named_texts_are_the_documented_files(name: str) -> None:
     role: Role = "eval" if name == "wikitext-2-test" else "calibration"
     text = load_text(name, role=role)
-    assert text.name == name
+    assert text.name == name if name not in HELD_OUT else text.name.startswith(f"{name} (")
     assert text.sha256 == KNOWN_SHA256[name]
     assert text.path == SHARED / NAMED_TEXTS[name]
-    assert hashlib.sha256(text.text.encode("utf-8")).hexdigest() == text.sha256
+    assert hashlib.sha256(text.path.read_bytes()).hexdigest() == text.sha256
+    assert text.text in text.path.read_text(encoding="utf-8")
 
 
 @needs_shared_data
@@ -105,6 +107,22 @@ def test_path_as_str_and_path() -> None:
     assert by_str.name == "input.txt"
     assert by_str.path == path
     assert by_str.text.startswith("First Citizen:")
+
+
+@needs_shared_data
+def test_a_text_without_a_split_is_cut_into_disjoint_parts() -> None:
+    """Tiny Shakespeare: calibration reads the first 90%, evaluation the rest, cut at a line break,
+    so that a study can calibrate and evaluate on it without scoring what it calibrated on."""
+    whole = load_text(SHARED / NAMED_TEXTS["tinyshakespeare"])
+    calibration = load_text("tinyshakespeare", role="calibration")
+    evaluation = load_text("tinyshakespeare")
+    assert calibration.text + evaluation.text == whole.text
+    assert calibration.text.endswith("\n") and calibration.text.startswith("First Citizen:")
+    assert 0.9 <= len(calibration.text) / len(whole.text) < 0.9001
+    assert calibration.sha256 == evaluation.sha256 == whole.sha256  # the file they came from
+    assert (
+        calibration.name == "tinyshakespeare (first 90%)" and evaluation.name == "tinyshakespeare (last 10%)"
+    )
 
 
 def test_any_text_file(tmp_path: Path) -> None:
@@ -142,7 +160,7 @@ def test_data_dir_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.setenv("HEADQ_DATA_DIR", str(tmp_path))
     assert data_dir() == tmp_path
     with pytest.warns(UserWarning, match="not the file the project documents"):
-        text = load_text("tinyshakespeare")
+        text = load_text("tinyshakespeare", role="calibration")  # its first 90%: the one line
     assert text.text == "To be, or not to be\n"
     assert text.path == tmp_path / "tinyshakespeare" / "input.txt"
 

@@ -62,6 +62,9 @@ KNOWN_SHA256: dict[str, str] = {
     "wikitext-2-valid": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
     "tinyshakespeare": "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
 }
+# A named text with no published split keeps its last part for evaluation: calibration reads what
+# comes before the first line break after this share of its characters, evaluation the rest.
+HELD_OUT: dict[str, float] = {"tinyshakespeare": 0.9}
 TEST_SPLIT_NAMES = frozenset({"wikitext-2-test"})
 TEST_SPLIT_FILE = re.compile(r"^wiki\.test\.(raw|tokens)$")
 # (Hugging Face datasets config, split) to fetch a missing WikiText file through `datasets`.
@@ -114,7 +117,8 @@ class LoadedText:
     name:
         The text's name (``"wikitext-2-test"``), or the file name for a text given by path.
     text:
-        The whole text, decoded as UTF-8, line endings as in the file.
+        The text, decoded as UTF-8, line endings as in the file: all of it, or for a named text
+        without a published split (:data:`HELD_OUT`) the part for the role.
     sha256:
         Hex SHA-256 of the text's UTF-8 bytes (of the file, for a file).
     path:
@@ -412,7 +416,9 @@ def load_text(name_or_path: str | os.PathLike[str] | None = None, *, role: Role 
     name_or_path:
         ``"wikitext-2-test"`` (WikiText-2 raw test split, the default for ``role="eval"``),
         ``"wikitext-2-valid"`` (WikiText-2 validation split, tokenized variant; the default for
-        ``role="calibration"``), ``"tinyshakespeare"``; or the path of any UTF-8 text file.
+        ``role="calibration"``), ``"tinyshakespeare"`` (no published split: calibration reads
+        its first 90%, evaluation its last 10%, cut at a line break); or the path of any UTF-8
+        text file.
         Named texts are read from :func:`data_dir`; a missing WikiText file is fetched through
         the ``datasets`` package when that is installed and can reach it.
     role:
@@ -433,7 +439,18 @@ def load_text(name_or_path: str | os.PathLike[str] | None = None, *, role: Role 
     key = os.fspath(name_or_path)
     loaded = _load_named(key) if key in NAMED_TEXTS else _load_file(key)
     _refuse_test_split(loaded, role)
+    if key in HELD_OUT:
+        loaded = _part(loaded, HELD_OUT[key], role)
     return loaded
+
+
+def _part(loaded: LoadedText, share: float, role: Role) -> LoadedText:
+    """The calibration part (before the cut) or the evaluation part (after it) of a text without
+    a split; ``sha256`` still names the whole file, the name says which part."""
+    cut = loaded.text.find("\n", int(len(loaded.text) * share)) + 1 or len(loaded.text)
+    part = loaded.text[:cut] if role == "calibration" else loaded.text[cut:]
+    label = f"first {share:.0%}" if role == "calibration" else f"last {1 - share:.0%}"
+    return attrs.evolve(loaded, name=f"{loaded.name} ({label})", text=part)
 
 
 def _load_named(name: str) -> LoadedText:
