@@ -296,8 +296,11 @@ def calibrate(
 
 @app.command()
 def compare(files: Annotated[list[Path], typer.Argument(help="bench JSON files")]) -> None:
-    """Render earlier bench results side by side, with one combined plot."""
-    from headq_core.harness.report import COLUMNS, load_result, plot, rows_table, versus
+    """Render earlier bench results side by side, with one combined plot. Each row's decode PPL
+    is compared with the same row of the first file: against the spread of the difference where
+    both runs scored the same windows (same model, text and windowing), else their spreads
+    combined."""
+    from headq_core.harness.report import COLUMNS, load_result, plot, rows_table, same_windows, versus
 
     try:
         results = [load_result(f) for f in files]
@@ -310,8 +313,10 @@ def compare(files: Annotated[list[Path], typer.Argument(help="bench JSON files")
     table.add_column(f"decode PPL vs {results[0]['label']}")
     first = {(row["keys"], row["values"]): row for row in results[0]["rows"]}
     for result in results:
+        paired = same_windows(result, results[0])
         for row, cells in zip(result["rows"], rows_table(result), strict=True):
-            mark = "–" if result is results[0] else versus(row, first.get((row["keys"], row["values"])))
+            reference = first.get((row["keys"], row["values"]))
+            mark = "–" if result is results[0] else versus(row, reference, paired=paired)
             table.add_row(result["label"], *cells, mark)
     console.print(table)
     out = files[0].parent / "compare.png"

@@ -366,3 +366,27 @@ def test_the_spread_over_windows_is_paired_and_matches_the_delta_method() -> Non
     assert _cell(exact, "decode_ppl") == f"{exact['decode_ppl']:.2f} ± {exact['decode_ppl_se']:.2f}"
     half["delta_ppl"] = half["decode_ppl"] - exact["decode_ppl"]
     assert "% ± " in _cell(half, "excess_removed") and " ± " in _cell(half, "delta_ppl")
+
+
+def test_compare_pairs_runs_that_scored_the_same_windows() -> None:
+    """Two runs on the same windows: a row that is worse by the same small amount in every window
+    is beyond the spread of the difference, though well within the two runs' spreads combined;
+    runs on another text, model or windowing are not paired."""
+    from headq_core.harness.report import same_windows, versus
+
+    gen = torch.Generator().manual_seed(1)
+    per_token = 3.0 + 0.3 * torch.randn(8, generator=gen, dtype=torch.float64)
+
+    def row(shift: float) -> dict:
+        nll = ((per_token + shift) * 256).tolist()
+        return {"keys": "kivi", "values": "fp16", "window_nll": nll, "scored_tokens": 8 * 256,
+                "decode_ppl": math.exp(sum(nll) / (8 * 256)), "decode_ppl_se": 2.0}  # fmt: skip
+
+    before, after = row(0.0), row(0.01)
+    assert "beyond the paired spread" in versus(after, before, paired=True)
+    assert "within the spread" in versus(after, before)
+    run = {"model": {"fingerprint": "f"}, "text": {"name": "t", "sha256": "s", "tokens": 9},
+           "windowing": {"prefix": 512, "scored": 256, "windows": 8, "batch": 4}}  # fmt: skip
+    assert same_windows(run, {**run, "windowing": {**run["windowing"], "batch": 1}})
+    assert not same_windows(run, {**run, "text": {**run["text"], "name": "t (last 10%)"}})
+    assert not same_windows(run, {**run, "windowing": {**run["windowing"], "windows": 4}})

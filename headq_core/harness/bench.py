@@ -291,6 +291,15 @@ def finish(rows: list[dict[str, Any]], baseline: Combination | None) -> dict[str
 BOOTSTRAP = 2000  # resamples of the windows for the spread of every PPL figure
 
 
+def resampled_ppl(row: dict[str, Any]) -> torch.Tensor:
+    """A row's decode PPL on each of BOOTSTRAP resamples of its windows, (BOOTSTRAP,) float64:
+    the same resamples for every row of as many windows (rows on the same windows pair up)."""
+    n = len(row["window_nll"])
+    pick = torch.randint(0, n, (BOOTSTRAP, n), generator=torch.Generator().manual_seed(0))
+    per_token = torch.tensor(row["window_nll"], dtype=torch.float64) * n / row["scored_tokens"]
+    return per_token[pick].mean(-1).exp()
+
+
 def spread(
     rows: list[dict[str, Any]], exact: dict[str, Any] | None, found: dict[Any, dict[str, Any]]
 ) -> None:
@@ -303,11 +312,9 @@ def spread(
     n = len(rows[0].get("window_nll") or [])
     if n < 2:
         return
-    pick = torch.randint(0, n, (BOOTSTRAP, n), generator=torch.Generator().manual_seed(0))
     ppl = {}
     for row in rows:
-        per_token = torch.tensor(row["window_nll"], dtype=torch.float64) * n / row["scored_tokens"]
-        ppl[id(row)] = per_token[pick].mean(-1).exp()
+        ppl[id(row)] = resampled_ppl(row)
         row["decode_ppl_se"] = float(ppl[id(row)].std())
     if exact is None:
         return

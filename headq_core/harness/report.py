@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from headq_core.harness.bench import STREAM_CHECK_TOKENS
+from headq_core.harness.bench import STREAM_CHECK_TOKENS, resampled_ppl
 
 COLUMNS = (
     ("keys", "keys"),
@@ -59,17 +59,35 @@ def rows_table(result: dict[str, Any]) -> list[list[str]]:
     return [[_cell(row, key) for _, key in COLUMNS] for row in result["rows"]]
 
 
-def versus(row: dict[str, Any], reference: dict[str, Any] | None) -> str:
+def versus(row: dict[str, Any], reference: dict[str, Any] | None, *, paired: bool = False) -> str:
     """How a row's decode PPL compares with the same row of a reference run: the difference, and
-    "within the spread" where it is at most the two runs' spreads combined (or "–")."""
+    whether it is within the spread (or "–").
+
+    paired: both runs scored the same windows (:func:`same_windows`), so the spread is that of the
+    difference itself over the same resamples of the windows; otherwise the two runs' spreads
+    combined, which is wider wherever the windows' difficulty moves both rows alike."""
     if reference is None:
         return "–"
     diff = row["decode_ppl"] - reference["decode_ppl"]
+    windows = len(row.get("window_nll") or [])
+    if paired and windows >= 2 and windows == len(reference.get("window_nll") or []):
+        se = float((resampled_ppl(row) - resampled_ppl(reference)).std())
+        return f"{diff:+.2f} ({'within' if abs(diff) <= se else 'beyond'} the paired spread ± {se:.2f})"
     se_a, se_b = row.get("decode_ppl_se"), reference.get("decode_ppl_se")
     if se_a is None or se_b is None:
         return f"{diff:+.2f}"
     combined = math.hypot(se_a, se_b)
     return f"{diff:+.2f} ({'within' if abs(diff) <= combined else 'beyond'} the spread ± {combined:.2f})"
+
+
+def same_windows(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two bench results scored the same tokens: one model, one text, one windowing."""
+    cut = ("prefix", "scored", "windows")
+    return (
+        a.get("model", {}).get("fingerprint") == b.get("model", {}).get("fingerprint")
+        and a.get("text") == b.get("text")
+        and all(a["windowing"].get(k) == b["windowing"].get(k) for k in cut)
+    )
 
 
 def stream_gap_line(result: dict[str, Any]) -> str | None:
