@@ -231,3 +231,47 @@ def test_generate_runs_its_decoding_loop_on_the_static_mode(make_model, make_ids
                 )
             )
         assert torch.equal(stopped[0], stopped[1]) and int(stopped[1][0, -1]) in (0, eos)
+
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec"),
+    [("keys", "kivi:bits=2"), ("values", "kivi:bits=2")]
+    + [(kind, spec) for spec in ("fp8", "int:bits=4", "int:bits=4,mode=affine", "rotation:bits=3.5") for kind in ("keys", "values")],
+)  # fmt: skip
+def test_a_warm_encode_copies_nothing_from_the_host(monkeypatch, kind: str, spec: str) -> None:
+    """A step captured as a CUDA graph may encode a block, and the capture refuses a copy from the
+    host: once a method has encoded a block on a device, its next encode there reads only what is
+    already on that device (here the meta device, where a copy from the CPU shows up the same way)."""
+    from transformers import LlamaConfig
+
+    from headq_core import get_registry
+
+    if spec.split(":")[0] in ("fp8", "int", "rotation"):
+        pytest.importorskip("headq_baselines")
+    registry = get_registry()
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                         num_hidden_layers=1)  # fmt: skip
+    if kind == "keys":
+        key_method = registry.key_quantizer(spec)
+        key_method.bind(config, None)
+        encode = lambda x: key_method.encode(x, 0)  # noqa: E731
+    else:
+        value_method = registry.value_policy(spec)
+        value_method.bind(config, None)
+        encode = lambda x: value_method.encode(x, 0, None)  # noqa: E731
+    copies: list[tuple[int, ...]] = []
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if self.device.type == "cpu" and out.device.type != "cpu":
+            copies.append(tuple(self.shape))
+        return out
+
+    x = torch.randn(2, 2, 32, 64, device="meta")
+    encode(x)  # warm: what the method builds once per device
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    encode(x)
+    monkeypatch.undo()
+    assert not copies, f"copied from the host: {copies}"
