@@ -233,7 +233,6 @@ def test_generate_runs_its_decoding_loop_on_the_static_mode(make_model, make_ids
         assert torch.equal(stopped[0], stopped[1]) and int(stopped[1][0, -1]) in (0, eos)
 
 
-
 @pytest.mark.parametrize(
     ("kind", "spec"),
     [("keys", "kivi:bits=2"), ("values", "kivi:bits=2")]
