@@ -27,7 +27,8 @@ import torch
 
 from headq_core import get_registry
 from headq_core.harness.diagnostics import capture_window, spearman
-from headq_core.harness.loading import load_model, load_text, token_windows, tokenize
+from headq_core.harness.loading import load_model
+from headq_core.harness.texts import load_text, token_windows, tokenize
 
 PREFIX, SCORED, CHUNK = 512, 256, 32
 A2 = "a2:mode=greedy,avg=2.5,hi=8,group=64"

@@ -66,7 +66,8 @@ def run_case(case: str, tokens: int, chunk: int, window: int) -> dict[str, Any]:
     import torch
 
     from headq_core import QuantizedKVCache
-    from headq_core.harness.loading import load_model, load_text, tokenize
+    from headq_core.harness.loading import load_model
+    from headq_core.harness.texts import load_text, tokenize
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     loaded = load_model()

@@ -58,7 +58,8 @@ PAIRS: dict[str, tuple[Any, Any]] = {
 
 @pytest.fixture(scope="module")
 def model_and_prefix() -> tuple[Any, torch.Tensor]:
-    from headq_core.harness.loading import load_model, load_text, tokenize
+    from headq_core.harness.loading import load_model
+    from headq_core.harness.texts import load_text, tokenize
 
     torch.set_num_threads(1)  # spinning threads stall on a shared machine
     loaded = load_model()

@@ -25,7 +25,8 @@ _SEEN: dict[tuple[str, str], float] = {}
 
 @pytest.fixture(scope="module")
 def setup():
-    from headq_core.harness.loading import load_model, load_text, token_windows, tokenize
+    from headq_core.harness.loading import load_model
+    from headq_core.harness.texts import load_text, token_windows, tokenize
 
     loaded = load_model()
     ids = tokenize(loaded.tokenizer, load_text(None).text)

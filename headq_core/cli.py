@@ -268,8 +268,9 @@ def calibrate(
     length: Annotated[int, typer.Option(help="tokens per forward pass")] = 512,
 ) -> None:
     """Fit the methods that learn from data (query bases, codebooks) and save an artifact."""
-    from headq_core.harness.loading import load_model, load_text
+    from headq_core.harness.loading import load_model
     from headq_core.harness.run import calibrate_with_progress
+    from headq_core.harness.texts import load_text
 
     try:
         registry = get_registry()

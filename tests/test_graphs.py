@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -251,14 +253,9 @@ def test_a_warm_encode_copies_nothing_from_the_host(monkeypatch, kind: str, spec
     registry = get_registry()
     config = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                          num_hidden_layers=1)  # fmt: skip
-    if kind == "keys":
-        key_method = registry.key_quantizer(spec)
-        key_method.bind(config, None)
-        encode = lambda x: key_method.encode(x, 0)  # noqa: E731
-    else:
-        value_method = registry.value_policy(spec)
-        value_method.bind(config, None)
-        encode = lambda x: value_method.encode(x, 0, None)  # noqa: E731
+    method: Any = registry.key_quantizer(spec) if kind == "keys" else registry.value_policy(spec)
+    method.bind(config, None)
+    extra = () if kind == "keys" else (None,)  # a value policy's statistic
     copies: list[tuple[int, ...]] = []
     real_to = torch.Tensor.to
 
@@ -269,8 +266,8 @@ def test_a_warm_encode_copies_nothing_from_the_host(monkeypatch, kind: str, spec
         return out
 
     x = torch.randn(2, 2, 32, 64, device="meta")
-    encode(x)  # warm: what the method builds once per device
+    method.encode(x, 0, *extra)  # warm: what the method builds once per device
     monkeypatch.setattr(torch.Tensor, "to", to)
-    encode(x)
+    method.encode(x, 0, *extra)
     monkeypatch.undo()
     assert not copies, f"copied from the host: {copies}"

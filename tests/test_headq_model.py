@@ -16,8 +16,9 @@ import torch
 from headq_core import get_registry
 from headq_core.calibration import Calibration, calibrate
 from headq_core.harness.diagnostics import distortion
-from headq_core.harness.loading import LoadedModel, load_model, load_text, token_windows, tokenize
+from headq_core.harness.loading import LoadedModel, load_model
 from headq_core.harness.perplexity import CacheSettings
+from headq_core.harness.texts import load_text, token_windows, tokenize
 
 pytestmark = [
     pytest.mark.model,

@@ -19,21 +19,18 @@ import torch
 import headq_core
 from headq_core.errors import HeadqError
 from headq_core.harness import loading
-from headq_core.harness.loading import (
+from headq_core.harness.loading import ModelLoadError, load_model, model_fingerprint, write_atomically
+from headq_core.harness.texts import (
     HELD_OUT,
     KNOWN_SHA256,
     NAMED_TEXTS,
-    ModelLoadError,
     Role,
     TextError,
     TextNotFoundError,
     data_dir,
-    load_model,
     load_text,
-    model_fingerprint,
     token_windows,
     tokenize,
-    write_atomically,
 )
 
 SHARED = data_dir()

@@ -19,7 +19,8 @@ from transformers import DynamicCache
 
 from headq_core import QuantizedKVCache
 from headq_core.compat import cache_kwargs
-from headq_core.harness.loading import LoadedModel, load_model, load_text, tokenize
+from headq_core.harness.loading import LoadedModel, load_model
+from headq_core.harness.texts import load_text, tokenize
 
 pytestmark = pytest.mark.model
 
@@ -137,8 +138,8 @@ def test_one_pass_decode_perplexity_is_close_to_streaming(
     can round the other way and the rest of the model follows. The gap is measured and bounded
     here, not claimed to be rounding (seen on this window: -1.42% PPL for KIVI-2 keys and values,
     -0.03% for KIVI-2 keys alone)."""
-    from headq_core.harness.loading import token_windows
     from headq_core.harness.perplexity import CacheSettings, Windowing, perplexity
+    from headq_core.harness.texts import token_windows
 
     windowing = Windowing(prefix=512, scored=128, windows=1, batch=1)
     windows = [row[0] for row in token_windows(wikitext_ids, 512, 128, 1)]

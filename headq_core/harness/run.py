@@ -203,7 +203,7 @@ def calibrate_with_progress(
     """Fit ``methods`` on ``tokens`` tokens of ``text`` in passes of ``length``, with a progress bar
     in a terminal and one line per stage (with its rate and time) in a log."""
     from headq_core.calibration import calibrate
-    from headq_core.harness.loading import token_windows, tokenize
+    from headq_core.harness.texts import token_windows, tokenize
 
     ids = tokenize(loaded.tokenizer, text.text)
     windows = token_windows(ids, length - 1, 1, max(1, tokens // length))
@@ -236,7 +236,8 @@ def calibration_on_demand(loaded: Any, methods: list[tuple[str, Any]], console: 
     import json
 
     from headq_core.calibration import Calibration
-    from headq_core.harness.loading import cache_dir, load_text
+    from headq_core.harness.loading import cache_dir
+    from headq_core.harness.texts import load_text
 
     text = load_text(None, role="calibration")
     specs = sorted(f"{kind}:{method.spec}" for kind, method in methods)
@@ -269,7 +270,8 @@ def _stage_reporter(progress: Progress, task: Any, console: Console, label: str)
 def run_bench(
     options: BenchOptions, *, out_dir: Path, stem: str = "bench", console: Console | None = None
 ) -> dict[str, Any]:
-    from headq_core.harness.loading import load_model, load_text, token_windows, tokenize
+    from headq_core.harness.loading import load_model
+    from headq_core.harness.texts import load_text, token_windows, tokenize
 
     console = console or Console()
     started = time.time()

@@ -92,8 +92,7 @@ def kernel_tables(
     table = torch.zeros(2, 16)
     for row, width in enumerate(widths):
         table[row, : 1 << width] = levels(width) / math.sqrt(head_dim)
-    basis = decode_plan.interleaved_basis(rotation(head_dim, seed, torch.device("cpu")))
-    return table.to(device), basis.to(device)
+    return table.to(device), decode_plan.interleaved_basis(rotation(head_dim, seed, device))
 
 
 @functools.cache
