@@ -30,6 +30,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from headq_core import fused
+from headq_core.devices import on_device
 from headq_core.graphs import StaticLayer
 from headq_core.interfaces import KeyQuantizer
 from headq_core.layer import LAYER_ATTR, QuantizedLayer
@@ -60,6 +61,18 @@ def headq_attention(
     if dropout and module.training:
         raise NotImplementedError("headq attention is for inference; attention dropout is not supported")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    with on_device(query.device):  # a layer on cuda:1 encodes and launches there, whatever the current device
+        return _attention(query, key, value, attention_mask, scaling, softcap)
+
+
+def _attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None,
+) -> tuple[torch.Tensor, None]:
     layer = getattr(key, LAYER_ATTR, None)
     b, hq, n, d = query.shape
     hkv = key.shape[1]

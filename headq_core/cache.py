@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
+from headq_core.devices import on_device
 from headq_core.errors import CacheStateError
 from headq_core.finite import DeviceFlag, locate_non_finite
 from headq_core.interfaces import KeyQuantizer, ValuePolicy
@@ -154,8 +155,9 @@ class QuantizedKVCache(Cache):
         Layers may be filled in any order and in several calls each (a forward pass's checks, that
         every layer holds as many tokens as the others, do not apply)."""
         layer = self._layer(layer_idx)
-        layer.update(keys, values)
-        layer.end_step(layer.begin_step())
+        with on_device(keys.device):
+            layer.update(keys, values)
+            layer.end_step(layer.begin_step())
 
     def _layer(self, layer_idx: int) -> QuantizedLayer:
         """Layer ``layer_idx``, created on first use where no config fixed the layers up front."""

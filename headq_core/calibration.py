@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -56,7 +57,8 @@ class CalibrationStats:
 
     shape: dict[str, int]
     tokens: int = 0
-    query_moments: list[torch.Tensor] = attrs.Factory(list)  # (kv_heads, d, d) float64, averaged
+    # on the CPU, whatever device each layer runs on: (kv_heads, d, d) float64, averaged
+    query_moments: list[torch.Tensor] = attrs.Factory(list)
     key_moments: list[torch.Tensor] = attrs.Factory(list)
     key_samples: list[torch.Tensor] = attrs.Factory(list)  # (kv_heads, n, d) float32
     value_samples: list[torch.Tensor] = attrs.Factory(list)
@@ -108,7 +110,7 @@ class Calibration:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")  # processes of a sharded bench may race
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
         metadata = {**self.metadata, "tensors_sha256": tensors_sha256(tensors)}
         save_file(tensors, str(tmp), metadata={"headq": json.dumps(metadata)})
@@ -192,10 +194,10 @@ def collect_statistics(
             hkv, d = cap.keys.shape[1], cap.keys.shape[-1]
             if "query_moments" in needs:
                 q = cap.query[0].reshape(hkv, -1, d).double()  # query heads of a KV head pooled
-                _accumulate(stats.query_moments, layer_idx, q.transpose(-1, -2) @ q / q.shape[1])
+                _accumulate(stats.query_moments, layer_idx, (q.transpose(-1, -2) @ q / q.shape[1]).cpu())
             if "key_moments" in needs:
                 k = cap.keys[0].double()
-                _accumulate(stats.key_moments, layer_idx, k.transpose(-1, -2) @ k / k.shape[1])
+                _accumulate(stats.key_moments, layer_idx, (k.transpose(-1, -2) @ k / k.shape[1]).cpu())
             for name, tensor in (
                 ("key_samples", cap.keys),
                 ("value_samples", cap.values),

@@ -19,6 +19,9 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console(width=None if sys.stdout.isatty() else 160)
+DEVICE_MAP_HELP = (
+    "where the model's layers go, as from_pretrained takes it: auto (spread over every GPU), cuda:1, ..."
+)
 
 
 def _fail(err: Exception) -> None:
@@ -222,8 +225,12 @@ def bench(
             "quanto:bits=2 or hqq:bits=4,q_group_size=32 (repeatable)",
         ),
     ] = None,
+    device_map: Annotated[str | None, typer.Option(help=DEVICE_MAP_HELP)] = None,
 ) -> None:
-    """Run a grid of key x value methods on one model and text and write the results table."""
+    """Run a grid of key x value methods on one model and text and write the results table.
+
+    Under torchrun or accelerate launch, each process measures its share of the rows on its own
+    GPU and writes NAME.rank{R}.json; `headq merge` makes the one result of them."""
     from headq_core.harness.run import BenchOptions, run_bench
 
     try:
@@ -245,6 +252,7 @@ def bench(
             skip=skip,
             prefill_chunk=prefill_chunk,
             peers=peer,
+            device_map=device_map,
         )
         run_bench(options, out_dir=out, stem=name, console=console)
     except HeadqError as err:
@@ -266,6 +274,7 @@ def calibrate(
     text: Annotated[str | None, typer.Option(help="text name or path; default wikitext-2-valid")] = None,
     tokens: Annotated[int, typer.Option(help="calibration tokens")] = 8192,
     length: Annotated[int, typer.Option(help="tokens per forward pass")] = 512,
+    device_map: Annotated[str | None, typer.Option(help=DEVICE_MAP_HELP)] = None,
 ) -> None:
     """Fit the methods that learn from data (query bases, codebooks) and save an artifact."""
     from headq_core.harness.loading import load_model
@@ -282,7 +291,7 @@ def calibrate(
             if not method.calibration_needs:
                 raise typer.BadParameter(f"{kind} method {method.spec} learns nothing from data")
         with console.status("loading model and text"):
-            loaded = load_model(model)
+            loaded = load_model(model, device_map=device_map)
             loaded_text = load_text(text, role="calibration")
         artifact = calibrate_with_progress(
             loaded, loaded_text, methods, console, tokens=tokens, length=length
@@ -293,6 +302,29 @@ def calibrate(
         )
     except HeadqError as err:
         _fail(err)
+
+
+@app.command()
+def merge(
+    parts: Annotated[list[Path], typer.Argument(help="the parts of one bench: OUT/NAME.rank*.json")],
+    out: Annotated[Path | None, typer.Option(help="output folder (default: the parts' folder)")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="file stem of the outputs (default: the parts' NAME)")
+    ] = None,
+) -> None:
+    """Merge the parts of a bench run by several processes (torchrun, accelerate launch) into the
+    one result a single process writes: JSON, Markdown and plot."""
+    from headq_core.harness.report import print_table, write_outputs
+    from headq_core.harness.shard import merge_parts
+
+    try:
+        result = merge_parts(parts)
+    except HeadqError as err:
+        _fail(err)
+    print_table(result, console)
+    stem = name or parts[0].name.split(".rank")[0]
+    paths = write_outputs(result, out or parts[0].parent, stem)
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()), highlight=False)
 
 
 @app.command()

@@ -59,7 +59,7 @@ class DeviceFlag:
         self.fold()
         self._host.copy_(self.ok, non_blocking=True)
         self._copied = torch.cuda.Event()
-        self._copied.record()
+        self._copied.record(torch.cuda.current_stream(self.device))  # the flag's device, not the current one
 
     def tripped(self) -> bool:
         """Whether the last published flag says something non-finite was stored; False while the

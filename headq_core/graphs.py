@@ -42,6 +42,7 @@ import torch
 
 from headq_core import fused
 from headq_core.compat import cache_kwargs
+from headq_core.devices import on_device
 from headq_core.errors import CacheStateError
 from headq_core.finite import checkable
 from headq_core.interfaces import KeyQuantizer
@@ -455,8 +456,9 @@ class StaticDecode:
         self._ids.copy_(input_ids.reshape(self.batch, 1), non_blocking=True)
         if self.graphs:
             self._copied = torch.cuda.Event()
-            self._copied.record()
-        logits = self._run(self.variant)  # a step that fails counts nothing: the tokens held stay
+            self._copied.record(torch.cuda.current_stream(self.device))
+        with on_device(self.device):  # graphs, pools and Triton launches go to the current device
+            logits = self._run(self.variant)  # a step that fails counts nothing: the tokens held stay
         self.length = n_tokens
         for flag in self.cache._flags.values():
             flag.publish()
@@ -551,6 +553,8 @@ def _refuse(model: Any, cache: Any, layers: list[QuantizedLayer]) -> None:
         why = "it holds no tokens: run the prompt through it first"
     elif len(lengths) > 1 or any(layer.pending is not None for layer in layers):
         why = "a forward pass through it did not complete"
+    elif len({layer.device for layer in layers}) > 1:
+        why = "its layers live on several devices (a device_map): a static step holds one device's buffers"
     elif cache.sinks:
         why = "it keeps sinks"
     elif cache.value_statistic is not None:

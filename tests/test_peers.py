@@ -156,7 +156,7 @@ def _bench(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, peer_specs: list[str
 
     model = tiny_model("llama", attn="headq", max_position_embeddings=512)
     loaded = loading.LoadedModel(model, _Characters(), "tiny", "0123456789abcdef")
-    monkeypatch.setattr(loading, "load_model", lambda name: loaded)
+    monkeypatch.setattr(loading, "load_model", lambda name, **_: loaded)
     text = tmp_path / "text.txt"
     text.write_text("".join(chr(32 + (7 * i) % 90) for i in range(400)))
     options = BenchOptions(

@@ -20,6 +20,7 @@ import torch
 from transformers import AttentionInterface
 
 from headq_core.attention import ATTN_NAME, headq_attention
+from headq_core.devices import on_device
 from headq_core.harness.perplexity import CacheSettings
 from headq_core.interfaces import AttentionSample, DistortionMetric
 from headq_core.layer import QuantizedLayer
@@ -92,7 +93,7 @@ def capture_window(model: Any, ids: torch.Tensor, *, grads: bool = False) -> dic
         with torch.enable_grad():
             logits = model(ids, use_cache=False).logits[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"
+                logits.flatten(0, 1), ids[:, 1:].flatten().to(logits.device), reduction="sum"
             )
             inputs = [t for i in sorted(leaves) for t in leaves[i]]
             found = torch.autograd.grad(loss, inputs, allow_unused=True)
@@ -114,7 +115,7 @@ class DistortionTable:
         for name, per_head in values.items():
             if name not in self.sums:
                 self.sums[name] = torch.zeros(n_layers, per_head.shape[-1], dtype=torch.float64)
-            self.sums[name][layer] += per_head.double().sum(0)
+            self.sums[name][layer] += per_head.double().sum(0).cpu()  # layers may be on several devices
 
     def means(self) -> dict[str, torch.Tensor]:
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}
@@ -205,7 +206,8 @@ def distortion(
         step = max(1, n // positions_per_window)
         positions = list(range(step - 1, n, step))[:positions_per_window]
         for layer_idx, cap in sorted(layers.items()):
-            sums = layer_distortion(cap, layer_idx, settings, model.config, prefix, positions, metrics)
+            with on_device(cap.keys.device):  # the layer's own GPU under a device_map
+                sums = layer_distortion(cap, layer_idx, settings, model.config, prefix, positions, metrics)
             table.add(layer_idx, len(layers), sums)
         table.count += len(positions) * ids.shape[0] if ids.dim() > 1 else len(positions)
     return table

@@ -76,7 +76,9 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "headq"
 
 
-def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(
+    model: str | None = None, *, dtype: torch.dtype = torch.float32, device_map: str | None = None
+) -> LoadedModel:
     """Load a causal LM and its tokenizer for the harness.
 
     Parameters
@@ -90,6 +92,9 @@ def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32) 
     dtype:
         The dtype of the weights. float32 by default: the default model's de-quantized 4-bit
         weights are not exact in bfloat16.
+    device_map:
+        Where the weights go, as ``from_pretrained`` takes it: ``"auto"`` (accelerate spreads the
+        layers over every GPU), ``"cuda:1"``, ... None keeps them on the CPU.
 
     Returns
     -------
@@ -107,15 +112,15 @@ def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32) 
         gguf = _smollm2_gguf()
         folder = _converted_folder(gguf)
         source = _gguf_source(gguf)
-        loaded, tokenizer = _read_converted(folder, dtype)
+        loaded, tokenizer = _read_converted(folder, dtype, device_map)
         name = DEFAULT_MODEL
     elif (given := _gguf_file(model)) is not None:
         folder = _converted_folder(given)
         source = _gguf_source(given)
-        loaded, tokenizer = _read_converted(folder, dtype)
+        loaded, tokenizer = _read_converted(folder, dtype, device_map)
         name = model
     else:
-        loaded, tokenizer, source = _load_pretrained(model, dtype)
+        loaded, tokenizer, source = _load_pretrained(model, dtype, device_map)
         name = model
     use_headq_attention(loaded)
     loaded.eval()
@@ -256,11 +261,11 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
     return target
 
 
-def _read_converted(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+def _read_converted(folder: Path, dtype: torch.dtype, device_map: str | None = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
         raise ModelLoadError(
@@ -270,7 +275,9 @@ def _read_converted(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _load_pretrained(model: str, dtype: torch.dtype) -> tuple[Any, Any, dict[str, Any]]:
+def _load_pretrained(
+    model: str, dtype: torch.dtype, device_map: str | None = None
+) -> tuple[Any, Any, dict[str, Any]]:
     """A local folder, or a Hub id from the local cache first and then (unless offline) the Hub."""
     from huggingface_hub import constants as hub_constants
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -278,7 +285,7 @@ def _load_pretrained(model: str, dtype: torch.dtype) -> tuple[Any, Any, dict[str
     folder = Path(model).expanduser()
     if folder.is_dir():
         try:
-            loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+            loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map)
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"the folder {model!r} holds no loadable causal LM: {err}") from err
@@ -292,7 +299,9 @@ def _load_pretrained(model: str, dtype: torch.dtype) -> tuple[Any, Any, dict[str
             errors.append("the Hugging Face Hub was not asked: offline mode (HF_HUB_OFFLINE) is on")
             break
         try:
-            loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, local_files_only=local_only)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                model, dtype=dtype, device_map=device_map, local_files_only=local_only
+            )
             tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=local_only)
         except (OSError, ValueError) as err:
             where = "the local Hugging Face cache" if local_only else "the Hugging Face Hub"

@@ -146,6 +146,7 @@ def window_nll(
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logprobs = torch.log_softmax(logits.double(), dim=-1)
+    targets = targets.to(logits.device)  # the last layer's device, where a device_map puts the head
     return -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(-1)
 
 
@@ -184,6 +185,6 @@ def decode_speed(model: Any, ids: torch.Tensor, settings: CacheBuilder, steps: i
     start = time.perf_counter()
     for _ in range(steps):
         token = model(token, **cache_kwargs(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
-    if ids.is_cuda:
-        torch.cuda.synchronize()
+    if token.is_cuda:  # the last layer's device: every layer's work feeds the token made there
+        torch.cuda.synchronize(token.device)
     return steps / (time.perf_counter() - start)

@@ -26,12 +26,12 @@ from headq_core.harness.bench import (
     canonical,
     capture_all,
     default_suite,
-    finish,
     measure,
 )
 from headq_core.harness.peers import PeerSpec, check, default_peers, measure_peer, parse_peer
 from headq_core.harness.perplexity import CacheSettings, Windowing
 from headq_core.harness.report import print_table, write_outputs
+from headq_core.harness.shard import Shard, finished, write_part
 from headq_core.registry import get_registry
 
 if sys.version_info >= (3, 11):
@@ -53,6 +53,7 @@ class BenchOptions:
     calibration: Path | None = None
     skip: frozenset[str] = frozenset()
     peers: tuple[PeerSpec, ...] = ()  # rows of transformers' QuantizedCache (harness.peers)
+    device_map: str | None = None  # from_pretrained's: "auto" spreads the layers over every GPU
 
     @classmethod
     def from_cli(
@@ -75,6 +76,7 @@ class BenchOptions:
         skip: list[str] | None = None,
         prefill_chunk: int | None = None,
         peers: list[str] | None = None,
+        device_map: str | None = None,
     ) -> BenchOptions:
         """Flags override the suite file's [bench] table, which overrides the defaults.
 
@@ -119,6 +121,7 @@ class BenchOptions:
             calibration=calibration,
             skip=_stages(skip if skip is not None else settings.get("skip", [])),
             peers=tuple(dict.fromkeys(peer_specs)),
+            device_map=pick(device_map, "device_map", None),
         )
 
 
@@ -270,10 +273,14 @@ def _stage_reporter(progress: Progress, task: Any, console: Console, label: str)
 def run_bench(
     options: BenchOptions, *, out_dir: Path, stem: str = "bench", console: Console | None = None
 ) -> dict[str, Any]:
+    """Measure every row and write the outputs; returns the result. Under a launcher
+    (:class:`~headq_core.harness.shard.Shard`) this process measures its share of the rows and
+    writes them as a part for ``headq merge``; it returns the part."""
     from headq_core.harness.loading import load_model
     from headq_core.harness.texts import load_text, token_windows, tokenize
 
     console = console or Console()
+    shard = Shard.from_env()
     started = time.time()
     combos = [canonical(c) for c in options.combinations]
     if (EXACT[0], EXACT[1]) not in [(c.keys, c.values) for c in combos]:
@@ -289,7 +296,8 @@ def run_bench(
             baseline = None
 
     with console.status("loading model and text"):
-        loaded = load_model(options.model)
+        device_map = options.device_map or (shard.device_map() if shard else None)
+        loaded = load_model(options.model, device_map=device_map)
         text = load_text(options.text, role="eval")
         ids = tokenize(loaded.tokenizer, text.text)
         w = options.windowing
@@ -319,6 +327,8 @@ def run_bench(
             skipped.append({"peer": str(peer), "reason": reason})
             console.print(f"[yellow]skipped[/yellow] {peer.label}: {escape(reason)}", highlight=False)
 
+    units: list[Combination | PeerSpec] = [*combos, *peers]
+    mine = shard.rows(len(units)) if shard else list(range(len(units)))
     rows: list[dict[str, Any]] = []
     with Progress(
         TextColumn("{task.description}"),
@@ -327,30 +337,29 @@ def run_bench(
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        task = progress.add_task("capturing exact attention", total=len(combos) + len(peers))
+        task = progress.add_task("capturing exact attention", total=len(mine))
         diagnosed = [] if "distortion" in options.skip else windows[: options.diag_windows]
-        captured = capture_all(loaded.model, diagnosed)
-        for combo in combos:
-            row = measure(
-                loaded.model,
-                windows,
-                combo,
-                w,
-                window=options.window,
-                sinks=options.sinks,
-                calibration=calibration,
-                diag_windows=options.diag_windows,
-                captured=captured,
-                skip=options.skip,
-                progress=_stage_reporter(progress, task, console, combo.label),
-            )
-            rows.append(row)
+        captured = capture_all(loaded.model, diagnosed) if any(i < len(combos) for i in mine) else []
+        for unit in (units[i] for i in mine):
+            say = _stage_reporter(progress, task, console, unit.label)
+            if isinstance(unit, PeerSpec):
+                rows.append(measure_peer(loaded.model, windows, unit, w, skip=options.skip, progress=say))
+            else:
+                row = measure(
+                    loaded.model,
+                    windows,
+                    unit,
+                    w,
+                    window=options.window,
+                    sinks=options.sinks,
+                    calibration=calibration,
+                    diag_windows=options.diag_windows,
+                    captured=captured,
+                    skip=options.skip,
+                    progress=say,
+                )
+                rows.append(row)
             progress.advance(task)
-        for peer in peers:
-            say = _stage_reporter(progress, task, console, peer.label)
-            rows.append(measure_peer(loaded.model, windows, peer, w, skip=options.skip, progress=say))
-            progress.advance(task)
-    extra = finish(rows, baseline)
     result = {
         "format": "headq-bench/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -370,8 +379,16 @@ def run_bench(
         "peers_skipped": skipped,
         "environment": environment(),
         "rows": rows,
-        **extra,
     }
+    if shard is not None:
+        path = write_part(result, shard, mine, len(units), shard.part_path(out_dir, stem))
+        console.print(
+            f"wrote {path}: rows {mine} of {len(units)}, part {shard.rank} of {shard.world}; when every "
+            f"process is done: headq merge {Path(out_dir) / stem}.rank*.json",
+            highlight=False,
+        )
+        return result
+    result = finished(result)
     print_table(result, console)
     paths = write_outputs(result, out_dir, stem)
     console.print("wrote " + ", ".join(str(p) for p in paths.values()), highlight=False)
