@@ -17,8 +17,8 @@ as ``generate`` does. Caches:
 - ``headq-fp8``, ``headq-int4``, ``headq-rotation``: what engines ship (headq-baselines), keys
   and values alike: fp8 e4m3 and int4 with a scale per token and head, the rotation method at
   3.5 bits;
-- ``...-graph`` (``headq-fp16-graph``, ``headq-kivi2-graph``, ``headq-headq-graph``): the same
-  caches in static mode (:class:`~headq_core.graphs.StaticDecode`), each decode step a CUDA graph
+- ``...-graph`` (by default ``headq-fp16-graph``, ``headq-kivi2-graph``, ``headq-headq-graph``;
+  any ``headq-`` cache above on request): the same caches in static mode (:class:`~headq_core.graphs.StaticDecode`), each decode step a CUDA graph
   replay; their warm-up is at least 72 steps, so that both flush patterns are captured.
 
 Per cache and shape it reports wall time per step (host clock around the synchronized loop), GPU
@@ -49,11 +49,6 @@ import headq_kernels
 
 HQ, HKV, D = 32, 8, 128
 WINDOW = 128
-CACHES = [
-    "dynamic", "quanto2", "quanto4", "headq-fp16", "headq-kivi2", "headq-kivi4", "headq-headq", "headq-a2",
-    "headq-fp8", "headq-int4", "headq-rotation",
-    "headq-fp16-graph", "headq-kivi2-graph", "headq-headq-graph",
-]  # fmt: skip
 GRAPH_WARMUP = 72  # a static decode runs a flush pattern once eagerly and captures it the second time
 HEADQ_SPECS = {
     "headq-fp16": ("fp16", "fp16"),
@@ -65,6 +60,16 @@ HEADQ_SPECS = {
     "headq-int4": ("int:bits=4", "int:bits=4"),
     "headq-rotation": ("rotation:bits=3.5", "rotation:bits=3.5"),
 }
+CACHES = [
+    "dynamic",
+    "quanto2",
+    "quanto4",
+    *HEADQ_SPECS,
+    "headq-fp16-graph",
+    "headq-kivi2-graph",
+    "headq-headq-graph",
+]
+CHOICES = CACHES + [f"{name}-graph" for name in HEADQ_SPECS if f"{name}-graph" not in CACHES]
 
 
 def model_config(layers: int) -> Any:
@@ -312,7 +317,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="*", default=["1x4096", "8x16384", "1x32768"], help="BATCHxCONTEXT")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--caches", nargs="+", choices=CACHES, default=CACHES)
+    parser.add_argument("--caches", nargs="+", choices=CHOICES, default=CACHES)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument(

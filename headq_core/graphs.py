@@ -94,7 +94,7 @@ class _StaticStream:
         floats = []
         for index, (path, axis, _, _) in zip(dest, self.arena.layout.tensors, strict=True):
             new = _get(block, path)
-            _get(self.arena.buffers, path).index_copy_(axis, index, new)
+            _bytes_of(_get(self.arena.buffers, path)).index_copy_(axis, index, _bytes_of(new))
             if new.is_floating_point():
                 floats.append(new)
         return floats
@@ -538,6 +538,11 @@ class StaticDecode:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _bytes_of(x: torch.Tensor) -> torch.Tensor:
+    """Float8 tensors as their bytes: CUDA's ``index_copy_`` has no float8 kernel."""
+    return x.view(torch.uint8) if x.is_floating_point() and x.element_size() == 1 else x
 
 
 def _refuse(model: Any, cache: Any, layers: list[QuantizedLayer]) -> None:

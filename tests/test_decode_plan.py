@@ -8,6 +8,7 @@ plan, the segments and the flush rule of the fused path against the reference pa
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -258,16 +259,30 @@ def test_rotated_segments_attend_in_their_interleaved_basis() -> None:
     torch.testing.assert_close(readout, p @ decoded, rtol=1e-4, atol=1e-5)
 
 
-def test_every_float8_byte_decodes_by_the_kernels_rule() -> None:
-    """The scaled-token kernel reads float8 bytes as float16 bits: an e5m2 byte is a float16's high
-    byte, and an e4m3 byte's exponent and mantissa moved 7 bits up are its value over 2^8."""
-    byte = torch.arange(256, dtype=torch.int32)
-    for dtype, bits, unit in (
-        (torch.float8_e5m2, byte << 8, 1.0),
-        (torch.float8_e4m3fn, ((byte & 0x80) << 8) | ((byte & 0x7F) << 7), 256.0),
+def test_8_bit_scaled_codes_are_read_as_bytes_in_channel_order() -> None:
+    """The scaled-token kernel reads an 8-bit token as its row of bytes, 16 at a time: byte c of
+    a token is the code of channel c, and the plan refuses codes that do not start on 16 bytes."""
+    fp8 = pytest.importorskip("headq_baselines.fp8")
+    integer = pytest.importorskip("headq_baselines.integer")
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 40, 64, generator=gen)
+    for block in (
+        fp8.encode(x, fp8.Fp8Config(format="e4m3")),
+        fp8.encode(x, fp8.Fp8Config(format="e5m2")),
+        integer.encode(x, integer.IntConfig(bits=8)),
     ):
-        want = byte.to(torch.uint8).view(dtype).float()
-        got = bits.to(torch.int16).view(torch.float16).float() * unit
-        finite = want.isfinite()
-        assert finite.sum() >= 248  # every byte but the NaNs (and e5m2's infinities)
-        assert torch.equal(got[finite], want[finite])
+        seg = block.kernel_segment(40)
+        byte = seg.codes.view(torch.uint8)
+        assert byte.shape == x.shape
+        if seg.format == decode_plan.INT:
+            level = byte.float() - 127
+        else:
+            level = byte.view(
+                torch.float8_e4m3fn if seg.format == decode_plan.E4M3 else torch.float8_e5m2
+            ).float()
+        torch.testing.assert_close(level * seg.scale.float(), seg.decode().float(), rtol=0, atol=0)
+        values = [decode_plan.Dense(torch.randn(2, 3, 40, 64))]
+        decode_plan.plan([seg], values, batch_heads=6)
+        shifted = torch.empty(seg.codes.numel() + 1, dtype=torch.int32)[1:].view(seg.codes.shape)
+        with pytest.raises(ValueError, match="start on 16 bytes"):
+            decode_plan.plan([dataclasses.replace(seg, codes=shifted)], values, batch_heads=6)

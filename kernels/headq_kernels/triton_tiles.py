@@ -298,32 +298,34 @@ def _scaled_tokens(
     MATH: tl.constexpr,
 ):
     """Scaled tokens t (BLOCK_N,) of one head: their levels (BLOCK_N, D) in MATH and each token's
-    scale (BLOCK_N,) float32 (0 past the end). Float8 codes are read as words of four bytes.
+    scale (BLOCK_N,) float32 (0 past the end).
 
-    An e5m2 byte is the high byte of a float16; an e4m3 byte's exponent and mantissa, moved to a
-    float16's low exponent bits, give the value times 2^-8 (subnormals included), so its scale
-    carries the 2^8.
+    Codes of 8 bits are read as bytes (the words store their first code lowest, so byte c of a
+    token's row is its code c) and float8 bytes converted by the hardware; 4-bit codes are read
+    as words and unpacked.
     """
-    words: tl.constexpr = D * BITS // 32
-    packed = tl.load(
-        codes + t[:, None].to(tl.int64) * words + tl.arange(0, words)[None, :], mask=live[:, None], other=0
-    )
-    if FORMAT == 0:
-        x = _unpack_rows(packed, BITS, BLOCK_N, D, MATH) - ((1 << (BITS - 1)) - 1)
-        unit = 1.0
-    else:
-        byte = _unpack_rows(packed, 8, BLOCK_N, D, tl.int32)
-        if FORMAT == 1:
-            half_bits = ((byte & 0x80) << 8) | ((byte & 0x7F) << 7)
-            unit = 256.0
+    if BITS == 8:
+        rows = codes.to(tl.pointer_type(tl.uint8)) + t[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :]
+        rows = tl.max_contiguous(tl.multiple_of(rows, [1, 16]), [1, 16])  # segments start on 16 bytes
+        byte = tl.load(rows, mask=live[:, None], other=0)
+        if FORMAT == 0:
+            x = byte.to(MATH) - 127
+        elif FORMAT == 1:
+            x = byte.to(tl.float8e4nv, bitcast=True).to(MATH)
         else:
-            half_bits = byte << 8
-            unit = 1.0
-        x = half_bits.to(tl.int16).to(tl.float16, bitcast=True).to(MATH)
-    if SCALED:
-        s = tl.load(scale + t, mask=live, other=0.0).to(tl.float32) * unit
+            x = byte.to(tl.float8e5, bitcast=True).to(MATH)
     else:
-        s = tl.where(live, unit, 0.0)
+        words: tl.constexpr = D * BITS // 32
+        packed = tl.load(
+            codes + t[:, None].to(tl.int64) * words + tl.arange(0, words)[None, :],
+            mask=live[:, None],
+            other=0,
+        )
+        x = _unpack_rows(packed, BITS, BLOCK_N, D, MATH) - ((1 << (BITS - 1)) - 1)
+    if SCALED:
+        s = tl.load(scale + t, mask=live, other=0.0).to(tl.float32)
+    else:
+        s = tl.where(live, 1.0, 0.0)
     return x, s
 
 
