@@ -35,8 +35,14 @@ STATISTICS = {
     "value_samples": "a uniform subsample of values per (layer, KV head)",
     "key_fisher": "squared gradient of the calibration LM loss per key channel, aligned with key_samples",
     "value_fisher": "squared gradient of the calibration LM loss per value channel, aligned with value_samples",
+    "key_positions": "position of each key sample in its calibration window, aligned with key_samples",
 }
-_SAMPLES_OF = {"key_fisher": "key_samples", "value_fisher": "value_samples"}  # subsampled alike
+_SAMPLES_OF = {  # subsampled alike
+    "key_fisher": "key_samples",
+    "value_fisher": "value_samples",
+    "key_positions": "key_samples",
+}
+_SQUARED = {"key_fisher", "value_fisher"}  # gradients, kept squared
 
 
 def model_shape(config: Any) -> dict[str, int]:
@@ -64,6 +70,8 @@ class CalibrationStats:
     value_samples: list[torch.Tensor] = attrs.Factory(list)
     key_fisher: list[torch.Tensor] = attrs.Factory(list)  # (kv_heads, n, d) float32, d loss/d k squared
     value_fisher: list[torch.Tensor] = attrs.Factory(list)
+    key_positions: list[torch.Tensor] = attrs.Factory(list)  # (kv_heads, n, 1) int64
+    config: Any = None  # the model's config (rotary settings), where the statistics came from a model
 
 
 @attrs.define
@@ -181,7 +189,7 @@ def collect_statistics(
         raise CalibrationError(
             f"unknown calibration statistics {sorted(unknown)}; known: {sorted(STATISTICS)}"
         )
-    stats = CalibrationStats(model_shape(model.config))
+    stats = CalibrationStats(model_shape(model.config), config=model.config)
     generator = torch.Generator().manual_seed(seed)
     wanted = needs | {_SAMPLES_OF[name] for name in needs & _SAMPLES_OF.keys()}
     samples: dict[str, list[list[torch.Tensor]]] = {
@@ -189,7 +197,7 @@ def collect_statistics(
     }
     seen = 0
     for ids in windows:
-        captured = capture_window(model, ids, grads=bool(needs & _SAMPLES_OF.keys()))
+        captured = capture_window(model, ids, grads=bool(needs & _SQUARED))
         for layer_idx, cap in sorted(captured.items()):
             hkv, d = cap.keys.shape[1], cap.keys.shape[-1]
             if "query_moments" in needs:
@@ -203,12 +211,13 @@ def collect_statistics(
                 ("value_samples", cap.values),
                 ("key_fisher", cap.key_grad),
                 ("value_fisher", cap.value_grad),
+                ("key_positions", torch.arange(cap.keys.shape[-2]).expand(1, hkv, -1)[..., None]),
             ):
                 if name in wanted and tensor is not None:
                     while len(samples[name]) <= layer_idx:
                         samples[name].append([])
                     samples[name][layer_idx].append(
-                        tensor[0].cpu() if name in _SAMPLES_OF.values() else tensor[0].cpu().square()
+                        tensor[0].cpu().square() if name in _SQUARED else tensor[0].cpu()
                     )
         stats.tokens += ids.shape[-1]
         seen += 1

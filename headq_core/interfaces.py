@@ -198,6 +198,12 @@ class KeyQuantizer(Method):
     def encode(self, keys: torch.Tensor, layer_idx: int) -> EncodedBlock:
         """keys: (batch, kv_heads, tokens, head_dim), tokens a multiple of ``block_tokens``."""
 
+    def encode_at(self, keys: torch.Tensor, layer_idx: int, start: int) -> EncodedBlock:
+        """:meth:`encode` for keys whose first token is the layer's token ``start`` (sinks
+        included), as the cache calls it. A method whose encoding depends on where a token sits
+        (keys rotated back to before the rotary embedding) overrides it; the default ignores it."""
+        return self.encode(keys, layer_idx)
+
     def logits(self, query: torch.Tensor, block: EncodedBlock, layer_idx: int) -> torch.Tensor:
         """Raw dot products ``q . k_hat`` (unscaled).
 

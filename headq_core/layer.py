@@ -436,7 +436,7 @@ class QuantizedLayer(CacheLayerMixin):
             return attrs.evolve(stream, encoded=stream.encoded + count)
         chunk = stream.exact.view()[..., :count, :]
         if isinstance(stream.method, KeyQuantizer):
-            block = stream.method.encode(chunk, self.layer_idx)
+            block = stream.method.encode_at(chunk, self.layer_idx, first)
         else:
             stats = None if self.sq_attention is None else self.sq_attention[..., :count]
             block = stream.method.encode(chunk, self.layer_idx, stats)

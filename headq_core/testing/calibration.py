@@ -26,7 +26,7 @@ def synthetic_stats(
 
     shape = model_shape(model_config)
     h, d = shape["kv_heads"], shape["head_dim"]
-    stats = CalibrationStats(shape, tokens=tokens)
+    stats = CalibrationStats(shape, tokens=tokens, config=model_config)
     gen = torch.Generator().manual_seed(seed)
     for layer in range(shape["layers"]):
         decay = torch.logspace(0, -2, d, dtype=torch.float64)
@@ -43,6 +43,8 @@ def synthetic_stats(
             stats.key_samples.append(keys)
         if "value_samples" in needs:
             stats.value_samples.append(values)
+        if "key_positions" in needs:  # windows of 64 tokens
+            stats.key_positions.append((torch.arange(tokens) % 64).expand(h, -1)[..., None])
         for name in ("key_fisher", "value_fisher"):  # squared gradients, aligned with the samples
             if name in needs:
                 grads = torch.randn(

@@ -3,7 +3,8 @@
 Spec examples: ``gsrq`` (1 bit per element: sub-vectors of 8 channels, one stage of 256
 codewords), ``gsrq:bits=2,dim=8`` (two stages of 256), ``gsrq:dim=8,stages=256x16``, the learner
 control ``gsrq:learner=kmeans`` (plain Euclidean k-means) and the weighting control
-``gsrq:weighted=false``. Codebooks come from ``headq calibrate --keys gsrq ... --values gsrq ...``.
+``gsrq:weighted=false``; ``gsrq:bits=1,scale=fisher,rope=pre`` codes keys rotated back to before the
+rotary embedding. Codebooks come from ``headq calibrate --keys gsrq ... --values gsrq ...``.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import attrs
 import torch
 
 from headq_core.layouts import Codebook, EncodedBlock, NoKernelLayout, stored
+from headq_gsrq.rotary import rotate
 from headq_kernels import decode_plan
 
 
@@ -28,6 +29,7 @@ class LayerCodebooks:
 
     stages: tuple[torch.Tensor, ...]
     scale: torch.Tensor | None = None
+    inv_freq: torch.Tensor | None = None  # (head_dim / 2,) float32 with rope=pre: codewords are pre-RoPE
 
     @property
     def positions(self) -> int:
@@ -43,7 +45,7 @@ class LayerCodebooks:
 
     @property
     def nbytes(self) -> int:
-        held = [*self.stages, *([] if self.scale is None else [self.scale])]
+        held = [*self.stages, *(t for t in (self.scale, self.inv_freq) if t is not None)]
         return sum(t.numel() * t.element_size() for t in held)
 
     def place(self, device: torch.device) -> None:
@@ -51,6 +53,7 @@ class LayerCodebooks:
         if self.stages[0].device != device:
             self.stages = tuple(c.to(device) for c in self.stages)
             self.scale = None if self.scale is None else self.scale.to(device)
+            self.inv_freq = None if self.inv_freq is None else self.inv_freq.to(device)
 
     def on(self, device: torch.device) -> list[torch.Tensor]:
         """The codebooks as float32 on ``device``: [(P, K_m, dim)]."""
@@ -126,6 +129,23 @@ class CodebookBlock(EncodedBlock):
         out = decode(codes, self.books.on(codes.device)).flatten(-2)
         scale = self.books.channel_scale(codes.device)
         return (out if scale is None else out / scale).to(dtype)
+
+
+@attrs.define(kw_only=True)
+class RotatedCodebookBlock(CodebookBlock):
+    """Codewords of keys rotated back to before the rotary embedding (``rope=pre``), with where each
+    token sits: ``positions`` (b, 1, tokens) int32, the layer's token index the rotation is undone
+    and redone with. The rotation differs per token, so the lookup tables and the fused kernel do
+    not apply: these blocks are read dequantized, on the reference path."""
+
+    positions: torch.Tensor = stored("side")
+
+    def kernel_segment(self, covered: int) -> decode_plan.Segment:
+        raise NoKernelLayout("pre-RoPE codebook keys: the kernel applies no rotary embedding")
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        assert self.books.inv_freq is not None
+        return rotate(super().dequantize(), self.positions, self.books.inv_freq).to(dtype)
 
 
 def decode(codes: torch.Tensor, books: list[torch.Tensor]) -> torch.Tensor:

@@ -14,9 +14,10 @@ import torch
 
 from headq_core.calibration import model_shape
 from headq_core.errors import CalibrationError
-from headq_gsrq.block import CodebookBlock, LayerCodebooks, pack_indices
+from headq_gsrq.block import CodebookBlock, LayerCodebooks, RotatedCodebookBlock, pack_indices
 from headq_gsrq.config import GsrqConfig
 from headq_gsrq.fitting import channel_scale, encode_residual, fisher_weights, fit_layer
+from headq_gsrq.rotary import inverse_frequencies, rotate
 
 Kind = Literal["key", "value"]
 
@@ -31,12 +32,17 @@ class Codebooks:
     @property
     def needs(self) -> frozenset[str]:
         fisher = self.config.weighted or self.config.scale == "fisher"
-        return frozenset({f"{self.kind}_samples", *([f"{self.kind}_fisher"] if fisher else [])})
+        positions = ["key_positions"] if self.config.rope == "pre" else []
+        return frozenset({f"{self.kind}_samples", *([f"{self.kind}_fisher"] if fisher else []), *positions})
 
     def fit(self, stats: Any) -> dict[str, torch.Tensor]:
         """Per layer, ``layer{i}.stage{m}``: (P, K_m, dim) float16 codebooks; ``layer{i}.scale``:
-        (kv_heads, head_dim) float16 channel scales (``scale=fisher``)."""
+        (kv_heads, head_dim) float16 channel scales (``scale=fisher``). With ``rope=pre`` the samples
+        are rotated back by their positions first (the Fisher statistic is used as it is)."""
         cfg = self.config
+        if cfg.rope == "pre" and self.kind != "key":
+            raise CalibrationError("gsrq rope=pre undoes the rotary embedding of keys; values have none")
+        inv_freq = inverse_frequencies(stats.config) if cfg.rope == "pre" else None
         samples: list[torch.Tensor] = getattr(stats, f"{self.kind}_samples")
         fisher: list[torch.Tensor] = getattr(stats, f"{self.kind}_fisher", [])
         if f"{self.kind}_fisher" in self.needs and len(fisher) != len(samples):
@@ -45,6 +51,8 @@ class Codebooks:
         for layer, x in enumerate(samples):
             cfg.positions(x.shape[-1])
             weights = fisher_weights(fisher[layer].cpu(), cfg.dim) if cfg.weighted else None
+            if inv_freq is not None:
+                x = rotate(x.cpu(), stats.key_positions[layer][..., 0].cpu(), inv_freq, back=True)
             if cfg.scale == "fisher":
                 scale = channel_scale(fisher[layer].cpu()).half()
                 out[f"layer{layer}.scale"] = scale
@@ -60,6 +68,9 @@ class Codebooks:
         count = len({name.split(".")[0] for name in tensors})
         scaled = self.config.scale == "fisher"
         shape = model_shape(model_config) if model_config is not None else None
+        if self.config.rope == "pre" and model_config is None:
+            raise CalibrationError(f"{spec}: rope=pre needs the model config (its rotary embedding)")
+        inv_freq = inverse_frequencies(model_config) if self.config.rope == "pre" else None
         if shape is not None and count < shape["layers"]:
             raise CalibrationError(
                 f"{spec}: the calibration has codebooks for {count} layers, the model {shape['layers']}"
@@ -85,7 +96,8 @@ class Codebooks:
             if scaled and (scale is None or scale.shape[-1] != self.config.dim * stages[0].shape[0]):
                 got = None if scale is None else tuple(scale.shape)
                 raise CalibrationError(f"{spec}: layer {layer} channel scale is {got}; recalibrate")
-            layers.append(LayerCodebooks(tuple(stages), None if scale is None else scale.half().contiguous()))
+            scale = None if scale is None else scale.half().contiguous()
+            layers.append(LayerCodebooks(tuple(stages), scale, inv_freq))
         self.layers = layers
 
     def books(self, spec: str, layer_idx: int) -> LayerCodebooks:
@@ -97,19 +109,30 @@ class Codebooks:
             )
         return self.layers[layer_idx]
 
-    def encode(self, spec: str, x: torch.Tensor, layer_idx: int) -> CodebookBlock:
-        """x: (batch, kv_heads, tokens, head_dim) -> a block of bit-packed indices."""
+    def encode(self, spec: str, x: torch.Tensor, layer_idx: int, start: int | None = None) -> CodebookBlock:
+        """x: (batch, kv_heads, tokens, head_dim), its first token the layer's token ``start`` -> a
+        block of bit-packed indices (with ``rope=pre``, of the keys rotated back by their positions)."""
         books = self.books(spec, layer_idx)
         books.place(x.device)
         if books.positions * books.dim != x.shape[-1]:
             raise CalibrationError(
                 f"{spec}: codebooks cover {books.positions * books.dim} channels, keys have {x.shape[-1]}"
             )
+        positions = None
+        if books.inv_freq is not None:
+            if start is None:
+                raise CalibrationError(f"{spec}: rope=pre encodes keys at known positions (encode_at)")
+            positions = torch.arange(start, start + x.shape[-2], device=x.device, dtype=torch.int32)
+            x = rotate(x, positions, books.inv_freq, back=True)
         scale = books.channel_scale(x.device)
         scaled = x.float() if scale is None else x.float() * scale
         sub = scaled.unflatten(-1, (books.positions, books.dim))  # (b, h, T, P, dim)
         codes = encode_residual(sub, books.on(x.device))
-        return CodebookBlock(tokens=x.shape[-2], indices=pack_indices(codes, books.widths), books=books)
+        indices = pack_indices(codes, books.widths)
+        if positions is None:
+            return CodebookBlock(tokens=x.shape[-2], indices=indices, books=books)
+        where = positions.expand(x.shape[0], 1, -1).contiguous()  # (b, 1, tokens)
+        return RotatedCodebookBlock(tokens=x.shape[-2], indices=indices, books=books, positions=where)
 
     def state_nbytes(self, layer_idx: int) -> int:
         return self.layers[layer_idx].nbytes if layer_idx < len(self.layers) else 0

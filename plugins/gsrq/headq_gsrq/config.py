@@ -18,6 +18,7 @@ from headq_core import MethodConfig
 
 Learner = Literal["gskm", "kmeans"]
 Scale = Literal["fisher", "none"]
+Rope = Literal["post", "pre"]
 MAX_STAGE_BITS = 8  # codewords per stage up to 256: indices fit a byte
 AUTO = "auto"
 
@@ -82,6 +83,14 @@ class GsrqConfig(MethodConfig):
         validator=attrs.validators.in_(("fisher", "none")),
         metadata={
             "help": "quantize channels scaled by the root of their mean Fisher per KV head (none: as they are)"
+        },
+    )
+    rope: Rope = attrs.field(
+        default="post",
+        validator=attrs.validators.in_(("post", "pre")),
+        metadata={
+            "help": "keys as the cache holds them (post) or rotated back to before the rotary embedding "
+            "(pre: rotated again at read, on the reference path; keys only)"
         },
     )
     iters: int = attrs.field(default=20, validator=_positive, metadata={"help": "learner passes per stage"})

@@ -16,7 +16,7 @@ import torch
 
 from headq_core import KeyQuantizer, ValuePolicy
 from headq_core.errors import CalibrationError
-from headq_gsrq.block import CodebookBlock
+from headq_gsrq.block import CodebookBlock, RotatedCodebookBlock
 from headq_gsrq.codebooks import Codebooks
 from headq_gsrq.config import GsrqConfig
 from headq_gsrq.lookup import lut_logits, lut_readout
@@ -62,6 +62,7 @@ class _CodebookMethod:
             f"per token and sub-vector of {config.dim} channels, one index per stage ({sizes} codewords), "
             f"bit-packed; float16 codebooks per (layer, sub-vector position), learned by {config.learner}"
             f"{' with Fisher weights' if config.weighted else ''}, amortized over the cache"
+            f"{'; keys coded before the rotary embedding, an int32 position per token' if config.rope == 'pre' else ''}"
         )
 
 
@@ -77,9 +78,12 @@ class GsrqKeys(_CodebookMethod, KeyQuantizer):  # type: ignore[misc,override]
     def encode(self, keys: torch.Tensor, layer_idx: int) -> CodebookBlock:
         return self.books.encode(str(self.spec), keys, layer_idx)
 
+    def encode_at(self, keys: torch.Tensor, layer_idx: int, start: int) -> CodebookBlock:
+        return self.books.encode(str(self.spec), keys, layer_idx, start)
+
     def logits(self, query: torch.Tensor, block: Any, layer_idx: int) -> torch.Tensor:
-        if not isinstance(block, CodebookBlock):
-            return super().logits(query, block, layer_idx)
+        if not isinstance(block, CodebookBlock) or isinstance(block, RotatedCodebookBlock):
+            return super().logits(query, block, layer_idx)  # a rotation per token: no shared table
         return lut_logits(query.float(), block)
 
     def keys_as_read(self, block: Any, dtype: torch.dtype) -> torch.Tensor | None:
