@@ -19,6 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console(width=None if sys.stdout.isatty() else 160)
+MODEL_HELP = "smollm2-135m (the default) or gemma3-270m, a HF model id, a folder or a GGUF file"
 DEVICE_MAP_HELP = (
     "where the model's layers go, as from_pretrained takes it: auto (spread over every GPU), cuda:1, ..."
 )
@@ -185,9 +186,7 @@ def _describe(registry: Registry, kind: str, method: Any, head_dim: int) -> None
 
 @app.command()
 def bench(
-    model: Annotated[
-        str | None, typer.Option(help="HF model id or folder; default SmolLM2-135M-Instruct")
-    ] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     text: Annotated[str | None, typer.Option(help="text name or path; default wikitext-2-test")] = None,
     keys: Annotated[list[str] | None, typer.Option("--keys", help="key spec (repeatable)")] = None,
     values: Annotated[list[str] | None, typer.Option("--values", help="value spec (repeatable)")] = None,
@@ -268,9 +267,7 @@ def calibrate(
     values: Annotated[
         list[str] | None, typer.Option("--values", help="value method spec to fit (repeatable)")
     ] = None,
-    model: Annotated[
-        str | None, typer.Option(help="HF model id or folder; default SmolLM2-135M-Instruct")
-    ] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     text: Annotated[str | None, typer.Option(help="text name or path; default wikitext-2-valid")] = None,
     tokens: Annotated[int, typer.Option(help="calibration tokens")] = 8192,
     length: Annotated[int, typer.Option(help="tokens per forward pass")] = 512,

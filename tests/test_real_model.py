@@ -156,9 +156,9 @@ def test_a_gguf_file_or_its_folder_loads_as_the_default_model_does(loaded: Loade
     """``--model path/to/model.gguf`` (or a folder holding one): converted once, cached, and the
     same weights as the default model, whose GGUF this is (before: "holds no loadable causal LM")."""
 
-    from headq_core.harness.loading import ModelLoadError, _smollm2_gguf
+    from headq_core.harness.loading import DEFAULT_MODEL, PACKAGED_MODELS, ModelLoadError, packaged_gguf
 
-    gguf = _smollm2_gguf()
+    gguf = packaged_gguf(PACKAGED_MODELS[DEFAULT_MODEL])
     by_file = load_model(str(gguf))
     assert by_file.name == str(gguf) and by_file.fingerprint == loaded.fingerprint
     first, second = loaded.model.state_dict(), by_file.model.state_dict()
@@ -170,3 +170,29 @@ def test_a_gguf_file_or_its_folder_loads_as_the_default_model_does(loaded: Loade
     (folder / "other.gguf").symlink_to(gguf)
     with pytest.raises(ModelLoadError, match="holds 2 GGUF files"):
         load_model(str(folder))
+
+
+@pytest.mark.slow  # Gemma 3 270M: a 262k vocabulary, about a minute on 2 CPU cores
+def test_gemma3_exact_decode_equals_its_dynamic_cache() -> None:
+    """The second packaged model, Gemma 3 270M, whose sliding layers (512 tokens) drop the start
+    of a 640-token prefix: decode perplexity through headq with the exact cache, one pass, is the
+    model's own with transformers' DynamicCache, token by token."""
+    from headq_core.harness.loading import PACKAGED_MODELS
+    from headq_core.harness.perplexity import CacheSettings, Windowing, perplexity
+    from headq_core.harness.texts import token_windows
+
+    packaged = PACKAGED_MODELS["gemma3-270m"]
+    if any(importlib.util.find_spec(module) is None for module, _ in packaged.parts):
+        pytest.skip(f"Gemma 3 270M's packages are not installed: {packaged.pip}")
+    from conftest import dynamic_cache_nll
+
+    gemma = load_model(packaged.name)
+    config = gemma.model.config
+    assert (config.head_dim, config.num_attention_heads, config.num_key_value_heads) == (256, 4, 1)
+    assert config.sliding_window == 512 and "sliding_attention" in config.layer_types
+    ids = tokenize(gemma.tokenizer, load_text("wikitext-2-test").text)
+    windows = [row[0] for row in token_windows(ids, 640, 32, 1)]
+    got = perplexity(gemma.model, windows, CacheSettings("fp16", "fp16"), Windowing(640, 32, 1, 1))
+    want = dynamic_cache_nll(gemma.model, windows[0][None], 640)
+    print(f"\nGemma 3 270M, 640 + 32 tokens: headq NLL {got.nll_sum:.5f}, DynamicCache {want:.5f}")
+    assert math.isclose(got.nll_sum, want, rel_tol=1e-5)

