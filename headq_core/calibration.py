@@ -172,6 +172,11 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 
 @torch.no_grad()
+def _positions(keys: torch.Tensor) -> torch.Tensor:
+    """Each key's position in its window: (1, kv_heads, tokens, 1) int64, as the samples are laid out."""
+    return torch.arange(keys.shape[-2]).expand(1, keys.shape[1], -1)[..., None]
+
+
 def collect_statistics(
     model: Any,
     windows: Iterable[torch.Tensor],
@@ -211,7 +216,7 @@ def collect_statistics(
                 ("value_samples", cap.values),
                 ("key_fisher", cap.key_grad),
                 ("value_fisher", cap.value_grad),
-                ("key_positions", torch.arange(cap.keys.shape[-2]).expand(1, hkv, -1)[..., None]),
+                ("key_positions", _positions(cap.keys) if "key_positions" in wanted else None),
             ):
                 if name in wanted and tensor is not None:
                     while len(samples[name]) <= layer_idx:

@@ -100,10 +100,16 @@ def _levels_on(bits: int, device: torch.device) -> torch.Tensor:
     return levels(bits).to(device)
 
 
+@functools.cache
+def _bounds_on(bits: int, device: torch.device) -> torch.Tensor:
+    """The midpoints between neighbouring levels, where the nearest level changes."""
+    table = _levels_on(bits, device)
+    return (table[1:] + table[:-1]) / 2
+
+
 def _code(u: torch.Tensor, bits: int) -> torch.Tensor:
     """Index of the nearest level for each coordinate of ``u`` (standard-normal scale)."""
-    table = _levels_on(bits, u.device)
-    return torch.bucketize(u.contiguous(), (table[1:] + table[:-1]) / 2)
+    return torch.bucketize(u.contiguous(), _bounds_on(bits, u.device))
 
 
 @attrs.define(kw_only=True)
