@@ -259,9 +259,13 @@ def test_rotated_segments_attend_in_their_interleaved_basis() -> None:
     torch.testing.assert_close(readout, p @ decoded, rtol=1e-4, atol=1e-5)
 
 
-def test_8_bit_scaled_codes_are_read_as_bytes_in_channel_order() -> None:
-    """The scaled-token kernel reads an 8-bit token as its row of bytes, 16 at a time: byte c of
-    a token is the code of channel c, and the plan refuses codes that do not start on 16 bytes."""
+def test_scaled_codes_are_read_as_bytes_in_channel_order() -> None:
+    """The scaled-token kernel reads a token as its row of bytes, 16 at a time: byte c of an 8-bit
+    token is the code of channel c, byte j of a 4-bit token holds channel 2j low and 2j + 1 high;
+    the plan refuses codes that do not start on 16 bytes, and 4-bit tokens under 32 channels stay
+    on the reference path."""
+    from headq_core.layouts import NoKernelLayout
+
     fp8 = pytest.importorskip("headq_baselines.fp8")
     integer = pytest.importorskip("headq_baselines.integer")
     gen = torch.Generator().manual_seed(2)
@@ -270,19 +274,24 @@ def test_8_bit_scaled_codes_are_read_as_bytes_in_channel_order() -> None:
         fp8.encode(x, fp8.Fp8Config(format="e4m3")),
         fp8.encode(x, fp8.Fp8Config(format="e5m2")),
         integer.encode(x, integer.IntConfig(bits=8)),
+        integer.encode(x, integer.IntConfig(bits=4)),
     ):
         seg = block.kernel_segment(40)
         byte = seg.codes.view(torch.uint8)
-        assert byte.shape == x.shape
-        if seg.format == decode_plan.INT:
+        if seg.bits == 4:
+            level = torch.stack([byte & 15, byte >> 4], dim=-1).flatten(-2).float() - 7
+        elif seg.format == decode_plan.INT:
             level = byte.float() - 127
         else:
             level = byte.view(
                 torch.float8_e4m3fn if seg.format == decode_plan.E4M3 else torch.float8_e5m2
             ).float()
+        assert level.shape == x.shape
         torch.testing.assert_close(level * seg.scale.float(), seg.decode().float(), rtol=0, atol=0)
         values = [decode_plan.Dense(torch.randn(2, 3, 40, 64))]
         decode_plan.plan([seg], values, batch_heads=6)
         shifted = torch.empty(seg.codes.numel() + 1, dtype=torch.int32)[1:].view(seg.codes.shape)
         with pytest.raises(ValueError, match="start on 16 bytes"):
             decode_plan.plan([dataclasses.replace(seg, codes=shifted)], values, batch_heads=6)
+    with pytest.raises(NoKernelLayout, match="head_dim 16"):
+        integer.encode(x[..., :16], integer.IntConfig(bits=4)).kernel_segment(40)

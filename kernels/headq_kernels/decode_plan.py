@@ -241,8 +241,8 @@ def _row(seg: Segment) -> list[int]:
     row[KIND], row[TOKENS] = kind(seg), seg.tokens
     if isinstance(seg, Scaled):  # PTR0 codes, PTR1 the scales (or 0)
         _contiguous([seg.codes, *([] if seg.scale is None else [seg.scale])])
-        if seg.bits == 8 and seg.codes.data_ptr() % 16:  # the kernel reads a token's bytes as 16-byte vectors
-            raise ValueError("8-bit scaled codes must start on 16 bytes")
+        if seg.codes.data_ptr() % 16:  # the kernel reads a token's bytes as 16-byte vectors
+            raise ValueError("scaled codes must start on 16 bytes")
         row[PTR0], row[PTR1] = seg.codes.data_ptr(), 0 if seg.scale is None else seg.scale.data_ptr()
         return row
     if isinstance(seg, Rotated):  # PTR0 / PTR1 the halves' codes, PTR2 norms, PTR3 levels, PTR4 basis

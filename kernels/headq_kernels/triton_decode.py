@@ -69,6 +69,7 @@ from headq_kernels.triton_tiles import (
     _codebook_tokens,
     _mixed_value_segment,
     _mixed_values,
+    _nibble_tokens,
     _online_softmax,
     _rotated_segment,
     _rotated_tokens,
@@ -166,6 +167,7 @@ def _decode_split_kernel(
 
     g = tl.arange(0, G_PAD)
     c = tl.arange(0, D)
+    c2 = tl.arange(0, D // 2)
     n = tl.arange(0, BLOCK_N)
     q = tl.load(q_ptr + (bh64 * G + g[:, None]) * D + c[None, :], mask=g[:, None] < G, other=0.0)
 
@@ -193,6 +195,13 @@ def _decode_split_kernel(
             q = (q.to(tl.float32) / tl.load(k_chan + c).to(tl.float32)[None, :]).to(DT)
     elif K_KIND == SCALED_C:
         k_codes, k_scale = _scaled_segment(krow, k_tokens, bh64, D, K_TOK[1])
+        if K_TOK[1] == 4:  # the query's even and odd channels, for the keys' two planes
+            q_even = tl.load(
+                q_ptr + (bh64 * G + g[:, None]) * D + 2 * c2[None, :], mask=g[:, None] < G, other=0.0
+            )
+            q_odd = tl.load(
+                q_ptr + (bh64 * G + g[:, None]) * D + 2 * c2[None, :] + 1, mask=g[:, None] < G, other=0.0
+            )
     elif K_KIND == ROTATED_C:
         k_first, k_second, k_norm, k_levels, k_basis = _rotated_segment(
             krow, k_tokens, bh64, D, K_TOK[3], K_TOK[4]
@@ -236,6 +245,10 @@ def _decode_split_kernel(
     m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((G_PAD,), tl.float32)
     acc = tl.zeros((G_PAD, D), tl.float32)
+    if V_KIND == SCALED_C:
+        if V_TOK[1] == 4:  # the readout of the values' two planes: even and odd channels
+            acc_even = tl.zeros((G_PAD, D // 2), tl.float32)
+            acc_odd = tl.zeros((G_PAD, D // 2), tl.float32)
     for t in range(0, length, BLOCK_N):
         live = t + n < length
         if K_KIND == AFFINE_C:
@@ -251,10 +264,17 @@ def _decode_split_kernel(
             )  # fmt: skip
             s = tl.dot(q, tl.trans(kt.to(DT)))
         elif K_KIND == SCALED_C:
-            kt, k_unit = _scaled_tokens(
-                k_codes, k_scale, k_off + t + n, live, D, BLOCK_N, K_TOK[0], K_TOK[1], K_TOK[2], MATH
-            )
-            s = tl.dot(q, tl.trans(kt.to(DT))) * k_unit[None, :]
+            if K_TOK[1] == 4:
+                k_even, k_odd, k_unit = _nibble_tokens(
+                    k_codes, k_scale, k_off + t + n, live, D, BLOCK_N, K_TOK[2], MATH
+                )
+                s = tl.dot(q_even, tl.trans(k_even.to(DT)))
+                s = tl.dot(q_odd, tl.trans(k_odd.to(DT)), s) * k_unit[None, :]
+            else:
+                kt, k_unit = _scaled_tokens(
+                    k_codes, k_scale, k_off + t + n, live, D, BLOCK_N, K_TOK[0], K_TOK[1], K_TOK[2], MATH
+                )
+                s = tl.dot(q, tl.trans(kt.to(DT))) * k_unit[None, :]
         elif K_KIND == ROTATED_C:
             kt, k_unit = _rotated_tokens(
                 k_first, k_second, k_norm, k_levels, k_off + t + n, live, D, BLOCK_N, K_TOK[3], K_TOK[4], MATH
@@ -293,11 +313,19 @@ def _decode_split_kernel(
                 v_idx, v_book0, v_book1, v_off + t + n, live, D, BLOCK_N, V_BOOK[0], V_BOOK[1], V_BOOK[2], V_BOOK[3],
             ).to(DT)  # fmt: skip
         elif V_KIND == SCALED_C:
-            v, v_unit = _scaled_tokens(
-                v_codes, v_scale, v_off + t + n, live, D, BLOCK_N, V_TOK[0], V_TOK[1], V_TOK[2], MATH
-            )
-            v = v.to(DT)
-            weights = p * v_unit[None, :]
+            if V_TOK[1] == 4:
+                v_even, v_odd, v_unit = _nibble_tokens(
+                    v_codes, v_scale, v_off + t + n, live, D, BLOCK_N, V_TOK[2], MATH
+                )
+                weights = (p * v_unit[None, :]).to(DT)
+                acc_even = acc_even * alpha[:, None] + tl.dot(weights, v_even.to(DT))
+                acc_odd = acc_odd * alpha[:, None] + tl.dot(weights, v_odd.to(DT))
+            else:
+                v, v_unit = _scaled_tokens(
+                    v_codes, v_scale, v_off + t + n, live, D, BLOCK_N, V_TOK[0], V_TOK[1], V_TOK[2], MATH
+                )
+                v = v.to(DT)
+                weights = p * v_unit[None, :]
         elif V_KIND == ROTATED_C:
             v, v_unit = _rotated_tokens(
                 v_first, v_second, v_norm, v_levels, v_off + t + n, live, D, BLOCK_N, V_TOK[3], V_TOK[4], MATH
@@ -310,7 +338,8 @@ def _decode_split_kernel(
                 mask=live[:, None],
                 other=0.0,
             )
-        acc = acc * alpha[:, None] + tl.dot(weights.to(DT), v)
+        if V_KIND != SCALED_C or V_TOK[1] != 4:
+            acc = acc * alpha[:, None] + tl.dot(weights.to(DT), v)
         m_i = m_new
     if V_KIND == CODEBOOK_C:
         if V_BOOK[4]:  # the codewords approximate scale * v: this split's readout divides by it
@@ -323,6 +352,9 @@ def _decode_split_kernel(
             j = j0 + tl.arange(0, BASIS_CHUNK)
             turned = tl.dot(acc, tl.load(v_basis + c[:, None] * D + j[None, :]), input_precision="ieee")
             tl.store(o_ptr + out[:, None] * D + j[None, :], turned, mask=g[:, None] < G)
+    elif V_KIND == SCALED_C and V_TOK[1] == 4:
+        tl.store(o_ptr + out[:, None] * D + 2 * c2[None, :], acc_even, mask=g[:, None] < G)
+        tl.store(o_ptr + out[:, None] * D + 2 * c2[None, :] + 1, acc_odd, mask=g[:, None] < G)
     else:
         tl.store(o_ptr + out[:, None] * D + c[None, :], acc, mask=g[:, None] < G)
     tl.store(ml_ptr + out * 2, m_i, mask=g < G)

@@ -330,6 +330,29 @@ def _scaled_tokens(
 
 
 @triton.jit
+def _nibble_tokens(
+    codes, scale, t, live, D: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr, MATH: tl.constexpr
+):
+    """4-bit scaled tokens t (BLOCK_N,) of one head as two planes read from the same bytes: the
+    levels of the even channels and of the odd channels, (BLOCK_N, D/2) each (byte j of a token
+    holds channel 2j low and 2j + 1 high), and each token's scale (BLOCK_N,) float32 (0 past the
+    end). No plane is interleaved back into channel order: the products take them apart."""
+    half: tl.constexpr = D // 2
+    vector: tl.constexpr = 16 if half >= 16 else half
+    rows = codes.to(tl.pointer_type(tl.uint8)) + t[:, None].to(tl.int64) * half + tl.arange(0, half)[None, :]
+    rows = tl.max_contiguous(tl.multiple_of(rows, [1, vector]), [1, vector])  # segments start on 16 bytes
+    byte = tl.load(rows, mask=live[:, None], other=0).to(tl.int16)
+    # a code c as float16 bits 0x6400 | c is 1024 + c: levels without an int-to-float conversion
+    even = ((byte & 0xF) | 0x6400).to(tl.float16, bitcast=True).to(MATH) - 1031.0
+    odd = ((byte >> 4) | 0x6400).to(tl.float16, bitcast=True).to(MATH) - 1031.0
+    if SCALED:
+        s = tl.load(scale + t, mask=live, other=0.0).to(tl.float32)
+    else:
+        s = tl.where(live, 1.0, 0.0)
+    return even, odd, s
+
+
+@triton.jit
 def _plane_codes(words, rows, live, HALF: tl.constexpr, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr):
     """Codes of WIDTH bits (2 to 4) of HALF channels per token, stored as ``pack_planes`` stores
     them: (BLOCK_N, HALF) int32."""

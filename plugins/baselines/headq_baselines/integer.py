@@ -19,7 +19,7 @@ import torch
 
 from headq_baselines.pair import key_and_value
 from headq_core import MethodConfig
-from headq_core.layouts import AffineBlock, EncodedBlock, stored
+from headq_core.layouts import AffineBlock, EncodedBlock, NoKernelLayout, stored
 from headq_kernels import decode_plan, pack_codes, quantize_affine, unpack_codes
 
 
@@ -53,6 +53,11 @@ class SymmetricBlock(EncodedBlock):
         return ((unpack_codes(self.codes, self.bits, d).float() - top) * self.scale.float()).to(dtype)
 
     def kernel_segment(self, covered: int) -> decode_plan.Segment:
+        d = self.codes.shape[-1] * 32 // self.bits
+        if self.bits == 4 and d < 32:
+            raise NoKernelLayout(
+                f"4-bit tokens of head_dim {d}: the kernel reads halves of 16 channels or more"
+            )
         return decode_plan.Scaled(
             self.codes, self.scale, self.tokens, decode_plan.INT, self.bits, self.dequantize, covered=covered
         )
