@@ -130,6 +130,32 @@ def test_values_and_models_without_a_plain_rotary_embedding_are_refused() -> Non
     with pytest.raises(CalibrationError, match="values have none"):
         synthetic_calibration([("value", values)], CONFIG, tokens=256)
     scaled = model_config(kv_heads=2, head_dim=32, layers=2)
-    scaled.rope_parameters = {"rope_theta": 10000.0, "rope_type": "linear", "factor": 2.0}
+    scaled.rope_parameters = {"rope_theta": 10000.0, "rope_type": "dynamic", "factor": 2.0}
     with pytest.raises(CalibrationError, match="rope=post"):
         inverse_frequencies(scaled)
+
+
+def test_each_layer_rotates_by_its_own_layer_types_rotary_embedding() -> None:
+    """Gemma 3 keeps rotary parameters per layer type (here a linearly scaled base for the full
+    layer, as its larger models have): each layer's rotation is transformers' for its type, and the
+    codebooks bound for the model carry each layer's frequencies."""
+    from conftest import tiny_config
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding, apply_rotary_pos_emb
+
+    config = tiny_config("gemma3")
+    config.rope_parameters = {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        "full_attention": {"rope_type": "linear", "rope_theta": 1_000_000.0, "factor": 8.0},
+    }
+    x = torch.randn(1, 1, 7, config.head_dim, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(300, 307)
+    rotary = Gemma3RotaryEmbedding(config)
+    for layer, layer_type in enumerate(config.layer_types):
+        cos, sin = rotary(x, positions[None], layer_type)
+        want, _ = apply_rotary_pos_emb(x, x, cos, sin)
+        torch.testing.assert_close(rotate(x, positions, inverse_frequencies(config, layer)), want)
+    keys = get_registry().key_quantizer("gsrq:dim=8,stages=16,rope=pre,weighted=false")
+    keys.bind(config, synthetic_calibration([("key", keys)], config, tokens=256))
+    for layer in range(len(config.layer_types)):
+        torch.testing.assert_close(keys.books.layers[layer].inv_freq, inverse_frequencies(config, layer))
+    assert not torch.equal(keys.books.layers[0].inv_freq, keys.books.layers[1].inv_freq)

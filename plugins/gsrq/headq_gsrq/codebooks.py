@@ -42,7 +42,6 @@ class Codebooks:
         cfg = self.config
         if cfg.rope == "pre" and self.kind != "key":
             raise CalibrationError("gsrq rope=pre undoes the rotary embedding of keys; values have none")
-        inv_freq = inverse_frequencies(stats.config) if cfg.rope == "pre" else None
         samples: list[torch.Tensor] = getattr(stats, f"{self.kind}_samples")
         fisher: list[torch.Tensor] = getattr(stats, f"{self.kind}_fisher", [])
         if f"{self.kind}_fisher" in self.needs and len(fisher) != len(samples):
@@ -51,7 +50,8 @@ class Codebooks:
         for layer, x in enumerate(samples):
             cfg.positions(x.shape[-1])
             weights = fisher_weights(fisher[layer].cpu(), cfg.dim) if cfg.weighted else None
-            if inv_freq is not None:
+            if cfg.rope == "pre":
+                inv_freq = inverse_frequencies(stats.config, layer)
                 x = rotate(x.cpu(), stats.key_positions[layer][..., 0].cpu(), inv_freq, back=True)
             if cfg.scale == "fisher":
                 scale = channel_scale(fisher[layer].cpu()).half()
@@ -70,7 +70,6 @@ class Codebooks:
         shape = model_shape(model_config) if model_config is not None else None
         if self.config.rope == "pre" and model_config is None:
             raise CalibrationError(f"{spec}: rope=pre needs the model config (its rotary embedding)")
-        inv_freq = inverse_frequencies(model_config) if self.config.rope == "pre" else None
         if shape is not None and count < shape["layers"]:
             raise CalibrationError(
                 f"{spec}: the calibration has codebooks for {count} layers, the model {shape['layers']}"
@@ -97,6 +96,7 @@ class Codebooks:
                 got = None if scale is None else tuple(scale.shape)
                 raise CalibrationError(f"{spec}: layer {layer} channel scale is {got}; recalibrate")
             scale = None if scale is None else scale.half().contiguous()
+            inv_freq = inverse_frequencies(model_config, layer) if self.config.rope == "pre" else None
             layers.append(LayerCodebooks(tuple(stages), scale, inv_freq))
         self.layers = layers
 

@@ -15,11 +15,13 @@ import torch
 from headq_core.errors import CalibrationError
 
 
-def inverse_frequencies(model_config: Any) -> torch.Tensor:
-    """(head_dim / 2,) float32 ``inv_freq`` of the default rotary embedding of ``model_config``.
+def inverse_frequencies(model_config: Any, layer_idx: int = 0) -> torch.Tensor:
+    """(head_dim / 2,) float32 ``inv_freq`` of the rotary embedding of layer ``layer_idx`` of
+    ``model_config``: one for the model, or one per layer type where the config keeps its rotary
+    parameters per type (Gemma 3: a base for sliding and one for full layers).
 
-    Raises CalibrationError for a config without one, or with rope scaling or a partial rotary
-    dimension (not implemented here).
+    Raises CalibrationError for a config without one, or with a rotary type other than the
+    default and linear scaling, or a partial rotary dimension (not implemented here).
     """
     config = (
         model_config.get_text_config(decoder=True)
@@ -30,15 +32,20 @@ def inverse_frequencies(model_config: Any) -> torch.Tensor:
         "rope_theta": getattr(config, "rope_theta", None),
         "rope_type": (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default"),
     }
+    layer_types = getattr(config, "layer_types", None)
+    if "rope_theta" not in rope and layer_types is not None and layer_types[layer_idx] in rope:
+        rope = rope[layer_types[layer_idx]] or {}
     theta, kind = rope.get("rope_theta"), rope.get("rope_type", "default")
-    if theta is None or kind != "default" or getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+    partial = getattr(config, "partial_rotary_factor", 1.0)
+    if theta is None or kind not in ("default", "linear") or partial != 1.0:
         raise CalibrationError(
-            f"gsrq rope=pre rotates keys by the default rotary embedding; this model has rope {rope} "
-            f"(partial_rotary_factor {getattr(config, 'partial_rotary_factor', 1.0)}): use rope=post"
+            f"gsrq rope=pre rotates keys by the default or linearly scaled rotary embedding; this model "
+            f"has rope {rope} (partial_rotary_factor {partial}): use rope=post"
         )
     heads = config.num_attention_heads
     d = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    return 1.0 / float(theta) ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    inv_freq = 1.0 / float(theta) ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    return inv_freq / float(rope["factor"]) if kind == "linear" else inv_freq
 
 
 def rotate(
