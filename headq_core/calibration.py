@@ -171,12 +171,12 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-@torch.no_grad()
 def _positions(keys: torch.Tensor) -> torch.Tensor:
     """Each key's position in its window: (1, kv_heads, tokens, 1) int64, as the samples are laid out."""
     return torch.arange(keys.shape[-2]).expand(1, keys.shape[1], -1)[..., None]
 
 
+@torch.no_grad()
 def collect_statistics(
     model: Any,
     windows: Iterable[torch.Tensor],

@@ -266,13 +266,13 @@ def _decode_split_kernel(
         elif K_KIND == SCALED_C:
             if K_TOK[1] == 4:
                 k_even, k_odd, k_unit = _nibble_tokens(
-                    k_codes, k_scale, k_off + t + n, live, D, BLOCK_N, K_TOK[2], MATH
+                    k_codes, k_scale, k_off + t + n, live, D, K_TOK[2], MATH
                 )
                 s = tl.dot(q_even, tl.trans(k_even.to(DT)))
                 s = tl.dot(q_odd, tl.trans(k_odd.to(DT)), s) * k_unit[None, :]
             else:
                 kt, k_unit = _scaled_tokens(
-                    k_codes, k_scale, k_off + t + n, live, D, BLOCK_N, K_TOK[0], K_TOK[1], K_TOK[2], MATH
+                    k_codes, k_scale, k_off + t + n, live, D, K_TOK[0], K_TOK[2], MATH
                 )
                 s = tl.dot(q, tl.trans(kt.to(DT))) * k_unit[None, :]
         elif K_KIND == ROTATED_C:
@@ -315,15 +315,13 @@ def _decode_split_kernel(
         elif V_KIND == SCALED_C:
             if V_TOK[1] == 4:
                 v_even, v_odd, v_unit = _nibble_tokens(
-                    v_codes, v_scale, v_off + t + n, live, D, BLOCK_N, V_TOK[2], MATH
+                    v_codes, v_scale, v_off + t + n, live, D, V_TOK[2], MATH
                 )
                 weights = (p * v_unit[None, :]).to(DT)
                 acc_even = acc_even * alpha[:, None] + tl.dot(weights, v_even.to(DT))
                 acc_odd = acc_odd * alpha[:, None] + tl.dot(weights, v_odd.to(DT))
             else:
-                v, v_unit = _scaled_tokens(
-                    v_codes, v_scale, v_off + t + n, live, D, BLOCK_N, V_TOK[0], V_TOK[1], V_TOK[2], MATH
-                )
+                v, v_unit = _scaled_tokens(v_codes, v_scale, v_off + t + n, live, D, V_TOK[0], V_TOK[2], MATH)
                 v = v.to(DT)
                 weights = p * v_unit[None, :]
         elif V_KIND == ROTATED_C:

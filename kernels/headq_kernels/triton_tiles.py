@@ -285,58 +285,41 @@ def _mixed_values(
 
 
 @triton.jit
-def _scaled_tokens(
-    codes,
-    scale,
-    t,
-    live,
-    D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    FORMAT: tl.constexpr,
-    BITS: tl.constexpr,
-    SCALED: tl.constexpr,
-    MATH: tl.constexpr,
-):
-    """Scaled tokens t (BLOCK_N,) of one head: their levels (BLOCK_N, D) in MATH and each token's
-    scale (BLOCK_N,) float32 (0 past the end).
-
-    Codes of 8 bits are read as bytes (the words store their first code lowest, so byte c of a
-    token's row is its code c) and float8 bytes converted by the hardware; 4-bit codes are read
-    as words and unpacked.
-    """
-    if BITS == 8:
-        rows = codes.to(tl.pointer_type(tl.uint8)) + t[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :]
-        rows = tl.max_contiguous(tl.multiple_of(rows, [1, 16]), [1, 16])  # segments start on 16 bytes
-        byte = tl.load(rows, mask=live[:, None], other=0)
-        if FORMAT == 0:
-            x = byte.to(MATH) - 127
-        elif FORMAT == 1:
-            x = byte.to(tl.float8e4nv, bitcast=True).to(MATH)
-        else:
-            x = byte.to(tl.float8e5, bitcast=True).to(MATH)
-    else:
-        words: tl.constexpr = D * BITS // 32
-        packed = tl.load(
-            codes + t[:, None].to(tl.int64) * words + tl.arange(0, words)[None, :],
-            mask=live[:, None],
-            other=0,
-        )
-        x = _unpack_rows(packed, BITS, BLOCK_N, D, MATH) - ((1 << (BITS - 1)) - 1)
+def _token_scales(scale, t, live, SCALED: tl.constexpr):
+    """Each scaled token's scale (BLOCK_N,) float32, 1 for tokens stored without one; 0 past the end."""
     if SCALED:
         s = tl.load(scale + t, mask=live, other=0.0).to(tl.float32)
     else:
         s = tl.where(live, 1.0, 0.0)
-    return x, s
+    return s
 
 
 @triton.jit
-def _nibble_tokens(
-    codes, scale, t, live, D: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr, MATH: tl.constexpr
+def _scaled_tokens(
+    codes, scale, t, live, D: tl.constexpr, FORMAT: tl.constexpr, SCALED: tl.constexpr, MATH: tl.constexpr
 ):
+    """8-bit scaled tokens t (BLOCK_N,) of one head: their levels (BLOCK_N, D) in MATH and each
+    token's scale (:func:`_token_scales`). The codes are read as bytes (the words store their first
+    code lowest, so byte c of a token's row is its code c), float8 bytes converted by the hardware.
+    4-bit tokens are read by :func:`_nibble_tokens`."""
+    rows = codes.to(tl.pointer_type(tl.uint8)) + t[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :]
+    rows = tl.max_contiguous(tl.multiple_of(rows, [1, 16]), [1, 16])  # segments start on 16 bytes
+    byte = tl.load(rows, mask=live[:, None], other=0)
+    if FORMAT == 0:
+        x = byte.to(MATH) - 127
+    elif FORMAT == 1:
+        x = byte.to(tl.float8e4nv, bitcast=True).to(MATH)
+    else:
+        x = byte.to(tl.float8e5, bitcast=True).to(MATH)
+    return x, _token_scales(scale, t, live, SCALED)
+
+
+@triton.jit
+def _nibble_tokens(codes, scale, t, live, D: tl.constexpr, SCALED: tl.constexpr, MATH: tl.constexpr):
     """4-bit scaled tokens t (BLOCK_N,) of one head as two planes read from the same bytes: the
     levels of the even channels and of the odd channels, (BLOCK_N, D/2) each (byte j of a token
-    holds channel 2j low and 2j + 1 high), and each token's scale (BLOCK_N,) float32 (0 past the
-    end). No plane is interleaved back into channel order: the products take them apart."""
+    holds channel 2j low and 2j + 1 high), and each token's scale (:func:`_token_scales`). No plane
+    is interleaved back into channel order: the products take them apart."""
     half: tl.constexpr = D // 2
     vector: tl.constexpr = 16 if half >= 16 else half
     rows = codes.to(tl.pointer_type(tl.uint8)) + t[:, None].to(tl.int64) * half + tl.arange(0, half)[None, :]
@@ -345,11 +328,7 @@ def _nibble_tokens(
     # a code c as float16 bits 0x6400 | c is 1024 + c: levels without an int-to-float conversion
     even = ((byte & 0xF) | 0x6400).to(tl.float16, bitcast=True).to(MATH) - 1031.0
     odd = ((byte >> 4) | 0x6400).to(tl.float16, bitcast=True).to(MATH) - 1031.0
-    if SCALED:
-        s = tl.load(scale + t, mask=live, other=0.0).to(tl.float32)
-    else:
-        s = tl.where(live, 1.0, 0.0)
-    return even, odd, s
+    return even, odd, _token_scales(scale, t, live, SCALED)
 
 
 @triton.jit
