@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
@@ -21,18 +22,7 @@ from headq_core.harness.run import BenchOptions, read_suite
 
 @pytest.fixture(scope="module")
 def result() -> dict:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        attn_implementation="headq",
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_model("llama", attn="headq")
     generator = torch.Generator().manual_seed(2)
     windows = [torch.randint(0, 128, (96,), generator=generator) for _ in range(2)]
     windowing = Windowing(prefix=64, scored=32, windows=2, batch=2)

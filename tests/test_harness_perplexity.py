@@ -8,29 +8,18 @@ from typing import Any
 import pytest
 import torch
 from conftest import SLIDING_WINDOW, dynamic_cache_nll, random_ids, tiny_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import PreTrainedModel
 
 from headq_core.harness.perplexity import CacheSettings, Windowing, decode_speed, perplexity, window_nll
 
 
 @pytest.fixture(scope="module")
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        attn_implementation="headq",
-    )
-    return LlamaForCausalLM(config).eval()
+def tiny_llama() -> PreTrainedModel:
+    return tiny_model("llama", attn="headq")
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
-def tiny_family(request: pytest.FixtureRequest, tiny_llama: LlamaForCausalLM) -> Any:
+def tiny_family(request: pytest.FixtureRequest, tiny_llama: PreTrainedModel) -> Any:
     """The tiny Llama, and a tiny Gemma 3 with a sliding-window layer (conftest)."""
     return tiny_llama if request.param == "llama" else tiny_model("gemma3", attn="headq")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_model
 
 from headq_core import AttentionSample, get_registry
 from headq_core.harness.diagnostics import capture_window, distortion, spearman
@@ -84,18 +84,7 @@ def test_spearman_matches_a_known_ranking() -> None:
 
 
 def test_distortion_on_a_tiny_model_is_zero_exact_and_positive_quantized() -> None:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        attn_implementation="headq",
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_model("llama", attn="headq")
     windows = [torch.randint(0, 128, (120,))]
     captured = [capture_window(model, windows[0][None])]
     assert model.config._attn_implementation == "headq"
