@@ -50,8 +50,8 @@ from headq_kernels.triton_tiles import (
     _affine_value_segment,
     _mixed_value_segment,
     _online_softmax,
+    _side_codes,
     _side_loads,
-    _side_logits,
     _side_segment,
     _split_row,
 )
@@ -439,13 +439,12 @@ def _folded_split_kernel(
 
     if R > 0:  # HeadQ: (U^T q) . z_hat, rows padded to 16 for its product
         z_words, z_codes, z_step = _side_segment(krow, k_tokens, bh64, R, Z_BITS)
-        g16 = tl.arange(0, 16)
         rr = tl.arange(0, R_PAD)
-        qr = tl.load(
-            qr_ptr + (bh64 * G + g16[:, None]) * R + rr[None, :],
-            mask=(g16[:, None] < G) & (rr[None, :] < R),
+        qr = tl.load(  # row (x, r) holds head r's, as the key product's rows
+            qr_ptr + (bh64 * G + qk[:, None]) * R + rr[None, :],
+            mask=(qk[:, None] < G) & (rr[None, :] < R),
             other=0.0,
-        )
+        ).to(tl.float16)  # a product of float32 operands rounds them to 10 mantissa bits anyway
         side_next = _side_loads(z_codes, z_step, z_words, k_tokens, k_off, R, R_PAD, BLOCK_N, Z_BITS)
 
     tok = _code_of(n, K_BITS)  # token of each tile column (keys) and row (values)
@@ -480,15 +479,16 @@ def _folded_split_kernel(
         kt = _unpack_opaque(kw, live_k, K_BITS, D, BLOCK_N)
         s = _folded_dot(qs, kt, tl.zeros((KROWS, BLOCK_N), tl.float32), HILO)
         s = s * k_col[None, :] + bias[:, None]
-        logits = _pick_rows(s, keep_k, KXP, GP, BLOCK_N)  # (GP, BLOCK_N)
-        if R > 0:
+        if (
+            R > 0
+        ):  # the side codes go to the tile's token order before their product, whose rows are the key product's
             z_packed, z_st = side_next
             side_next = _side_loads(
                 z_codes, z_step, z_words, k_tokens, k_at + BLOCK_N, R, R_PAD, BLOCK_N, Z_BITS
             )
-            side = _side_logits(z_packed, z_st, qr, R, R_PAD, BLOCK_N, Z_BITS)
-            side = _permute_words(side, 16, BLOCK_N, K_BITS)
-            logits += tl.sum(tl.reshape(side, (16 // GP, GP, BLOCK_N)), axis=0) * qk_scale
+            z = _side_codes(z_packed, z_st, R, R_PAD, BLOCK_N, Z_BITS).to(tl.float16)
+            s += tl.dot(qr, _permute_words(z, R_PAD, BLOCK_N, K_BITS)) * qk_scale
+        logits = _pick_rows(s, keep_k, KXP, GP, BLOCK_N)  # (GP, BLOCK_N)
         keep = live
         if HAS_MASK:
             keep = keep & (seen != 0)

@@ -459,11 +459,16 @@ def _side_logits(
     packed, st, qr, R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr
 ):
     """HeadQ: (G_PAD, BLOCK_N) logits ``(U^T q) . z_hat`` from :func:`_side_loads`' codes and steps."""
+    return tl.dot(qr, _side_codes(packed, st, R, R_PAD, BLOCK_N, BITS))
+
+
+@triton.jit
+def _side_codes(packed, st, R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr):
+    """HeadQ: the (R_PAD, BLOCK_N) side codes ``z_hat`` in token order from :func:`_side_loads`' codes and steps."""
     levels: tl.constexpr = (1 << BITS) - 1
     r = tl.arange(0, R_PAD)
     z = (_unpack_rows(packed, BITS, R_PAD, BLOCK_N, tl.float32) - levels / 2) * st.to(tl.float32)[None, :]
-    z = tl.where(r[:, None] < R, z, 0.0)
-    return tl.dot(qr, z)
+    return tl.where(r[:, None] < R, z, 0.0)
 
 
 @triton.jit
