@@ -22,6 +22,10 @@ the small operand instead:
   channel order (value columns) are permuted inside each word, the same way on both sides; the
   power of two is undone per logit column and per output channel. No int-to-float conversion and
   no multiply-add per element.
+- HeadQ's side term ``(U^T q) . z_hat``: the side codes are unpacked in token order, permuted to
+  the tile's token order on their way to the product's operand, and multiplied by the side
+  coordinates of the query in the key product's rows ``(x, r)``, so the side logits add to that
+  product's before a row is picked.
 - with ``HILO`` each folded operand is split into a float16 part and its float16 remainder (two
   products on the same codes): the folded sums cancel against the zero terms, which magnifies
   the rounding of a single float16 operand.
