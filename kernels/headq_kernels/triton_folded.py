@@ -483,9 +483,9 @@ def _folded_split_kernel(
         kt = _unpack_opaque(kw, live_k, K_BITS, D, BLOCK_N)
         s = _folded_dot(qs, kt, tl.zeros((KROWS, BLOCK_N), tl.float32), HILO)
         s = s * k_col[None, :] + bias[:, None]
-        if (
-            R > 0
-        ):  # the side codes go to the tile's token order before their product, whose rows are the key product's
+        if R > 0:
+            # the side codes go to the tile's token order before their product, whose rows are the
+            # key product's: the side logits add to the key logits before a row is picked
             z_packed, z_st = side_next
             side_next = _side_loads(
                 z_codes, z_step, z_words, k_tokens, k_at + BLOCK_N, R, R_PAD, BLOCK_N, Z_BITS
