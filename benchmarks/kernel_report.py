@@ -73,9 +73,12 @@ CASES: dict[str, tuple[Any, dict[str, str], dict[str, Any]]] = {
 def report(kernel: Any, args: dict[str, str], constants: dict[str, Any], top: int = 10) -> str:
     signature = dict(args, **{name: "constexpr" for name in constants})
     source = ASTSource(kernel, signature, constants)
-    compiled = triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2)
-    )
+    options: dict[str, Any] = dict(num_warps=4, num_stages=2)
+    if kernel is triton_folded._folded_split_kernel:  # the launch's register cap
+        options["maxnreg"] = triton_folded.registers(
+            constants["D"], constants["K_BITS"], constants["R"], constants["HILO"]
+        )
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")

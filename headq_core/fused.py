@@ -142,9 +142,7 @@ def decode_step(
         return None
     key_group = next((s.group for s in keys if isinstance(s, decode_plan.AffineTokens)), 1)
     chunk = max((s.chunk for s in values if isinstance(s, decode_plan.MixedChannels)), default=0)
-    # Tuned on an H100 at Llama-3-8B shapes (docs/kernels.md): 128 tokens per tile up to d = 128;
-    # a tile holds whole key groups and whole allocation rows of mixed-width values.
-    block_n = max(128 if d <= 128 else 32, key_group, chunk)
+    block_n = decode_plan.tile_tokens(d, key_group, chunk)
     try:
         plan = decode_plan.plan(keys, values, batch_heads=b * hkv, block_n=block_n, tables=TABLES)
     except ValueError as err:  # a value segment boundary inside a key group: no split starts there

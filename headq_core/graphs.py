@@ -238,7 +238,7 @@ class StaticDecode:
         seg = self.layers[0].k.segments()[0]
         key_group = seg.group if isinstance(seg, decode_plan.AffineTokens) else 1
         chunk = getattr(self.layers[0].v.segments()[0], "chunk", 0)
-        self.block_n = max(128 if d <= 128 else 32, key_group, chunk)
+        self.block_n = decode_plan.tile_tokens(d, key_group, chunk)
         self.key_group = key_group if isinstance(seg, decode_plan.AffineTokens) else 0
         self.split = decode_plan.split_length(self.capacity, batch * hkv, self.block_n)
         self.rows = self.capacity // self.split + 4  # split rows a launch may need at any length

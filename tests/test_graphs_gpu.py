@@ -3,6 +3,8 @@ greedy tokens, no device-to-host sync and no compilation in a step (skipped with
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -73,14 +75,20 @@ def test_graph_decode_gives_the_eager_greedy_tokens(keys: str, values: str, padd
             do_sample=False, output_logits=True, return_dict_in_generate=True,
         )  # fmt: skip
         static = greedy(model, _cache(model, keys, values), ids, 100, attention_mask=mask if padded else None)
-    differ = eager.sequences[:, ids.shape[1] :] != static[:, ids.shape[1] :]
+    _parts_only_at_near_ties(eager, static, ids.shape[1])
+
+
+def _parts_only_at_near_ties(eager: Any, static: torch.Tensor, prompt: int) -> None:
+    """Static greedy tokens may part from generate's eager ones only where the eager step's two best
+    logits were a near tie (within 0.02); the test says where."""
+    differ = eager.sequences[:, prompt:] != static[:, prompt:]
     for row in differ.any(dim=1).nonzero().flatten().tolist():
         step = int(differ[row].int().argmax())
         top2 = eager.logits[step][row].float().topk(2).values
         margin = float(top2[0] - top2[1])
         print(f"row {row} parts from the eager tokens at step {step}, eager margin {margin:.4f}")
         assert margin < 0.02, f"row {row} differs from step {step}, where the eager margin was {margin:.4f}"
-    assert torch.equal(eager.sequences[:, : ids.shape[1]], static[:, : ids.shape[1]])
+    assert torch.equal(eager.sequences[:, :prompt], static[:, :prompt])
 
 
 def test_graph_steps_replay_without_sync_or_compilation() -> None:
@@ -130,17 +138,19 @@ def test_a_graph_step_refuses_past_its_capacity() -> None:
 )
 def test_generate_with_static_generate_replays_graphs(keys: str, values: str) -> None:
     """``generate(custom_generate=static_generate)`` on CUDA: its decode steps are graph replays,
-    and its tokens are plain eager generate's (left-padded batch, 100 new tokens)."""
+    and its tokens are plain eager generate's (left-padded batch, 100 new tokens) but where the
+    eager step had a near tie (the static step sums its splits in another order)."""
     from headq_core import static_generate
 
     model = _model()
     ids, mask = _prompt(True)
     with torch.no_grad():
-        runs = [
-            model.generate(
-                ids, attention_mask=mask, **cache_kwargs(model, _cache(model, keys, values)), max_new_tokens=100,
-                do_sample=False, **extra,
-            )
-            for extra in ({}, {"custom_generate": static_generate})
-        ]  # fmt: skip
-    assert torch.equal(runs[0], runs[1])
+        eager = model.generate(
+            ids, attention_mask=mask, **cache_kwargs(model, _cache(model, keys, values)), max_new_tokens=100,
+            do_sample=False, output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        static = model.generate(
+            ids, attention_mask=mask, **cache_kwargs(model, _cache(model, keys, values)), max_new_tokens=100,
+            do_sample=False, custom_generate=static_generate,
+        )  # fmt: skip
+    _parts_only_at_near_ties(eager, static, ids.shape[1])

@@ -295,10 +295,20 @@ def _first(segments: Sequence[Segment], cls: type) -> Any:
     return next((seg for seg in segments if isinstance(seg, cls)), None)
 
 
+def tile_tokens(head_dim: int, key_group: int, chunk: int) -> int:
+    """Tokens per tile of the decode kernels: 128 up to head_dim 128, 64 above (tuned on an H100 at
+    Llama-3-8B shapes, docs/kernels.md; 64 is the least at which the folded kernel's 2-bit key
+    products take 16 tokens per code position), and whole key groups and allocation rows of
+    mixed-width values."""
+    return max(128 if head_dim <= 128 else 64, key_group, chunk)
+
+
 def split_length(length: int, batch_heads: int, block_n: int) -> int:
-    """Tokens per split: enough splits times ``batch_heads`` programs to fill an H100's 132 SMs a
-    few times over (no kernel is specialized on it: it may change from step to step)."""
-    want = max(1, math.ceil(4 * 132 / max(1, batch_heads)))
+    """Tokens per split: enough splits times ``batch_heads`` programs to fill an H100's 132 SMs
+    eight times over (no kernel is specialized on it: it may change from step to step). With three
+    folded programs a multiprocessor, four times over left a second wave a third full at batch 8,
+    32k (docs/kernels.md)."""
+    want = max(1, math.ceil(8 * 132 / max(1, batch_heads)))
     return min(4096, max(block_n, next_power_of_2(max(1, length // want))))
 
 

@@ -16,54 +16,58 @@ the small operand instead:
   the zero term ``sum_j p_rj z_jx`` is an elementwise accumulator.
 - rows: GQA pads the query heads of a KV group to the 16 rows of the matrix unit anyway, so
   (groups x heads) rows cost little or no tensor-core work.
-- unpack: ``word & mask`` on a whole int32 gives two float16 subnormals, ``code * 2^(bits*m-24)``
-  (one shift per byte); codes p and p + 16/bits of a word share a register, so tile position
-  2p + h holds code p + h * 16/bits of the word. Token order (key columns, value rows) and
-  channel order (value columns) are permuted inside each word, the same way on both sides; the
-  power of two is undone per logit column and per output channel. No int-to-float conversion and
-  no multiply-add per element.
-- HeadQ's side term ``(U^T q) . z_hat``: the side codes are unpacked in token order, permuted to
-  the tile's token order on their way to the product's operand, and multiplied by the side
-  coordinates of the query in the key product's rows ``(x, r)``, so the side logits add to that
-  product's before a row is picked.
+- codes as bytes: a byte holds 8/bits codes, and code i of a byte is one mask away from a float16
+  subnormal, ``code * 2^(bits*i - 24)`` (no int-to-float conversion, no multiply-add per
+  element). Each product reads one code position i of its bytes (a plane), so its operand is
+  elementwise in the bytes: the compiler stages the bytes, not unpacked float16 tiles, through
+  shared memory to the matrix unit's operand layout. Keys (codes along tokens): one product per
+  token plane, the tokens KP * b + i of the tile (KP = 8/bits). Values (codes along channels): per
+  token plane, one product per channel plane, the channels VP * b + j, each into its own sum. The
+  power of two is undone per token plane and per channel plane; the planes meet in channel order
+  when the split ends.
+- HeadQ's side term ``(U^T q) . z_hat``: the side codes are unpacked in token order and split
+  into the token planes, and multiplied by the side coordinates of the query in the key
+  product's rows ``(x, r)``, so the side logits add to that product's before a row is picked.
 - with ``HILO`` each folded operand is split into a float16 part and its float16 remainder (two
   products on the same codes): the folded sums cancel against the zero terms, which magnifies
   the rounding of a single float16 operand.
 
 - mixed-width values (A², two widths): a token's words start at its row's start plus the words
   of the tokens before it, counted from the packed width index (a popcount of the bits below it),
-  so the rows can be read in the tile's order; each width's rows are unpacked from their own words
-  (zeros elsewhere) into their own product, and the two sums meet in channel order at the end.
+  so each token plane's rows can be read directly; each width's bytes (zeros for tokens at the
+  other width) go to their own products and sums, which meet in channel order at the end.
 - statistics tail (a value policy's attention probabilities): as in the generic kernel, the
   scaled logits of positions from ``tail_start`` on are written out.
 
 Settings it takes (``eligible``): float16 queries, 2 or 4 bits on both sides (one or two widths
 of mixed values), groups of whole 32-bit words, at most 16 query heads per KV head and 32 rows
-per product.
+per product, at least 16 tokens per token plane and 16 channels per channel plane, codes on 16
+bytes.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import triton
 import triton.language as tl
 
-from headq_kernels.decode_plan import MixedChannels, Plan
+from headq_kernels.decode_plan import AffineChannels, AffineTokens, MixedChannels, Plan
 from headq_kernels.triton_tiles import (
     TOKENS_C,
     _affine_key_segment,
     _affine_value_segment,
     _mixed_value_segment,
-    _online_softmax,
     _side_codes,
     _side_loads,
     _side_segment,
     _split_row,
 )
 
-# Folded operands carry a factor 2^8, so that small scales stay normal float16; a code of value 1
-# unpacks as 2^(bits*m - 24), so outputs are multiplied back by 2^(16 - bits*m).
+# Folded operands carry a factor 2^8, so that small scales stay normal float16; code i of a byte
+# unpacks as code * 2^(bits*i - 24), so outputs are multiplied back by 2^16 >> bits*i.
 FOLD: tl.constexpr = tl.constexpr(256.0)
-UNFOLD_EXP: tl.constexpr = tl.constexpr(16)
+UNFOLD: tl.constexpr = tl.constexpr(1 << 16)
 
 FOLD_BITS = (2, 4)
 
@@ -78,11 +82,29 @@ def bias_columns(plan: Plan) -> int:
     return max(16, triton.next_power_of_2(-(-plan.split // plan.key_group)))
 
 
+def registers(head_dim: int, key_bits: int, side_rank: int, hilo: bool) -> int | None:
+    """The register cap of a launch: 168 (three programs a multiprocessor instead of two) for 2-bit
+    keys without a side code, up to head_dim 128. With a side code or 4-bit keys the cap spilled
+    and ran slower on an H100 (docs/kernels.md); with ``hilo`` or head_dim 256 it spills
+    hundreds of bytes (benchmarks/kernel_report.py)."""
+    return 168 if head_dim <= 128 and key_bits == 2 and side_rank == 0 and not hilo else None
+
+
 def _values_fold(widths: tuple[int, ...], group: int, heads: int, head_dim: int) -> bool:
     return (
-        all(b in FOLD_BITS and group % (32 // b) == 0 for b in widths)
+        all(b in FOLD_BITS and group % (32 // b) == 0 and head_dim * b // 8 >= 16 for b in widths)
         and head_dim % group == 0
         and rows(head_dim // group, heads) <= 32
+    )
+
+
+def _aligned(plan: Plan) -> bool:
+    """Whether the affine segments' codes start on 16 bytes (read as 16-byte vectors) and the key
+    segments hold whole key groups (a channel's bytes are counted from its groups)."""
+    return all(
+        seg.codes.data_ptr() % 16 == 0 and (not isinstance(seg, AffineTokens) or seg.tokens % seg.group == 0)
+        for seg in plan.parts
+        if isinstance(seg, AffineTokens | AffineChannels)
     )
 
 
@@ -94,9 +116,11 @@ def eligible(plan: Plan, heads: int, head_dim: int, *, mixed: MixedChannels | No
         kb in FOLD_BITS
         and kg % (32 // kb) == 0
         and plan.block_n % kg == 0
+        and plan.block_n * kb // 8 >= 16  # a token plane's columns: tokens of one code position
         and heads <= 16
         and rows(plan.block_n // kg, heads) <= 32
         and plan.side_rank <= 16
+        and _aligned(plan)
     )
     if mixed is None:
         return keys and _values_fold((plan.value_bits,), plan.value_group, heads, head_dim)
@@ -115,86 +139,38 @@ def eligible(plan: Plan, heads: int, head_dim: int, *, mixed: MixedChannels | No
 
 
 @triton.jit
-def _pair(words, p: tl.constexpr, BITS: tl.constexpr):
-    """int32 whose halves hold codes p and p + 16/BITS of each word as float16 subnormal bit
-    patterns, ``code * 2^(BITS * m - 24)`` with m = p mod (8 / BITS): one mask, one shift per byte."""
-    mask: tl.constexpr = ((1 << BITS) - 1) | (((1 << BITS) - 1) << 16)
-    per_byte: tl.constexpr = 8 // BITS
-    m: tl.constexpr = p % per_byte
-    if p >= per_byte:
-        v = (words >> 8) & (mask << (BITS * m))
+def _plane(codes, i: tl.constexpr, BITS: tl.constexpr):
+    """Code i of each byte (uint8) as a float16 subnormal bit pattern, ``code * 2^(BITS * i - 24)``:
+    one mask, no int-to-float conversion. The result is elementwise in the bytes, so the bytes, not
+    the codes, travel to the matrix unit's operand layout."""
+    mask: tl.constexpr = ((1 << BITS) - 1) << (BITS * i)
+    return (codes & mask).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _split_planes(x, ROWS: tl.constexpr, NT: tl.constexpr, KP: tl.constexpr):
+    """(ROWS, NT * KP) in token order -> KP token planes (ROWS, NT), plane i = columns KP * b + i."""
+    if KP == 2:
+        a, b = tl.split(tl.reshape(x, (ROWS, NT, 2)))
+        planes: "tuple[Any, ...]" = (a, b)
     else:
-        v = words & (mask << (BITS * m))
-    return v
+        tl.static_assert(KP == 4)
+        even, odd = tl.split(tl.reshape(x, (ROWS, NT, 2, 2)))  # by bit 0 of the plane
+        p0, p2 = tl.split(even)
+        p1, p3 = tl.split(odd)
+        planes = (p0, p1, p2, p3)
+    return planes
 
 
 @triton.jit
-def _unpack(words, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
-    """(R, C // (32 / BITS)) int32 words -> (R, C) float16 codes in the permuted order of :func:`_code_of`."""
-    if BITS == 2:
-        e = tl.join(
-            tl.join(_pair(words, 0, BITS), _pair(words, 4, BITS)),
-            tl.join(_pair(words, 2, BITS), _pair(words, 6, BITS)),
-        )
-        o = tl.join(
-            tl.join(_pair(words, 1, BITS), _pair(words, 5, BITS)),
-            tl.join(_pair(words, 3, BITS), _pair(words, 7, BITS)),
-        )
-        v = tl.join(e, o)  # (R, W, 2, 2, 2): pair 4i + 2j + k at [i, j, k]
+def _interleave(x, ROWS: tl.constexpr, NB: tl.constexpr, P: tl.constexpr):
+    """P planes x[j] (ROWS, NB) -> (ROWS, NB * P) with column P * b + j = x[j][:, b]."""
+    if P == 2:
+        y = tl.join(x[0], x[1])
     else:
-        tl.static_assert(BITS == 4)
-        v = tl.join(
-            tl.join(_pair(words, 0, BITS), _pair(words, 2, BITS)),
-            tl.join(_pair(words, 1, BITS), _pair(words, 3, BITS)),
-        )
-    lo = v.to(tl.int16).to(tl.float16, bitcast=True)
-    hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True)
-    return tl.reshape(tl.join(lo, hi), (R, C))
-
-
-@triton.jit
-def _unpack_opaque(words, live, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
-    """:func:`_unpack` inside an ``if`` on a run-time condition that always holds (``live``). The
-    compiler picks a dot operand's register layout from the ops that compute it and sees no further
-    than the ``if``; seeing the join tree it would pick a layout that costs a register move per
-    operand register at every product."""
-    if live:
-        x = _unpack(words, BITS, R, C)
-    else:  # the same: the branches merge again after layout selection
-        x = _unpack(words, BITS, R, C)
-    return x
-
-
-@triton.jit
-def _code_of(idx, BITS: tl.constexpr):
-    """Index along the packed axis of the code at position idx of an unpacked tile."""
-    per_word: tl.constexpr = 32 // BITS
-    pos = idx % per_word
-    return idx - pos + pos // 2 + (pos % 2) * (per_word // 2)
-
-
-@triton.jit
-def _code_scale(idx, BITS: tl.constexpr):
-    """1 / (what a code of value 1 at position idx reads as, times FOLD): undoes both factors."""
-    per_byte: tl.constexpr = 8 // BITS
-    m = ((idx % (32 // BITS)) // 2) % per_byte
-    return tl.exp2(UNFOLD_EXP - (BITS * m).to(tl.float32))
-
-
-@triton.jit
-def _permute_words(x, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
-    """(ROWS, N) in token order -> the tile's order (:func:`_code_of` at BITS)."""
-    per_word: tl.constexpr = 32 // BITS
-    x = tl.reshape(x, (ROWS, N // per_word, 2, per_word // 2))
-    return tl.reshape(tl.permute(x, (0, 1, 3, 2)), (ROWS, N))
-
-
-@triton.jit
-def _unpermute_words(x, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
-    """(ROWS, N) in the tile's order (:func:`_code_of` at BITS) -> natural order; inverse of :func:`_permute_words`."""
-    per_word: tl.constexpr = 32 // BITS
-    x = tl.reshape(x, (ROWS, N // per_word, per_word // 2, 2))
-    return tl.reshape(tl.permute(x, (0, 1, 3, 2)), (ROWS, N))
+        tl.static_assert(P == 4)
+        y = tl.join(tl.join(x[0], x[2]), tl.join(x[1], x[3]))
+    return tl.reshape(y, (ROWS, NB * P))
 
 
 @triton.jit
@@ -218,10 +194,11 @@ def _mixed_loads(
     HI: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    """Code words of mixed-width tokens ``at`` (any order): (words at LO bits, zeros for tokens at
-    HI; words at HI bits, zeros for tokens at LO). With HI = 0 every token is at LO, and the second
-    is the first. A token's words start at its allocation row's, after the tokens before it: their
-    count at LO, and the HI ones among them from the one-bit width index (a popcount)."""
+    """Code bytes of mixed-width tokens ``at`` (any order), codes a byte pointer on 16 bytes: (bytes
+    at LO bits, zeros for tokens at HI; bytes at HI bits, zeros for tokens at LO). With HI = 0 every
+    token is at LO, and the second is the first. A token's words start at its allocation row's,
+    after the tokens before it: their count at LO, and the HI ones among them from the one-bit width
+    index (a popcount)."""
     lo_words: tl.constexpr = D * LO // 32
     row = at // CHUNK
     pos = (at % CHUNK).to(tl.int32)
@@ -238,16 +215,23 @@ def _mixed_loads(
             before += _popcount(tl.where(below > 0, word & bits, 0)).to(tl.int32)
             on_hi |= (below >= 0) & (below < 32) & (((word >> (below & 31)) & 1) != 0)
         start += before * (hi_words - lo_words)
-        start = tl.multiple_of(start, lo_words)
         on_hi = live & on_hi
-        w_lo = tl.load(
-            codes + start[:, None] + tl.arange(0, lo_words)[None, :], mask=(live & ~on_hi)[:, None], other=0
+        first = tl.multiple_of(start * 4, 16)  # in bytes (``eligible``: lo_words % 4 == 0)
+        b_lo = tl.load(
+            codes + first[:, None] + tl.arange(0, 4 * lo_words)[None, :],
+            mask=(live & ~on_hi)[:, None],
+            other=0,
         )
-        w_hi = tl.load(codes + start[:, None] + tl.arange(0, hi_words)[None, :], mask=on_hi[:, None], other=0)
+        b_hi = tl.load(
+            codes + first[:, None] + tl.arange(0, 4 * hi_words)[None, :], mask=on_hi[:, None], other=0
+        )
     else:
-        w_lo = tl.load(codes + start[:, None] + tl.arange(0, lo_words)[None, :], mask=live[:, None], other=0)
-        w_hi = w_lo
-    return w_lo, w_hi
+        first = tl.multiple_of(start * 4, 16)
+        b_lo = tl.load(
+            codes + first[:, None] + tl.arange(0, 4 * lo_words)[None, :], mask=live[:, None], other=0
+        )
+        b_hi = b_lo
+    return b_lo, b_hi
 
 
 @triton.jit
@@ -269,79 +253,130 @@ def _pick_rows(x, keep, NX: tl.constexpr, GP: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
-def _folded_dot(a, b, acc, HILO: tl.constexpr):
-    """acc + a @ b with a (float32) rounded to float16, and with HILO its remainder too."""
+def _fold(a, HILO: tl.constexpr):
+    """A folded operand (float32) rounded to float16, and with HILO its float16 remainder."""
     hi = a.to(tl.float16)
+    if HILO:
+        lo = (a - hi.to(tl.float32)).to(tl.float16)
+    else:
+        lo = hi
+    return hi, lo
+
+
+@triton.jit
+def _folded_dot(a, b, acc, HILO: tl.constexpr):
+    """acc + a @ b for a folded operand a from :func:`_fold`."""
+    hi, lo = a
     acc = tl.dot(hi, b, acc)
     if HILO:
-        acc = tl.dot((a - hi.to(tl.float32)).to(tl.float16), b, acc)
+        acc = tl.dot(lo, b, acc)
     return acc
 
 
 @triton.jit
+def _value_planes(pv, vb, accs, BITS: tl.constexpr, HILO: tl.constexpr):
+    """accs[j] + pv @ (code j of each byte of vb), for the 8 / BITS codes of a byte: vb holds a
+    (tokens, bytes) tile of value codes, and code j of byte b is channel (8 / BITS) * b + j."""
+    out: "tuple[Any, ...]" = ()
+    for j in tl.static_range(8 // BITS):
+        out = out + (_folded_dot(pv, _plane(vb, j, BITS), accs[j], HILO),)
+    return out
+
+
+@triton.jit
+def _zeros(ROWS: tl.constexpr, COLS: tl.constexpr, P: tl.constexpr):
+    """P float32 tiles of zeros (ROWS, COLS)."""
+    out: "tuple[Any, ...]" = ()
+    for _ in tl.static_range(P):
+        out = out + (tl.zeros((ROWS, COLS), tl.float32),)
+    return out
+
+
+@triton.jit
+def _readout(
+    accs,
+    zsum,
+    vx,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    VXP: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+):
+    """(GP, D) in channel order from the channel planes' sums (rows (x, r)): each plane's power of
+    two undone, the zero term zsum (rows) added, and each channel's group row picked."""
+    P: tl.constexpr = 8 // BITS
+    NB: tl.constexpr = D // P
+    out: "tuple[Any, ...]" = ()
+    for j in tl.static_range(P):
+        ch = P * tl.arange(0, NB) + j
+        o = accs[j] * (UNFOLD >> (BITS * j)) + zsum[:, None]
+        out = out + (_pick_rows(o, vx[:, None] == (ch // GROUP)[None, :], VXP, GP, NB),)
+    return _interleave(out, GP, NB, P)
+
+
+@triton.jit
+def _rescale_add(accs, alpha, tile):
+    """accs[j] * alpha (per row) + tile[j], for each plane."""
+    out: "tuple[Any, ...]" = ()
+    for j in tl.static_range(len(accs)):
+        out = out + (accs[j] * alpha[:, None] + tile[j],)
+    return out
+
+
+@triton.jit
 def _tile_loads(
-    k_codes,
     k_scale,
-    v_codes,
-    v_index,
-    v_row_words,
     v_scale,
     v_zero,
     bias_rows,
     mask_row,
-    k_words,
     k_groups,
     k_off,
     v_off,
     t,
     length,
     c,
-    tok,
     krows,
     BLOCK_N: tl.constexpr,
     GP: tl.constexpr,
     K_GROUP: tl.constexpr,
     KXP: tl.constexpr,
-    K_PW: tl.constexpr,
+    KP: tl.constexpr,
     VX: tl.constexpr,
     VXP: tl.constexpr,
-    V_W: tl.constexpr,
-    D: tl.constexpr,
-    V_BITS: tl.constexpr,
-    V_HI: tl.constexpr,
-    V_CHUNK: tl.constexpr,
     HAS_MASK: tl.constexpr,
 ):
-    """What the tile at t of a split reads: key words and scales, value words, scales and zero
-    points, the key zero terms; nothing past the split's end."""
+    """What the tile at t of a split reads besides the code bytes: key scales and zero terms, and per
+    token plane i (the tokens KP * b + i) the value scales and zero points and the mask; nothing
+    past the split's end."""
     KX: tl.constexpr = BLOCK_N // K_GROUP
+    NT: tl.constexpr = BLOCK_N // KP
     here = t < length
-    live = t + tok < length
     k_at = k_off + t
-    w = k_at // K_PW + tl.arange(0, BLOCK_N // K_PW)
-    kw = tl.load(k_codes + c[:, None] * k_words + w[None, :], mask=(w[None, :] < k_words) & here, other=0)
+    nb = tl.arange(0, NT)
     xk = tl.arange(0, KXP)
     gk = k_at // K_GROUP + xk
     k_in = (xk[None, :] < KX) & (gk[None, :] < k_groups) & here
     ks = tl.load(k_scale + c[:, None] * k_groups + gk[None, :], mask=k_in, other=0.0)
-    v_at = (v_off + t + tok).to(tl.int64)
-    if V_CHUNK > 0:  # mixed widths
-        vw, vw_hi = _mixed_loads(v_codes, v_index, v_row_words, v_at, live, D, V_BITS, V_HI, V_CHUNK)
-    else:
-        vw = tl.load(v_codes + v_at[:, None] * V_W + tl.arange(0, V_W)[None, :], mask=live[:, None], other=0)
-        vw_hi = vw
-    xv = tl.arange(0, VXP)
-    vg = v_at[None, :] * VX + xv[:, None]
-    v_in = live[None, :] & (xv[:, None] < VX)
-    vs = tl.load(v_scale + vg, mask=v_in, other=0.0)
-    vz = tl.load(v_zero + vg, mask=v_in, other=0.0)
     kx = krows // GP
     bias = tl.load(bias_rows + t // K_GROUP, mask=(kx < KX) & here, other=0.0)
-    if HAS_MASK:
-        seen = tl.load(mask_row + t + tok, mask=live, other=0)
-    else:
-        seen = live
-    return kw, ks, vw, vw_hi, vs, vz, bias, seen
+    xv = tl.arange(0, VXP)
+    planes: "tuple[Any, ...]" = ()
+    for i in tl.static_range(KP):
+        tok = KP * nb + i
+        live = t + tok < length
+        v_at = (v_off + t + tok).to(tl.int64)
+        vg = v_at[None, :] * VX + xv[:, None]
+        v_in = live[None, :] & (xv[:, None] < VX)
+        vs = tl.load(v_scale + vg, mask=v_in, other=0.0)
+        vz = tl.load(v_zero + vg, mask=v_in, other=0.0)
+        if HAS_MASK:
+            seen = tl.load(mask_row + t + tok, mask=live, other=0)
+        else:
+            seen = live
+        planes = planes + ((vs, vz, seen),)
+    return ks, bias, planes
 
 
 @triton.jit(do_not_specialize=["n_splits", "mask_stride", "ngb", "tail_start", "tail_len"])
@@ -392,8 +427,9 @@ def _folded_split_kernel(
     VX: tl.constexpr = D // V_GROUP  # value channel groups
     VROWS: tl.constexpr = 16 if VX * GP < 16 else VX * GP
     VXP: tl.constexpr = VROWS // GP
-    K_PW: tl.constexpr = 32 // K_BITS
-    V_W: tl.constexpr = D * V_BITS // 32
+    KP: tl.constexpr = 8 // K_BITS  # token planes: the tokens of a key byte
+    NT: tl.constexpr = BLOCK_N // KP  # tokens per plane
+    VB: tl.constexpr = D * V_BITS // 8  # value bytes per token (one width)
     ZB: tl.constexpr = 32  # key groups per zero-term product
     R_PAD: tl.constexpr = 16  # side-code rank (at most 16) padded for its product
 
@@ -402,9 +438,10 @@ def _folded_split_kernel(
     bh64 = bh.to(tl.int64)
     krow, k_off, vrow, v_off, length, position, split = _split_row(split_ptr, seg_ptr)
     k_tokens = tl.load(krow + TOKENS_C)
-    k_words, k_groups, k_codes, k_scale, k_zero = _affine_key_segment(
-        krow, k_tokens, bh64, D, K_BITS, K_GROUP
-    )
+    _, k_groups, k_codes, k_scale, k_zero = _affine_key_segment(krow, k_tokens, bh64, D, K_BITS, K_GROUP)
+    k_codes = tl.multiple_of(k_codes.to(tl.pointer_type(tl.uint8)), 16)  # on 16 bytes (``eligible``)
+    # a channel's bytes: whole key groups (``eligible``), so rows start on K_GROUP / KP bytes
+    k_bytes = k_groups * (K_GROUP // KP)
     v_tokens = tl.load(vrow + TOKENS_C)
     if V_CHUNK > 0:  # a one-bit width index (two widths at most), codes on 16 bytes (``eligible``)
         v_codes, v_index, v_scale, v_zero, v_row_words = _mixed_value_segment(
@@ -414,12 +451,13 @@ def _folded_split_kernel(
         v_codes, v_scale, v_zero = _affine_value_segment(vrow, v_tokens, bh64, D, V_BITS, V_GROUP)
         v_index = v_codes
         v_row_words = 0
+    v_codes = tl.multiple_of(v_codes.to(tl.pointer_type(tl.uint8)), 16)  # on 16 bytes (``eligible``)
 
     r = tl.arange(0, GP)
     c = tl.arange(0, D)
-    n = tl.arange(0, BLOCK_N)
     krows = tl.arange(0, KROWS)
     kx = krows // GP
+    nb = tl.arange(0, NT)
     q = tl.load(q_ptr + (bh64 * G + r[:, None]) * D + c[None, :], mask=r[:, None] < G, other=0.0)
     q_t = tl.trans(q.to(tl.float32) * (qk_scale * FOLD))  # (D, GP)
 
@@ -441,7 +479,7 @@ def _folded_split_kernel(
         )
     tl.debug_barrier()
 
-    if R > 0:  # HeadQ: (U^T q) . z_hat, rows padded to 16 for its product
+    if R > 0:  # HeadQ: (U^T q) . z_hat, its rank padded to 16 for its product
         z_words, z_codes, z_step = _side_segment(krow, k_tokens, bh64, R, Z_BITS)
         rr = tl.arange(0, R_PAD)
         qr = tl.load(  # row (x, r) holds head r's, as the key product's rows
@@ -451,86 +489,107 @@ def _folded_split_kernel(
         ).to(tl.float16)  # a product of float32 operands rounds them to 10 mantissa bits anyway
         side_next = _side_loads(z_codes, z_step, z_words, k_tokens, k_off, R, R_PAD, BLOCK_N, Z_BITS)
 
-    tok = _code_of(n, K_BITS)  # token of each tile column (keys) and row (values)
-    k_col = _code_scale(n, K_BITS)
-    keep_k = kx[:, None] == (tok // K_GROUP)[None, :]
     vx = tl.arange(0, VROWS) // GP
-    live_k = length > 0  # run-time conditions that always hold (see _unpack_opaque); two, so
-    live_v = n_splits > 0  # that both unpacked tiles are not kept alive at once
     m_i = tl.full((GP,), float("-inf"), tl.float32)
-    l_acc = tl.zeros((GP, BLOCK_N), tl.float32)
-    z_acc = tl.zeros((VROWS, BLOCK_N), tl.float32)
-    acc = tl.zeros((VROWS, D), tl.float32)
-    acc_hi = tl.zeros((VROWS, D) if V_HI > 0 else (1, 1), tl.float32)
+    l_acc = tl.zeros((GP, NT), tl.float32)
+    z_acc = tl.zeros((VROWS, NT), tl.float32)
+    acc = _zeros(VROWS, D * V_BITS // 8, 8 // V_BITS)  # one sum per channel plane
+    acc_hi = acc
+    if V_HI > 0:
+        acc_hi = _zeros(VROWS, D * V_HI // 8, 8 // V_HI)
     mask_row = mask_ptr + b * mask_stride + position
     bias_rows = scratch + krows * ngb + kx  # each key row's zero terms, from the split's first group
     loads = _tile_loads(
-        k_codes, k_scale, v_codes, v_index, v_row_words, v_scale, v_zero, bias_rows, mask_row, k_words, k_groups,
-        k_off, v_off, 0, length, c, tok, krows, BLOCK_N, GP, K_GROUP, KXP, K_PW, VX, VXP, V_W, D, V_BITS, V_HI,
-        V_CHUNK, HAS_MASK,
+        k_scale, v_scale, v_zero, bias_rows, mask_row, k_groups, k_off, v_off, 0, length, c, krows,
+        BLOCK_N, GP, K_GROUP, KXP, KP, VX, VXP, HAS_MASK,
     )  # fmt: skip
     for t in range(0, length, BLOCK_N):
-        kw, ks, vw, vw_hi, vs, vz, bias, seen = loads
-        # the next tile's codes and scales are loaded while this one is computed
-        loads = _tile_loads(
-            k_codes, k_scale, v_codes, v_index, v_row_words, v_scale, v_zero, bias_rows, mask_row, k_words, k_groups,
-            k_off, v_off, t + BLOCK_N, length, c, tok, krows, BLOCK_N, GP, K_GROUP, KXP, K_PW, VX, VXP, V_W, D, V_BITS,
-            V_HI, V_CHUNK, HAS_MASK,
-        )  # fmt: skip
-        live = t + tok < length
+        ks, bias, planes = loads
+        # the code bytes are loaded here, for the compiler to stage them through shared memory
+        # and read them in the products' operand layout: the codes of each plane are masks of
+        # those bytes, so no unpacked tile travels
         k_at = k_off + t
-        qs = tl.trans(tl.reshape(ks.to(tl.float32)[:, :, None] * q_t[:, None, :], (D, KROWS)))
-        kt = _unpack_opaque(kw, live_k, K_BITS, D, BLOCK_N)
-        s = _folded_dot(qs, kt, tl.zeros((KROWS, BLOCK_N), tl.float32), HILO)
-        s = s * k_col[None, :] + bias[:, None]
-        if R > 0:
-            # the side codes go to the tile's token order before their product, whose rows are the
-            # key product's: the side logits add to the key logits before a row is picked
+        kbyte = tl.multiple_of(k_at // KP, K_GROUP // KP) + nb  # splits start on key groups
+        kb = tl.load(k_codes + c[:, None] * k_bytes + kbyte[None, :], mask=kbyte[None, :] < k_bytes, other=0)
+        # the next tile's scales, zero points and mask are loaded while this one is computed
+        loads = _tile_loads(
+            k_scale, v_scale, v_zero, bias_rows, mask_row, k_groups, k_off, v_off, t + BLOCK_N, length, c, krows,
+            BLOCK_N, GP, K_GROUP, KXP, KP, VX, VXP, HAS_MASK,
+        )  # fmt: skip
+        if R > 0:  # HeadQ: the side codes of this tile in token order, then split into token planes
             z_packed, z_st = side_next
             side_next = _side_loads(
                 z_codes, z_step, z_words, k_tokens, k_at + BLOCK_N, R, R_PAD, BLOCK_N, Z_BITS
             )
             z = _side_codes(z_packed, z_st, R, R_PAD, BLOCK_N, Z_BITS).to(tl.float16)
-            s += tl.dot(qr, _permute_words(z, R_PAD, BLOCK_N, K_BITS)) * qk_scale
-        logits = _pick_rows(s, keep_k, KXP, GP, BLOCK_N)  # (GP, BLOCK_N)
-        keep = live
-        if HAS_MASK:
-            keep = keep & (seen != 0)
-        logits = tl.where(keep[None, :], logits, float("-inf"))
-        if TAIL:  # the logits of positions from tail_start on, for a value policy's statistics
-            at = position + t + tok - tail_start
-            tl.store(
-                tail_ptr + (bh64 * G + r[:, None]) * tail_len + at[None, :],
-                logits,
-                mask=(r[:, None] < G) & (live & (at >= 0))[None, :],
-            )
-        m_new, p, alpha = _online_softmax(logits, m_i)
-        l_acc = l_acc * alpha[:, None] + p
+            sides = _split_planes(z, R_PAD, NT, KP)
+        else:
+            sides = ()
+        qs = _fold(tl.trans(tl.reshape(ks.to(tl.float32)[:, :, None] * q_t[:, None, :], (D, KROWS))), HILO)
+        # the key logits of each token plane, then one softmax step over the whole tile
+        logits: "tuple[Any, ...]" = ()
+        m_new = m_i
+        for i in tl.static_range(KP):
+            vs, vz, seen = planes[i]
+            tok = KP * nb + i
+            s = _folded_dot(qs, _plane(kb, i, K_BITS), tl.zeros((KROWS, NT), tl.float32), HILO)
+            s = s * (UNFOLD >> (K_BITS * i)) + bias[:, None]
+            if R > 0:  # the side logits, in the key product's rows
+                s += tl.dot(qr, sides[i]) * qk_scale
+            s = _pick_rows(s, kx[:, None] == (tok // K_GROUP)[None, :], KXP, GP, NT)  # (GP, NT)
+            keep = t + tok < length
+            if HAS_MASK:
+                keep = keep & (seen != 0)
+            s = tl.where(keep[None, :], s, float("-inf"))
+            if TAIL:  # the logits of positions from tail_start on, for a value policy's statistics
+                at = position + t + tok - tail_start
+                tl.store(
+                    tail_ptr + (bh64 * G + r[:, None]) * tail_len + at[None, :],
+                    s,
+                    mask=(r[:, None] < G) & ((t + tok < length) & (at >= 0))[None, :],
+                )
+            m_new = tl.maximum(m_new, tl.max(s, axis=1))
+            logits = logits + (s,)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay at zero
+        alpha = tl.exp2(m_i - m_use)
         m_i = m_new
-
-        p = _spread_heads(p, VXP, GP, BLOCK_N)  # row (x, r) = p_r
+        l_acc = l_acc * alpha[:, None]
         alpha = tl.reshape(tl.broadcast_to(alpha[None, :], (VXP, GP)), (VROWS,))
-        z_acc = z_acc * alpha[:, None] + p * _spread_rows(vz.to(tl.float32), VXP, GP, BLOCK_N)
-        vt = _unpack_opaque(vw, live_v, V_BITS, BLOCK_N, D)
-        pv = p * _spread_rows(vs.to(tl.float32) * FOLD, VXP, GP, BLOCK_N)
-        # a fresh accumulator: the matrix unit aligns its sums to the largest term (the split's
-        # running sum would truncate this tile's)
-        acc = acc * alpha[:, None] + _folded_dot(pv, vt, tl.zeros((VROWS, D), tl.float32), HILO)
+        z_acc = z_acc * alpha[:, None]
+        # fresh sums for the tile: the matrix unit aligns its sums to the largest term (the
+        # split's running sum would truncate this tile's)
+        tile = _zeros(VROWS, D * V_BITS // 8, 8 // V_BITS)
+        tile_hi = tile
         if V_HI > 0:
-            vt = _unpack_opaque(vw_hi, live_v, V_HI, BLOCK_N, D)
-            acc_hi = acc_hi * alpha[:, None] + _folded_dot(pv, vt, tl.zeros((VROWS, D), tl.float32), HILO)
+            tile_hi = _zeros(VROWS, D * V_HI // 8, 8 // V_HI)
+        for i in tl.static_range(KP):
+            vs, vz, seen = planes[i]
+            tok = KP * nb + i
+            live = t + tok < length
+            v_at = (v_off + t + tok).to(tl.int64)
+            if V_CHUNK > 0:  # mixed widths
+                vb, vb_hi = _mixed_loads(v_codes, v_index, v_row_words, v_at, live, D, V_BITS, V_HI, V_CHUNK)
+            else:
+                vb = tl.load(
+                    v_codes + v_at[:, None] * VB + tl.arange(0, VB)[None, :], mask=live[:, None], other=0
+                )
+                vb_hi = vb
+            p = tl.exp2(logits[i] - m_use[:, None])
+            l_acc += p
+            p = _spread_heads(p, VXP, GP, NT)  # row (x, r) = p_r
+            z_acc += p * _spread_rows(vz.to(tl.float32), VXP, GP, NT)
+            pv = _fold(p * _spread_rows(vs.to(tl.float32) * FOLD, VXP, GP, NT), HILO)
+            tile = _value_planes(pv, vb, tile, V_BITS, HILO)
+            if V_HI > 0:
+                tile_hi = _value_planes(pv, vb_hi, tile_hi, V_HI, HILO)
+        acc = _rescale_add(acc, alpha, tile)
+        if V_HI > 0:
+            acc_hi = _rescale_add(acc_hi, alpha, tile_hi)
 
-    ch = _code_of(c, V_BITS)  # channel of each column
-    out = acc * _code_scale(c, V_BITS)[None, :] + tl.sum(z_acc, axis=1)[:, None]
-    out = _pick_rows(out, vx[:, None] == (ch // V_GROUP)[None, :], VXP, GP, D)  # (GP, D)
-    if V_HI > 0:  # the two widths' sums in channel order
-        ch_hi = _code_of(c, V_HI)
-        out_hi = _pick_rows(
-            acc_hi * _code_scale(c, V_HI)[None, :], vx[:, None] == (ch_hi // V_GROUP)[None, :], VXP, GP, D
-        )
-        out = _unpermute_words(out, GP, D, V_BITS) + _unpermute_words(out_hi, GP, D, V_HI)
-        ch = c
+    out = _readout(acc, tl.sum(z_acc, axis=1), vx, V_BITS, V_GROUP, VXP, GP, D)
+    if V_HI > 0:  # the other width's sums, in the same channel order
+        out += _readout(acc_hi, tl.zeros((VROWS,), tl.float32), vx, V_HI, V_GROUP, VXP, GP, D)
     row_out = (bh64 * n_splits + split) * G + r
-    tl.store(o_ptr + row_out[:, None] * D + ch[None, :], out, mask=r[:, None] < G)
+    tl.store(o_ptr + row_out[:, None] * D + c[None, :], out, mask=r[:, None] < G)
     tl.store(ml_ptr + row_out * 2, m_i, mask=r < G)
     tl.store(ml_ptr + row_out * 2 + 1, tl.sum(l_acc, axis=1), mask=r < G)
