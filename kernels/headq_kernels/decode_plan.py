@@ -221,6 +221,8 @@ class Plan:
     split: int  # the most tokens of one split
     parts: list[Segment] = field(default_factory=list)  # keys then values; keeps the tensors alive
     value_segments: int = 0  # the last ones of ``parts``
+    # affine codes start on 16 bytes and key segments hold whole groups (the folded kernel's bytes)
+    aligned: bool = False
 
     def first(self, kind_: int, *, keys: bool) -> Segment | None:
         """The first key (or value) segment of a kind: the kernel's settings for that kind."""
@@ -444,6 +446,12 @@ def plan(
         split=split,
         parts=[*keys, *values],
         value_segments=len(values),
+        aligned=all(
+            seg.codes.data_ptr() % 16 == 0
+            and (not isinstance(seg, AffineTokens) or seg.tokens % seg.group == 0)
+            for seg in [*keys, *values]
+            if isinstance(seg, AffineTokens | AffineChannels)
+        ),
     )
 
 

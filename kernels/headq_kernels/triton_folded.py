@@ -52,7 +52,7 @@ from typing import Any
 import triton
 import triton.language as tl
 
-from headq_kernels.decode_plan import AffineChannels, AffineTokens, MixedChannels, Plan
+from headq_kernels.decode_plan import MixedChannels, Plan
 from headq_kernels.triton_tiles import (
     TOKENS_C,
     _affine_key_segment,
@@ -98,16 +98,6 @@ def _values_fold(widths: tuple[int, ...], group: int, heads: int, head_dim: int)
     )
 
 
-def _aligned(plan: Plan) -> bool:
-    """Whether the affine segments' codes start on 16 bytes (read as 16-byte vectors) and the key
-    segments hold whole key groups (a channel's bytes are counted from its groups)."""
-    return all(
-        seg.codes.data_ptr() % 16 == 0 and (not isinstance(seg, AffineTokens) or seg.tokens % seg.group == 0)
-        for seg in plan.parts
-        if isinstance(seg, AffineTokens | AffineChannels)
-    )
-
-
 def eligible(plan: Plan, heads: int, head_dim: int, *, mixed: MixedChannels | None = None) -> bool:
     """Whether the launches of ``plan`` with affine keys and affine values (or the ``mixed`` value
     segments) can run folded (float16 queries checked by the caller)."""
@@ -120,7 +110,7 @@ def eligible(plan: Plan, heads: int, head_dim: int, *, mixed: MixedChannels | No
         and heads <= 16
         and rows(plan.block_n // kg, heads) <= 32
         and plan.side_rank <= 16
-        and _aligned(plan)
+        and plan.aligned
     )
     if mixed is None:
         return keys and _values_fold((plan.value_bits,), plan.value_group, heads, head_dim)
