@@ -74,10 +74,11 @@ def report(kernel: Any, args: dict[str, str], constants: dict[str, Any], top: in
     signature = dict(args, **{name: "constexpr" for name in constants})
     source = ASTSource(kernel, signature, constants)
     options: dict[str, Any] = dict(num_warps=4, num_stages=2)
-    if kernel is triton_folded._folded_split_kernel:  # the launch's register cap
+    if kernel is triton_folded._folded_split_kernel:  # the launch's register cap and stages
         options["maxnreg"] = triton_folded.registers(
             constants["D"], constants["K_BITS"], constants["R"], constants["HILO"]
         )
+        options["num_stages"] = triton_folded.stages(constants["V_CHUNK"] > 0)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:

@@ -90,6 +90,13 @@ def registers(head_dim: int, key_bits: int, side_rank: int, hilo: bool) -> int |
     return 168 if head_dim <= 128 and key_bits == 2 and side_rank == 0 and not hilo else None
 
 
+def stages(mixed: bool) -> int:
+    """The software pipeline's depth of a launch: three stages (the code bytes of two tiles ahead in
+    flight, 20 KiB of shared memory a program at 2 bits) for affine values, two for mixed-width
+    values, whose loads of a token's words three stages slowed on an H100 (docs/kernels.md)."""
+    return 2 if mixed else 3
+
+
 def _values_fold(widths: tuple[int, ...], group: int, heads: int, head_dim: int) -> bool:
     return (
         all(b in FOLD_BITS and group % (32 // b) == 0 and head_dim * b // 8 >= 16 for b in widths)
