@@ -209,7 +209,7 @@ CASES = [
     ("fp16", "fp16"),
     ("headq", "kivi:bits=2"),
     ("headq:rank=16,zbits=2", "fp16"),
-    # side bytes of 8, 2 or 1 token against key bytes of 4 or 2 (the folded kernel's three ways)
+    # HeadQ on the folded kernel: side codes of 8, 2 and 1 bits, on 2- and 4-bit keys
     ("headq:rank=5,zbits=8", "kivi:bits=2"),
     ("headq:base=(kivi:bits=4,group=32),rank=16,zbits=2", "kivi:bits=4"),
     ("headq:rank=8,zbits=1", "kivi:bits=2"),
