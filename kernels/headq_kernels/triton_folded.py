@@ -525,7 +525,6 @@ def _folded_split_kernel(
         qs = _fold(tl.trans(tl.reshape(ks.to(tl.float32)[:, :, None] * q_t[:, None, :], (D, KROWS))), HILO)
         # the key logits of each token plane, then one softmax step over the whole tile
         logits: "tuple[Any, ...]" = ()
-        m_new = m_i
         for i in tl.static_range(KP):
             vs, vz, seen = planes[i]
             tok = KP * nb + i
@@ -545,8 +544,12 @@ def _folded_split_kernel(
                     s,
                     mask=(r[:, None] < G) & ((t + tok < length) & (at >= 0))[None, :],
                 )
-            m_new = tl.maximum(m_new, tl.max(s, axis=1))
             logits = logits + (s,)
+        # one row maximum for the tile: the planes' elementwise maximum first
+        s_max = logits[0]
+        for i in tl.static_range(1, KP):
+            s_max = tl.maximum(s_max, logits[i])
+        m_new = tl.maximum(m_i, tl.max(s_max, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay at zero
         alpha = tl.exp2(m_i - m_use)
         m_i = m_new
