@@ -97,6 +97,14 @@ def stages(mixed: bool) -> int:
     return 2 if mixed else 3
 
 
+def ahead(key_bits: int, mixed: bool) -> bool:
+    """Whether a launch loads a tile's scales, zero points and mask in the tile before, into
+    registers, or in the tile itself, left to the compiler's pipeline: ahead was faster for 2-bit
+    keys with affine values (KIVI-2, HeadQ), in the tile for 4-bit keys and for mixed-width values
+    on an H100 (docs/kernels.md)."""
+    return key_bits == 2 and not mixed
+
+
 def _values_fold(widths: tuple[int, ...], group: int, heads: int, head_dim: int) -> bool:
     return (
         all(b in FOLD_BITS and group % (32 // b) == 0 and head_dim * b // 8 >= 16 for b in widths)
@@ -409,10 +417,12 @@ def _folded_split_kernel(
     HAS_MASK: tl.constexpr,
     TAIL: tl.constexpr,
     HILO: tl.constexpr,
+    AHEAD: tl.constexpr,
 ):
     """One split of one (sequence, KV head) over an affine key segment and an affine value segment
     (V_CHUNK = 0) or a mixed one (allocation rows of V_CHUNK tokens at V_BITS, or at V_HI where
-    the width index says so; V_HI = 0: one width).
+    the width index says so; V_HI = 0: one width). AHEAD: a tile's scales, zero points and mask
+    are loaded in the tile before (``ahead``).
 
     Same tables and outputs as ``triton_decode._decode_split_kernel``; ``zb_ptr``: scratch of
     (ngb key groups x key rows) floats per program for the key zero terms (a run-time count: the
@@ -496,23 +506,30 @@ def _folded_split_kernel(
         acc_hi = _zeros(VROWS, D * V_HI // 8, 8 // V_HI)
     mask_row = mask_ptr + b * mask_stride + position
     bias_rows = scratch + krows * ngb + kx  # each key row's zero terms, from the split's first group
-    loads = _tile_loads(
-        k_scale, v_scale, v_zero, bias_rows, mask_row, k_groups, k_off, v_off, 0, length, c, krows,
-        BLOCK_N, GP, K_GROUP, KXP, KP, VX, VXP, HAS_MASK,
-    )  # fmt: skip
+    if AHEAD:
+        loads = _tile_loads(
+            k_scale, v_scale, v_zero, bias_rows, mask_row, k_groups, k_off, v_off, 0, length, c, krows,
+            BLOCK_N, GP, K_GROUP, KXP, KP, VX, VXP, HAS_MASK,
+        )  # fmt: skip
     for t in range(0, length, BLOCK_N):
-        ks, bias, planes = loads
+        if AHEAD:
+            ks, bias, planes = loads
+        else:
+            ks, bias, planes = _tile_loads(
+                k_scale, v_scale, v_zero, bias_rows, mask_row, k_groups, k_off, v_off, t, length, c, krows,
+                BLOCK_N, GP, K_GROUP, KXP, KP, VX, VXP, HAS_MASK,
+            )  # fmt: skip
         # the code bytes are loaded here, for the compiler to stage them through shared memory
         # and read them in the products' operand layout: the codes of each plane are masks of
         # those bytes, so no unpacked tile travels
         k_at = k_off + t
         kbyte = tl.multiple_of(k_at // KP, K_GROUP // KP) + nb  # splits start on key groups
         kb = tl.load(k_codes + c[:, None] * k_bytes + kbyte[None, :], mask=kbyte[None, :] < k_bytes, other=0)
-        # the next tile's scales, zero points and mask are loaded while this one is computed
-        loads = _tile_loads(
-            k_scale, v_scale, v_zero, bias_rows, mask_row, k_groups, k_off, v_off, t + BLOCK_N, length, c, krows,
-            BLOCK_N, GP, K_GROUP, KXP, KP, VX, VXP, HAS_MASK,
-        )  # fmt: skip
+        if AHEAD:  # the next tile's scales, zero points and mask, loaded while this one is computed
+            loads = _tile_loads(
+                k_scale, v_scale, v_zero, bias_rows, mask_row, k_groups, k_off, v_off, t + BLOCK_N, length, c,
+                krows, BLOCK_N, GP, K_GROUP, KXP, KP, VX, VXP, HAS_MASK,
+            )  # fmt: skip
         if R > 0:  # HeadQ: the side codes of this tile in token order, then split into token planes
             z_packed, z_st = side_next
             side_next = _side_loads(
