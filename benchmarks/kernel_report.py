@@ -24,7 +24,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from headq_kernels import triton_decode, triton_folded
+from headq_kernels import folded_launch, triton_decode, triton_folded
 
 COMMON = dict(q_ptr="*fp16", qr_ptr="*fp32", seg_ptr="*i64", split_ptr="*i32", mask_ptr="*u8", o_ptr="*fp32")
 COMMON.update(ml_ptr="*fp32", HKV="i32", n_splits="i32", mask_stride="i32", qk_scale="fp32")
@@ -71,16 +71,13 @@ CASES: dict[str, tuple[Any, dict[str, str], dict[str, Any]]] = {
 
 
 def report(kernel: Any, args: dict[str, str], constants: dict[str, Any], top: int = 10) -> str:
-    if kernel is triton_folded._folded_split_kernel:  # where the launch loads a tile's scales
-        constants = dict(constants, AHEAD=triton_folded.ahead(constants["K_BITS"], constants["V_CHUNK"] > 0))
+    options: dict[str, Any] = dict(num_warps=4, num_stages=2)
+    if kernel is triton_folded._folded_split_kernel:  # the launch's own settings
+        c = constants
+        options.update(folded_launch.settings(c["D"], c["K_BITS"], c["R"], c["HILO"], c["V_CHUNK"] > 0))
+        constants = dict(constants, AHEAD=options.pop("AHEAD"))
     signature = dict(args, **{name: "constexpr" for name in constants})
     source = ASTSource(kernel, signature, constants)
-    options: dict[str, Any] = dict(num_warps=4, num_stages=2)
-    if kernel is triton_folded._folded_split_kernel:  # the launch's register cap and stages
-        options["maxnreg"] = triton_folded.registers(
-            constants["D"], constants["K_BITS"], constants["R"], constants["HILO"]
-        )
-        options["num_stages"] = triton_folded.stages(constants["V_CHUNK"] > 0)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from headq_kernels import triton_folded
+from headq_kernels import folded_launch, triton_folded
 from headq_kernels.decode_plan import (
     AFFINE,
     CODEBOOK,
@@ -436,9 +436,9 @@ def _attend_folded(
     """One launch of the folded kernel over affine-key splits with affine (or ``mixed``) values,
     into the same parts and statistics tail as the generic one."""
     b, hkv, g, d = q.shape
-    ngb = triton_folded.bias_columns(plan)
+    ngb = folded_launch.bias_columns(plan)
     scratch = torch.empty(
-        (b * hkv * plan.n_splits, triton_folded.rows(plan.block_n // plan.key_group, g), ngb),
+        (b * hkv * plan.n_splits, folded_launch.rows(plan.block_n // plan.key_group, g), ngb),
         dtype=torch.float32,
         device=q.device,
     )
@@ -456,9 +456,7 @@ def _attend_folded(
         G=g, GP=triton.next_power_of_2(g), D=d, BLOCK_N=plan.block_n,
         K_BITS=plan.key_bits, K_GROUP=plan.key_group, V_BITS=v_bits, V_GROUP=v_group, V_HI=v_hi, V_CHUNK=chunk,
         R=r, Z_BITS=max(1, plan.side_bits), HAS_MASK=mask is not None, TAIL=tail > 0, HILO=hilo,
-        AHEAD=triton_folded.ahead(plan.key_bits, chunk > 0),
-        num_warps=num_warps, num_stages=triton_folded.stages(chunk > 0),
-        maxnreg=triton_folded.registers(d, plan.key_bits, r, hilo),
+        num_warps=num_warps, **folded_launch.settings(d, plan.key_bits, r, hilo, chunk > 0),
     )  # fmt: skip
 
 
@@ -515,8 +513,8 @@ def attend(
     v_mixed = _mixed(mixed)
     mixed_group = getattr(mixed, "group", 1)
     half_q = fold and q.dtype == torch.float16
-    folded = half_q and triton_folded.eligible(plan, g, d)
-    folded_mixed = half_q and mixed is not None and triton_folded.eligible(plan, g, d, mixed=mixed)
+    folded = half_q and folded_launch.eligible(plan, g, d)
+    folded_mixed = half_q and mixed is not None and folded_launch.eligible(plan, g, d, mixed=mixed)
     last_compiled.clear()
     for k_kind, v_kind, splits in plan.launches:
         if k_kind == AFFINE and ((folded and v_kind == AFFINE) or (folded_mixed and v_kind == MIXED)):

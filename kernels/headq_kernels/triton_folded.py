@@ -39,10 +39,10 @@ the small operand instead:
 - statistics tail (a value policy's attention probabilities): as in the generic kernel, the
   scaled logits of positions from ``tail_start`` on are written out.
 
-Settings it takes (``eligible``): float16 queries, 2 or 4 bits on both sides (one or two widths
-of mixed values), groups of whole 32-bit words, at most 16 query heads per KV head and 32 rows
-per product, at least 16 tokens per token plane and 16 channels per channel plane, codes on 16
-bytes.
+Settings it takes (``folded_launch.eligible``; its launch settings are ``folded_launch.settings``):
+float16 queries, 2 or 4 bits on both sides (one or two widths of mixed values), groups of whole
+32-bit words, at most 16 query heads per KV head and 32 rows per product, at least 16 tokens per
+token plane and 16 channels per channel plane, codes on 16 bytes.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ from typing import Any
 import triton
 import triton.language as tl
 
-from headq_kernels.decode_plan import MixedChannels, Plan
 from headq_kernels.triton_tiles import (
     TOKENS_C,
     _affine_key_segment,
@@ -68,79 +67,6 @@ from headq_kernels.triton_tiles import (
 # unpacks as code * 2^(bits*i - 24), so outputs are multiplied back by 2^16 >> bits*i.
 FOLD: tl.constexpr = tl.constexpr(256.0)
 UNFOLD: tl.constexpr = tl.constexpr(1 << 16)
-
-FOLD_BITS = (2, 4)
-
-
-def rows(groups: int, heads: int) -> int:
-    """Rows of a folded product: groups x heads (heads padded to a power of two), at least 16."""
-    return max(16, groups * triton.next_power_of_2(heads))
-
-
-def bias_columns(plan: Plan) -> int:
-    """Columns of the key zero-term scratch: the key groups of the longest split, at least 16."""
-    return max(16, triton.next_power_of_2(-(-plan.split // plan.key_group)))
-
-
-def registers(head_dim: int, key_bits: int, side_rank: int, hilo: bool) -> int | None:
-    """The register cap of a launch: 168 (three programs a multiprocessor instead of two) for 2-bit
-    keys without a side code, up to head_dim 128. With a side code or 4-bit keys the cap spilled
-    and ran slower on an H100 (docs/kernels.md); with ``hilo`` or head_dim 256 it spills
-    hundreds of bytes (benchmarks/kernel_report.py)."""
-    return 168 if head_dim <= 128 and key_bits == 2 and side_rank == 0 and not hilo else None
-
-
-def stages(mixed: bool) -> int:
-    """The software pipeline's depth of a launch: three stages (the code bytes of two tiles ahead in
-    flight, 20 KiB of shared memory a program at 2 bits) for affine values, two for mixed-width
-    values, whose loads of a token's words three stages slowed on an H100 (docs/kernels.md)."""
-    return 2 if mixed else 3
-
-
-def ahead(key_bits: int, mixed: bool) -> bool:
-    """Whether a launch loads a tile's scales, zero points and mask in the tile before, into
-    registers, or in the tile itself, left to the compiler's pipeline: ahead was faster for 2-bit
-    keys with affine values (KIVI-2, HeadQ), in the tile for 4-bit keys and for mixed-width values
-    on an H100 (docs/kernels.md)."""
-    return key_bits == 2 and not mixed
-
-
-def _values_fold(widths: tuple[int, ...], group: int, heads: int, head_dim: int) -> bool:
-    return (
-        all(b in FOLD_BITS and group % (32 // b) == 0 and head_dim * b // 8 >= 16 for b in widths)
-        and head_dim % group == 0
-        and rows(head_dim // group, heads) <= 32
-    )
-
-
-def eligible(plan: Plan, heads: int, head_dim: int, *, mixed: MixedChannels | None = None) -> bool:
-    """Whether the launches of ``plan`` with affine keys and affine values (or the ``mixed`` value
-    segments) can run folded (float16 queries checked by the caller)."""
-    kb, kg = plan.key_bits, plan.key_group
-    keys = (
-        kb in FOLD_BITS
-        and kg % (32 // kb) == 0
-        and plan.block_n % kg == 0
-        and plan.block_n * kb // 8 >= 16  # a token plane's columns: tokens of one code position
-        and heads <= 16
-        and rows(plan.block_n // kg, heads) <= 32
-        and plan.side_rank <= 16
-        and plan.aligned
-    )
-    if mixed is None:
-        return keys and _values_fold((plan.value_bits,), plan.value_group, heads, head_dim)
-    lo_words = head_dim * mixed.widths[0] // 32
-    return (
-        keys
-        and len(mixed.widths) <= 2
-        and mixed.chunk <= 128
-        and plan.block_n % mixed.chunk == 0
-        and _values_fold(mixed.widths, mixed.group, heads, head_dim)
-        # the kernel reads a token's words as 16-byte vectors
-        and lo_words % 4 == 0
-        and mixed.row_words % lo_words == 0
-        and mixed.codes.data_ptr() % 16 == 0
-    )
 
 
 @triton.jit
@@ -221,7 +147,7 @@ def _mixed_loads(
             on_hi |= (below >= 0) & (below < 32) & (((word >> (below & 31)) & 1) != 0)
         start += before * (hi_words - lo_words)
         on_hi = live & on_hi
-        first = tl.multiple_of(start * 4, 16)  # in bytes (``eligible``: lo_words % 4 == 0)
+        first = tl.multiple_of(start * 4, 16)  # in bytes (``folded_launch.eligible``: lo_words % 4 == 0)
         b_lo = tl.load(
             codes + first[:, None] + tl.arange(0, 4 * lo_words)[None, :],
             mask=(live & ~on_hi)[:, None],
@@ -446,11 +372,15 @@ def _folded_split_kernel(
     krow, k_off, vrow, v_off, length, position, split = _split_row(split_ptr, seg_ptr)
     k_tokens = tl.load(krow + TOKENS_C)
     _, k_groups, k_codes, k_scale, k_zero = _affine_key_segment(krow, k_tokens, bh64, D, K_BITS, K_GROUP)
-    k_codes = tl.multiple_of(k_codes.to(tl.pointer_type(tl.uint8)), 16)  # on 16 bytes (``eligible``)
-    # a channel's bytes: whole key groups (``eligible``), so rows start on K_GROUP / KP bytes
+    k_codes = tl.multiple_of(
+        k_codes.to(tl.pointer_type(tl.uint8)), 16
+    )  # on 16 bytes (``folded_launch.eligible``)
+    # a channel's bytes: whole key groups (``folded_launch.eligible``), so rows start on K_GROUP / KP bytes
     k_bytes = k_groups * (K_GROUP // KP)
     v_tokens = tl.load(vrow + TOKENS_C)
-    if V_CHUNK > 0:  # a one-bit width index (two widths at most), codes on 16 bytes (``eligible``)
+    if (
+        V_CHUNK > 0
+    ):  # a one-bit width index (two widths at most), codes on 16 bytes (``folded_launch.eligible``)
         v_codes, v_index, v_scale, v_zero, v_row_words = _mixed_value_segment(
             vrow, v_tokens, bh64, D, V_GROUP, V_CHUNK, 1, True
         )
@@ -458,7 +388,9 @@ def _folded_split_kernel(
         v_codes, v_scale, v_zero = _affine_value_segment(vrow, v_tokens, bh64, D, V_BITS, V_GROUP)
         v_index = v_codes
         v_row_words = 0
-    v_codes = tl.multiple_of(v_codes.to(tl.pointer_type(tl.uint8)), 16)  # on 16 bytes (``eligible``)
+    v_codes = tl.multiple_of(
+        v_codes.to(tl.pointer_type(tl.uint8)), 16
+    )  # on 16 bytes (``folded_launch.eligible``)
 
     r = tl.arange(0, GP)
     c = tl.arange(0, D)

@@ -1,0 +1,96 @@
+"""Which decode plans run on the folded kernel (:mod:`headq_kernels.triton_folded`), and the
+settings of its launches: the sizes of its products and scratch, its register cap, pipeline depth
+and where it loads a tile's scales, each chosen by what measured faster on an H100
+(docs/kernels.md). ``benchmarks/kernel_report.py`` compiles with the same settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import triton
+
+from headq_kernels.decode_plan import MixedChannels, Plan
+
+FOLD_BITS = (2, 4)  # code widths the kernel folds
+
+
+def rows(groups: int, heads: int) -> int:
+    """Rows of a folded product: groups x heads (heads padded to a power of two), at least 16."""
+    return max(16, groups * triton.next_power_of_2(heads))
+
+
+def bias_columns(plan: Plan) -> int:
+    """Columns of the key zero-term scratch: the key groups of the longest split, at least 16."""
+    return max(16, triton.next_power_of_2(-(-plan.split // plan.key_group)))
+
+
+def registers(head_dim: int, key_bits: int, side_rank: int, hilo: bool) -> int | None:
+    """The register cap of a launch: 168 (three programs a multiprocessor instead of two) for 2-bit
+    keys without a side code, up to head_dim 128. With a side code or 4-bit keys the cap spilled
+    and ran slower on an H100 (docs/kernels.md); with ``hilo`` or head_dim 256 it spills
+    hundreds of bytes (benchmarks/kernel_report.py)."""
+    return 168 if head_dim <= 128 and key_bits == 2 and side_rank == 0 and not hilo else None
+
+
+def stages(mixed: bool) -> int:
+    """The software pipeline's depth of a launch: three stages (the code bytes of two tiles ahead in
+    flight, 20 KiB of shared memory a program at 2 bits) for affine values, two for mixed-width
+    values, whose loads of a token's words three stages slowed on an H100 (docs/kernels.md)."""
+    return 2 if mixed else 3
+
+
+def ahead(key_bits: int, mixed: bool) -> bool:
+    """Whether a launch loads a tile's scales, zero points and mask in the tile before, into
+    registers, or in the tile itself, left to the compiler's pipeline: ahead was faster for 2-bit
+    keys with affine values (KIVI-2, HeadQ), in the tile for 4-bit keys and for mixed-width values
+    on an H100 (docs/kernels.md)."""
+    return key_bits == 2 and not mixed
+
+
+def settings(head_dim: int, key_bits: int, side_rank: int, hilo: bool, mixed: bool) -> dict[str, Any]:
+    """What a launch of the kernel takes besides its tables and shapes: where it loads a tile's
+    scales (``AHEAD``, a constexpr), its pipeline depth and its register cap."""
+    return dict(
+        AHEAD=ahead(key_bits, mixed),
+        num_stages=stages(mixed),
+        maxnreg=registers(head_dim, key_bits, side_rank, hilo),
+    )
+
+
+def _values_fold(widths: tuple[int, ...], group: int, heads: int, head_dim: int) -> bool:
+    return (
+        all(b in FOLD_BITS and group % (32 // b) == 0 and head_dim * b // 8 >= 16 for b in widths)
+        and head_dim % group == 0
+        and rows(head_dim // group, heads) <= 32
+    )
+
+
+def eligible(plan: Plan, heads: int, head_dim: int, *, mixed: MixedChannels | None = None) -> bool:
+    """Whether the launches of ``plan`` with affine keys and affine values (or the ``mixed`` value
+    segments) can run folded (float16 queries checked by the caller)."""
+    kb, kg = plan.key_bits, plan.key_group
+    keys = (
+        kb in FOLD_BITS
+        and kg % (32 // kb) == 0
+        and plan.block_n % kg == 0
+        and plan.block_n * kb // 8 >= 16  # a token plane's columns: tokens of one code position
+        and heads <= 16
+        and rows(plan.block_n // kg, heads) <= 32
+        and plan.side_rank <= 16
+        and plan.aligned
+    )
+    if mixed is None:
+        return keys and _values_fold((plan.value_bits,), plan.value_group, heads, head_dim)
+    lo_words = head_dim * mixed.widths[0] // 32
+    return (
+        keys
+        and len(mixed.widths) <= 2
+        and mixed.chunk <= 128
+        and plan.block_n % mixed.chunk == 0
+        and _values_fold(mixed.widths, mixed.group, heads, head_dim)
+        # the kernel reads a token's words as 16-byte vectors
+        and lo_words % 4 == 0
+        and mixed.row_words % lo_words == 0
+        and mixed.codes.data_ptr() % 16 == 0
+    )
