@@ -34,10 +34,10 @@ GENERIC_ARGS = COMMON
 FOLDED = dict(G=4, GP=4, D=128, BLOCK_N=128, K_BITS=2, K_GROUP=32, V_BITS=2, V_GROUP=32, V_HI=0, V_CHUNK=0)
 FOLDED.update(R=0, Z_BITS=4, HAS_MASK=True, TAIL=False, HILO=False)
 A2 = dict(FOLDED, V_HI=4, V_CHUNK=32)  # A² values: 2 and 4 bits in rows of 32 tokens
-GENERIC = dict(G=4, G_PAD=16, D=128, BLOCK_N=128, K_KIND=0, K_BITS=2, K_GROUP=32, K_BOOK=(1, 8, 0, 1, 0))
+GENERIC = dict(G=4, G_PAD=16, D=128, BLOCK_N=128, K_KIND=0, K_BITS=2, K_GROUP=32, K_BOOK=(1, 8, 0, 1, 0, 0))
 GENERIC.update(K_TOK=(0, 8, 1, 2, 2), V_TOK=(0, 8, 1, 2, 2))
 GENERIC.update(
-    V_KIND=0, V_BITS=2, V_GROUP=32, V_BOOK=(1, 8, 0, 1, 0), V_MIXED=(2, 2, 2, 2, 1, 1, 0), R=0, R_PAD=16
+    V_KIND=0, V_BITS=2, V_GROUP=32, V_BOOK=(1, 8, 0, 1, 0, 0), V_MIXED=(2, 2, 2, 2, 1, 1, 0), R=0, R_PAD=16
 )
 GENERIC.update(Z_BITS=4, HAS_MASK=True, TAIL=False, DT=tl.float16, MATH=tl.float16)
 
@@ -54,7 +54,7 @@ CASES: dict[str, tuple[Any, dict[str, str], dict[str, Any]]] = {
     "generic gsrq": (
         triton_decode._decode_split_kernel,
         GENERIC_ARGS,
-        dict(GENERIC, K_KIND=3, K_BOOK=(8, 8, 0, 1, 0), V_KIND=3, V_BOOK=(8, 8, 0, 1, 0)),
+        dict(GENERIC, K_KIND=3, K_BOOK=(8, 8, 0, 1, 0, 16), V_KIND=3, V_BOOK=(8, 8, 0, 1, 0, 16)),
     ),
     # what engines ship: scaled tokens (fp8 e4m3, int4 with a scale per token and head) and rotated
     # tokens at 3.5 bits (4 and 3 bits for the two halves), keys and values alike
@@ -76,6 +76,8 @@ def report(kernel: Any, args: dict[str, str], constants: dict[str, Any], top: in
         c = constants
         options.update(folded_launch.settings(c["D"], c["K_BITS"], c["R"], c["HILO"], c["V_CHUNK"] > 0))
         constants = dict(constants, AHEAD=options.pop("AHEAD"))
+    elif triton_decode.CODEBOOK in (constants["K_KIND"], constants["V_KIND"]):
+        options.update(num_stages=1)  # as ``triton_decode.attend`` launches codebook tiles
     signature = dict(args, **{name: "constexpr" for name in constants})
     source = ASTSource(kernel, signature, constants)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)

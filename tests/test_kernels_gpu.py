@@ -302,6 +302,46 @@ def test_layouts_the_kernel_does_not_know_run_on_the_reference(monkeypatch) -> N
         )  # fmt: skip
 
 
+@pytest.mark.parametrize(("spec", "vector"), [("gsrq", 16), ("gsrq:bits=2", 16), ("gsrq:bits=0.75", 0)])
+def test_codebook_indices_read_as_vectors_only_where_aligned(spec: str, vector: int) -> None:
+    """Whole-byte GSRQ indices on a vector boundary are read a token at a time; the same indices one
+    byte off, or 6-bit ones, one byte per sub-vector and stage: every way gives the same attention."""
+    import dataclasses
+
+    from headq_core import get_registry
+    from headq_kernels import decode_plan
+
+    hq, hkv, d, tokens = 8, 2, 128, 300
+    config = _config(hq, hkv, d)
+    calibration = calibration_for(spec, spec, config, tokens=512)
+    registry = get_registry()
+    km, vm = registry.key_quantizer(spec), registry.value_policy(spec)
+    km.bind(config, calibration)
+    vm.bind(config, calibration)
+    k = outliers((2, hkv, tokens, d), 1, torch.float16)
+    v = outliers((2, hkv, tokens, d), 2, torch.float16)
+    kseg = km.encode(k, 0).kernel_segment(tokens)
+    vseg = vm.encode(v, 0).kernel_segment(tokens)
+
+    def shifted(seg):  # the same bytes, one byte past an aligned start
+        buf = torch.empty(seg.indices.numel() + 1, dtype=torch.uint8, device=CUDA)
+        moved = buf[1:].view(seg.indices.shape)
+        moved.copy_(seg.indices)
+        return dataclasses.replace(seg, indices=moved)
+
+    q = outliers((2, hkv, hq // hkv, d), 3, torch.float16)
+    plans = [
+        decode_plan.plan([ks], [vs], batch_heads=2 * hkv, block_n=128)
+        for ks, vs in ((kseg, vseg), (shifted(kseg), shifted(vseg)))
+    ]
+    assert [triton_decode._book(p, keys=True)[5] for p in plans] == [vector, 0]
+    assert [triton_decode._book(p, keys=False)[5] for p in plans] == [vector, 0]
+    aligned, off = (triton_decode.attend(q, p, scale=d**-0.5) for p in plans)
+    reference = decode_plan.attend_torch(q, plans[0], scale=d**-0.5)
+    assert torch.equal(aligned, off)
+    assert rel(aligned, reference) < TOLERANCE[torch.float16]
+
+
 @pytest.mark.parametrize(
     ("keys", "values", "tolerance"),
     # A²'s widths follow the attention the kernel computes (float16 operands on the folded kernel):

@@ -224,11 +224,15 @@ class Plan:
     # affine codes start on 16 bytes and key segments hold whole groups (the folded kernel's bytes)
     aligned: bool = False
 
-    def first(self, kind_: int, *, keys: bool) -> Segment | None:
-        """The first key (or value) segment of a kind: the kernel's settings for that kind."""
+    def every(self, kind_: int, *, keys: bool) -> list[Segment]:
+        """The key (or value) segments of a kind."""
         n_keys = len(self.parts) - self.value_segments
         stream = self.parts[:n_keys] if keys else self.parts[n_keys:]
-        return next((seg for seg in stream if kind(seg) == kind_), None)
+        return [seg for seg in stream if kind(seg) == kind_]
+
+    def first(self, kind_: int, *, keys: bool) -> Segment | None:
+        """The first key (or value) segment of a kind: the kernel's settings for that kind."""
+        return next(iter(self.every(kind_, keys=keys)), None)
 
 
 def _row(seg: Segment) -> list[int]:

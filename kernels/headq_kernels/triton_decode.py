@@ -154,7 +154,8 @@ def _decode_split_kernel(
 ):
     """One split of one (sequence, KV head); every split of a launch has the same segment kinds.
 
-    K_BOOK / V_BOOK: codebook settings (dim, first and second stage's index bits, stages, scaled);
+    K_BOOK / V_BOOK: codebook settings (dim, first and second stage's index bits, stages, scaled,
+    the vector its index bytes are read in);
     K_TOK / V_TOK: scaled and rotated tokens' settings (format, bits, scaled, two halves' widths);
     V_MIXED: mixed-width settings (four widths, how many are used, chunk, index bits).
     TAIL: also write the scaled logits of positions from ``tail_start`` on (for the statistics).
@@ -188,6 +189,9 @@ def _decode_split_kernel(
     elif K_KIND == CODEBOOK_C:
         k_bytes: tl.constexpr = (D // K_BOOK[0] * (K_BOOK[1] + K_BOOK[2]) + 7) // 8
         k_idx = tl.load(krow + PTR0_C).to(tl.pointer_type(tl.uint8)) + bh64 * k_tokens * k_bytes
+        k_vector: tl.constexpr = K_BOOK[5]
+        if k_vector > 0:  # each token's index bytes start on a vector (``_book``)
+            k_idx = tl.multiple_of(k_idx, k_vector)
         k_book0 = tl.multiple_of(tl.load(krow + PTR1_C).to(tl.pointer_type(tl.float16)), 16)
         k_book1 = tl.multiple_of(tl.load(krow + PTR2_C).to(tl.pointer_type(tl.float16)), 16)
         if K_BOOK[4]:  # the codewords approximate scale * k: q . k = (q / scale) . codeword
@@ -229,6 +233,9 @@ def _decode_split_kernel(
     elif V_KIND == CODEBOOK_C:
         v_bytes: tl.constexpr = (D // V_BOOK[0] * (V_BOOK[1] + V_BOOK[2]) + 7) // 8
         v_idx = tl.load(vrow + PTR0_C).to(tl.pointer_type(tl.uint8)) + bh64 * v_tokens * v_bytes
+        v_vector: tl.constexpr = V_BOOK[5]
+        if v_vector > 0:
+            v_idx = tl.multiple_of(v_idx, v_vector)
         v_book0 = tl.multiple_of(tl.load(vrow + PTR1_C).to(tl.pointer_type(tl.float16)), 16)
         v_book1 = tl.multiple_of(tl.load(vrow + PTR2_C).to(tl.pointer_type(tl.float16)), 16)
     elif V_KIND == SCALED_C:
@@ -260,7 +267,7 @@ def _decode_split_kernel(
                 s += _side_term(z_codes, z_step, z_words, k_tokens, k_off + t, qr, R, R_PAD, BLOCK_N, Z_BITS)
         elif K_KIND == CODEBOOK_C:
             kt = _codebook_tokens(
-                k_idx, k_book0, k_book1, k_off + t + n, live, D, BLOCK_N, K_BOOK[0], K_BOOK[1], K_BOOK[2], K_BOOK[3],
+                k_idx, k_book0, k_book1, k_off + t + n, live, D, BLOCK_N, K_BOOK[0], K_BOOK[1], K_BOOK[2], K_BOOK[3], K_BOOK[5],
             )  # fmt: skip
             s = tl.dot(q, tl.trans(kt.to(DT)))
         elif K_KIND == SCALED_C:
@@ -310,7 +317,7 @@ def _decode_split_kernel(
             ).to(DT)  # fmt: skip
         elif V_KIND == CODEBOOK_C:
             v = _codebook_tokens(
-                v_idx, v_book0, v_book1, v_off + t + n, live, D, BLOCK_N, V_BOOK[0], V_BOOK[1], V_BOOK[2], V_BOOK[3],
+                v_idx, v_book0, v_book1, v_off + t + n, live, D, BLOCK_N, V_BOOK[0], V_BOOK[1], V_BOOK[2], V_BOOK[3], V_BOOK[5],
             ).to(DT)  # fmt: skip
         elif V_KIND == SCALED_C:
             if V_TOK[1] == 4:
@@ -394,12 +401,24 @@ def _merge_kernel(
         tl.store(lse_ptr + row, tl.where(denom > 0, top + tl.log2(denom), float("inf")))
 
 
-def _book(seg: Segment | None) -> tuple[int, ...]:
-    """Codebook constexprs: (dim, first stage's index bits, second's or 0, stages, scaled)."""
-    if not isinstance(seg, Codebook):
-        return (1, 8, 0, 1, 0)
-    w = seg.widths
-    return (int(seg.books[0].shape[-1]), w[0], w[1] if len(w) > 1 else 0, len(w), int(seg.scale is not None))
+def _book(plan: Plan, *, keys: bool) -> tuple[int, ...]:
+    """Codebook constexprs: (dim, first stage's index bits, second's or 0, stages, scaled, vector).
+
+    vector: with whole-byte indices (8 bits a stage) and a power-of-two count of index bytes per
+    token, the vector (at most 16 bytes) every codebook segment's tokens start on; 0 otherwise, and
+    the kernel reads one byte per sub-vector and stage.
+    """
+    segs = [seg for seg in plan.every(CODEBOOK, keys=keys) if isinstance(seg, Codebook)]
+    if not segs:
+        return (1, 8, 0, 1, 0, 0)
+    seg, w = segs[0], segs[0].widths
+    token_bytes = seg.indices.shape[-1]
+    vector = min(16, token_bytes)
+    whole = all(width == 8 for width in w) and token_bytes & (token_bytes - 1) == 0
+    if not (whole and all(s.indices.data_ptr() % vector == 0 for s in segs)):
+        vector = 0
+    dim = int(seg.books[0].shape[-1])
+    return (dim, w[0], w[1] if len(w) > 1 else 0, len(w), int(seg.scale is not None), vector)
 
 
 def _tok(seg: Segment | None) -> tuple[int, ...]:
@@ -504,8 +523,8 @@ def attend(
     logits = (
         torch.full((b, hkv, g, tail), float("-inf"), dtype=torch.float32, device=q.device) if tail else ml
     )
-    k_book = _book(plan.first(CODEBOOK, keys=True))
-    v_book = _book(plan.first(CODEBOOK, keys=False))
+    k_book = _book(plan, keys=True)
+    v_book = _book(plan, keys=False)
     k_tok = _tok(plan.first(SCALED, keys=True) or plan.first(ROTATED, keys=True))
     v_tok = _tok(plan.first(SCALED, keys=False) or plan.first(ROTATED, keys=False))
     first_mixed = plan.first(MIXED, keys=False)

@@ -376,22 +376,19 @@ def _rotated_tokens(
 
 
 @triton.jit
-def _codewords(
+def _codes(
     indices,
-    book,
     rows,
     live,
-    BLOCK_N: tl.constexpr,
     POSITIONS: tl.constexpr,
-    DIM: tl.constexpr,
     WIDTH: tl.constexpr,
     OFFSET: tl.constexpr,
     TOKEN_BITS: tl.constexpr,
 ):
-    """One stage's codewords of every sub-vector: (BLOCK_N, POSITIONS, DIM) float32.
+    """One stage's codeword index of every sub-vector: (BLOCK_N, POSITIONS) int32.
 
     Sub-vector p's index sits at bit ``p * TOKEN_BITS + OFFSET`` of the token's bytes (a second
-    byte read where it may cross one); its codeword is ``DIM`` contiguous channels.
+    byte read where it may cross one).
     """
     token_bytes: tl.constexpr = (POSITIONS * TOKEN_BITS + 7) // 8
     p = tl.arange(0, POSITIONS)
@@ -401,7 +398,14 @@ def _codewords(
     if TOKEN_BITS % 8 != 0 or OFFSET % 8 + WIDTH > 8:
         more = live[:, None] & (byte[None, :] + 1 < token_bytes)
         code |= tl.load(indices + rows + byte[None, :] + 1, mask=more, other=0).to(tl.int32) << 8
-    code = (code >> (bit % 8)[None, :]) & ((1 << WIDTH) - 1)
+    return (code >> (bit % 8)[None, :]) & ((1 << WIDTH) - 1)
+
+
+@triton.jit
+def _codewords(book, code, live, POSITIONS: tl.constexpr, DIM: tl.constexpr, WIDTH: tl.constexpr):
+    """The codewords of indices code (BLOCK_N, POSITIONS), each ``DIM`` contiguous channels of
+    sub-vector p's book: (BLOCK_N, POSITIONS, DIM) float32."""
+    p = tl.arange(0, POSITIONS)
     at = (p[None, :, None] * (1 << WIDTH) + code[:, :, None]) * DIM + tl.arange(0, DIM)[None, None, :]
     return tl.load(book + at, mask=live[:, None, None], other=0.0).to(tl.float32)
 
@@ -419,14 +423,36 @@ def _codebook_tokens(
     W0: tl.constexpr,
     W1: tl.constexpr,
     STAGES: tl.constexpr,
+    VECTOR: tl.constexpr,
 ):
-    """Codebook tokens t (BLOCK_N,) of one head, decoded (the stages' codewords summed): (BLOCK_N, D) float32."""
+    """Codebook tokens t (BLOCK_N,) of one head, decoded (the stages' codewords summed): (BLOCK_N, D) float32.
+
+    VECTOR: the indices are whole bytes (8 bits a stage) and each token's bytes start on a
+    ``VECTOR``-byte boundary (0: not so), so a token's bytes are read as one vector, not one byte
+    per sub-vector and stage.
+    """
     positions: tl.constexpr = D // DIM
     token_bits: tl.constexpr = W0 + W1  # W1 is 0 with one stage
-    rows = t[:, None].to(tl.int64) * ((positions * token_bits + 7) // 8)
-    x = _codewords(indices, book0, rows, live, BLOCK_N, positions, DIM, W0, 0, token_bits)
+    token_bytes: tl.constexpr = (positions * token_bits + 7) // 8
+    rows = t[:, None].to(tl.int64) * token_bytes
+    if VECTOR > 0:
+        rows = tl.multiple_of(rows, [VECTOR, VECTOR])  # the caller states the same of ``indices``
+        raw = tl.load(indices + rows + tl.arange(0, token_bytes)[None, :], mask=live[:, None], other=0)
+        if STAGES > 1:  # position-major, stage-minor: stage 0 at the even bytes
+            first, second = tl.split(tl.reshape(raw, (BLOCK_N, positions, 2)))
+            code0 = first.to(tl.int32)
+            code1 = second.to(tl.int32)
+        else:
+            code0 = raw.to(tl.int32)
+            code1 = code0
+    else:
+        code0 = _codes(indices, rows, live, positions, W0, 0, token_bits)
+        code1 = code0
+        if STAGES > 1:
+            code1 = _codes(indices, rows, live, positions, W1, W0, token_bits)
+    x = _codewords(book0, code0, live, positions, DIM, W0)
     if STAGES > 1:
-        x += _codewords(indices, book1, rows, live, BLOCK_N, positions, DIM, W1, W0, token_bits)
+        x += _codewords(book1, code1, live, positions, DIM, W1)
     return tl.reshape(x, (BLOCK_N, D))
 
 
