@@ -12,6 +12,7 @@ and values dequantized in float32 are rounded once more, as are the softmax weig
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -25,13 +26,13 @@ triton = pytest.importorskip("triton")
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from headq_core import QuantizedKVCache  # noqa: E402
+from headq_core import QuantizedKVCache, get_registry  # noqa: E402
 from headq_core import fused as fused_module  # noqa: E402
 from headq_core.attention import headq_attention  # noqa: E402
 from headq_core.harness.perplexity import CacheSettings, Windowing, perplexity  # noqa: E402
 from headq_core.spec import parse_spec  # noqa: E402
 from headq_core.testing.calibration import calibration_for  # noqa: E402
-from headq_kernels import affine_reference, triton_affine, triton_decode  # noqa: E402
+from headq_kernels import affine_reference, decode_plan, triton_affine, triton_decode  # noqa: E402
 from headq_kernels.decode_plan import AFFINE, MIXED  # noqa: E402
 
 TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -306,11 +307,6 @@ def test_layouts_the_kernel_does_not_know_run_on_the_reference(monkeypatch) -> N
 def test_codebook_indices_read_as_vectors_only_where_aligned(spec: str, vector: int) -> None:
     """Whole-byte GSRQ indices on a vector boundary are read a token at a time; the same indices one
     byte off, or 6-bit ones, one byte per sub-vector and stage: every way gives the same attention."""
-    import dataclasses
-
-    from headq_core import get_registry
-    from headq_kernels import decode_plan
-
     hq, hkv, d, tokens = 8, 2, 128, 300
     config = _config(hq, hkv, d)
     calibration = calibration_for(spec, spec, config, tokens=512)

@@ -147,7 +147,7 @@ def _mixed_loads(
             on_hi |= (below >= 0) & (below < 32) & (((word >> (below & 31)) & 1) != 0)
         start += before * (hi_words - lo_words)
         on_hi = live & on_hi
-        first = tl.multiple_of(start * 4, 16)  # in bytes (``folded_launch.eligible``: lo_words % 4 == 0)
+        first = tl.multiple_of(start * 4, 16)  # in bytes (``eligible``: lo_words % 4 == 0)
         b_lo = tl.load(
             codes + first[:, None] + tl.arange(0, 4 * lo_words)[None, :],
             mask=(live & ~on_hi)[:, None],
@@ -372,15 +372,14 @@ def _folded_split_kernel(
     krow, k_off, vrow, v_off, length, position, split = _split_row(split_ptr, seg_ptr)
     k_tokens = tl.load(krow + TOKENS_C)
     _, k_groups, k_codes, k_scale, k_zero = _affine_key_segment(krow, k_tokens, bh64, D, K_BITS, K_GROUP)
-    k_codes = tl.multiple_of(
-        k_codes.to(tl.pointer_type(tl.uint8)), 16
-    )  # on 16 bytes (``folded_launch.eligible``)
-    # a channel's bytes: whole key groups (``folded_launch.eligible``), so rows start on K_GROUP / KP bytes
+    # codes on 16 bytes, and a channel's bytes whole key groups (``folded_launch.eligible``), so
+    # rows start on K_GROUP / KP bytes
+    k_codes = tl.multiple_of(k_codes.to(tl.pointer_type(tl.uint8)), 16)
     k_bytes = k_groups * (K_GROUP // KP)
     v_tokens = tl.load(vrow + TOKENS_C)
-    if (
-        V_CHUNK > 0
-    ):  # a one-bit width index (two widths at most), codes on 16 bytes (``folded_launch.eligible``)
+    # mixed values: a one-bit width index (two widths at most); codes on 16 bytes either way
+    # (``folded_launch.eligible``)
+    if V_CHUNK > 0:
         v_codes, v_index, v_scale, v_zero, v_row_words = _mixed_value_segment(
             vrow, v_tokens, bh64, D, V_GROUP, V_CHUNK, 1, True
         )
@@ -388,9 +387,7 @@ def _folded_split_kernel(
         v_codes, v_scale, v_zero = _affine_value_segment(vrow, v_tokens, bh64, D, V_BITS, V_GROUP)
         v_index = v_codes
         v_row_words = 0
-    v_codes = tl.multiple_of(
-        v_codes.to(tl.pointer_type(tl.uint8)), 16
-    )  # on 16 bytes (``folded_launch.eligible``)
+    v_codes = tl.multiple_of(v_codes.to(tl.pointer_type(tl.uint8)), 16)
 
     r = tl.arange(0, GP)
     c = tl.arange(0, D)

@@ -444,10 +444,8 @@ def _codebook_tokens(
             code1 = second.to(tl.int32)
         else:
             code0 = raw.to(tl.int32)
-            code1 = code0
     else:
         code0 = _codes(indices, rows, live, positions, W0, 0, token_bits)
-        code1 = code0
         if STAGES > 1:
             code1 = _codes(indices, rows, live, positions, W1, W0, token_bits)
     x = _codewords(book0, code0, live, positions, DIM, W0)
