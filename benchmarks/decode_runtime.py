@@ -17,14 +17,15 @@ as ``generate`` does. Caches:
 - ``headq-fp8``, ``headq-int4``, ``headq-rotation``: what engines ship (headq-baselines), keys
   and values alike: fp8 e4m3 and int4 with a scale per token and head, the rotation method at
   3.5 bits;
+- ``headq-gsrq``: GSRQ keys and values at 1 bit (codebooks fitted on synthetic statistics);
 - ``...-graph`` (by default ``headq-fp16-graph``, ``headq-kivi2-graph``, ``headq-headq-graph``;
   any ``headq-`` cache above on request): the same caches in static mode (:class:`~headq_core.graphs.StaticDecode`), each decode step a CUDA graph
   replay; their warm-up is at least 72 steps, so that both flush patterns are captured.
 
 Per cache and shape it reports wall time per step (host clock around the synchronized loop), GPU
 time per step (the sum of the kernels' device times under ``torch.profiler``; their ratio is the
-host's share), tokens per second and the speed against ``dynamic``; every cache is run twice,
-interleaved, and the faster run is kept. It also reports the host time of one layer's decode step
+host's share), tokens per second and the speed against ``dynamic``; every cache is run in three
+interleaved rounds, and the median wall time is kept. It also reports the host time of one layer's decode step
 in the ``headq`` attention (``update`` + attention, nothing waited for) at two contexts, and how
 many Triton kernels were compiled during the timed steps (zero: nothing is specialized on a value
 that changes from step to step). Run one shape per process (a process that ran the profiler keeps memory and launch costs it
@@ -59,6 +60,7 @@ HEADQ_SPECS = {
     "headq-fp8": ("fp8", "fp8"),
     "headq-int4": ("int:bits=4", "int:bits=4"),
     "headq-rotation": ("rotation:bits=3.5", "rotation:bits=3.5"),
+    "headq-gsrq": ("gsrq", "gsrq"),
 }
 CACHES = [
     "dynamic",
@@ -110,7 +112,7 @@ def make_cache(name: str, model: Any, batch: int, context: int) -> Any:
         cache = QuantizedCache("quanto", config, nbits=int(name[-1]), q_group_size=64, residual_length=128)
     else:
         keys, values = HEADQ_SPECS[name.removesuffix("-graph")]
-        calibration = calibration_for(keys, values, config) if "headq:" in keys else None
+        calibration = calibration_for(keys, values, config)  # None where neither method learns
         cache = QuantizedKVCache(
             keys, values, window=WINDOW, config=config, calibration=calibration, capacity=context + 4096
         )
