@@ -74,8 +74,9 @@ def report(kernel: Any, args: dict[str, str], constants: dict[str, Any], top: in
     options: dict[str, Any] = dict(num_warps=4, num_stages=2)
     if kernel is triton_folded._folded_split_kernel:  # the launch's own settings
         c = constants
-        options.update(folded_launch.settings(c["D"], c["K_BITS"], c["R"], c["HILO"], c["V_CHUNK"] > 0))
-        constants = dict(constants, AHEAD=options.pop("AHEAD"))
+        options.update(
+            folded_launch.settings(c["D"], c["G"], c["K_BITS"], c["R"], c["HILO"], c["V_CHUNK"] > 0)
+        )
     elif triton_decode.CODEBOOK in (constants["K_KIND"], constants["V_KIND"]):
         options.update(num_stages=1)  # as ``triton_decode.attend`` launches codebook tiles
     signature = dict(args, **{name: "constexpr" for name in constants})

@@ -1,7 +1,7 @@
 """Which decode plans run on the folded kernel (:mod:`headq_kernels.triton_folded`), and the
-settings of its launches: the sizes of its products and scratch, its register cap, pipeline depth
-and where it loads a tile's scales, each chosen by what measured faster on an H100
-(docs/kernels.md). ``benchmarks/kernel_report.py`` compiles with the same settings.
+settings of its launches: the sizes of its products and scratch, its register cap and pipeline
+depth, each chosen by what measured faster on an H100 (docs/kernels.md).
+``benchmarks/kernel_report.py`` compiles with the same settings.
 """
 
 from __future__ import annotations
@@ -25,12 +25,17 @@ def bias_columns(plan: Plan) -> int:
     return max(16, triton.next_power_of_2(-(-plan.split // plan.key_group)))
 
 
-def registers(head_dim: int, key_bits: int, side_rank: int, hilo: bool) -> int | None:
-    """The register cap of a launch: 168 (three programs a multiprocessor instead of two) for 2-bit
-    keys without a side code, up to head_dim 128. With a side code or 4-bit keys the cap spilled
-    and ran slower on an H100 (docs/kernels.md); with ``hilo`` or head_dim 256 it spills
-    hundreds of bytes (benchmarks/kernel_report.py)."""
-    return 168 if head_dim <= 128 and key_bits == 2 and side_rank == 0 and not hilo else None
+def registers(
+    head_dim: int, heads: int, key_bits: int, side_rank: int, hilo: bool, mixed: bool
+) -> int | None:
+    """The register cap of a launch with 3 or 4 query heads per KV head (where it was measured) and
+    head_dim up to 128: 128, four programs a multiprocessor, for 2-bit keys with affine values
+    (KIVI-2); 168, three instead of two, for the others (KIVI-4, HeadQ, A²). Both were faster on an
+    H100 (docs/kernels.md). With other head counts, ``hilo`` or head_dim 256 these caps spill in
+    the token loop (benchmarks/kernel_report.py), so there is none."""
+    if head_dim > 128 or hilo or triton.next_power_of_2(heads) != 4:
+        return None
+    return 128 if key_bits == 2 and side_rank == 0 and not mixed else 168
 
 
 def stages(mixed: bool) -> int:
@@ -40,21 +45,13 @@ def stages(mixed: bool) -> int:
     return 2 if mixed else 3
 
 
-def ahead(key_bits: int, mixed: bool) -> bool:
-    """Whether a launch loads a tile's scales, zero points and mask in the tile before, into
-    registers, or in the tile itself, left to the compiler's pipeline: ahead was faster for 2-bit
-    keys with affine values (KIVI-2, HeadQ), in the tile for 4-bit keys and for mixed-width values
-    on an H100 (docs/kernels.md)."""
-    return key_bits == 2 and not mixed
-
-
-def settings(head_dim: int, key_bits: int, side_rank: int, hilo: bool, mixed: bool) -> dict[str, Any]:
-    """What a launch of the kernel takes besides its tables and shapes: where it loads a tile's
-    scales (``AHEAD``, a constexpr), its pipeline depth and its register cap."""
+def settings(
+    head_dim: int, heads: int, key_bits: int, side_rank: int, hilo: bool, mixed: bool
+) -> dict[str, Any]:
+    """What a launch of the kernel takes besides its tables and shapes: its pipeline depth and
+    register cap."""
     return dict(
-        AHEAD=ahead(key_bits, mixed),
-        num_stages=stages(mixed),
-        maxnreg=registers(head_dim, key_bits, side_rank, hilo),
+        num_stages=stages(mixed), maxnreg=registers(head_dim, heads, key_bits, side_rank, hilo, mixed)
     )
 
 

@@ -475,7 +475,7 @@ def _attend_folded(
         G=g, GP=triton.next_power_of_2(g), D=d, BLOCK_N=plan.block_n,
         K_BITS=plan.key_bits, K_GROUP=plan.key_group, V_BITS=v_bits, V_GROUP=v_group, V_HI=v_hi, V_CHUNK=chunk,
         R=r, Z_BITS=max(1, plan.side_bits), HAS_MASK=mask is not None, TAIL=tail > 0, HILO=hilo,
-        num_warps=num_warps, **folded_launch.settings(d, plan.key_bits, r, hilo, chunk > 0),
+        num_warps=num_warps, **folded_launch.settings(d, g, plan.key_bits, r, hilo, chunk > 0),
     )  # fmt: skip
 
 

@@ -343,12 +343,10 @@ def _folded_split_kernel(
     HAS_MASK: tl.constexpr,
     TAIL: tl.constexpr,
     HILO: tl.constexpr,
-    AHEAD: tl.constexpr,
 ):
     """One split of one (sequence, KV head) over an affine key segment and an affine value segment
     (V_CHUNK = 0) or a mixed one (allocation rows of V_CHUNK tokens at V_BITS, or at V_HI where
-    the width index says so; V_HI = 0: one width). AHEAD: a tile's scales, zero points and mask
-    are loaded in the tile before (``ahead``).
+    the width index says so; V_HI = 0: one width).
 
     Same tables and outputs as ``triton_decode._decode_split_kernel``; ``zb_ptr``: scratch of
     (ngb key groups x key rows) floats per program for the key zero terms (a run-time count: the
@@ -435,30 +433,19 @@ def _folded_split_kernel(
         acc_hi = _zeros(VROWS, D * V_HI // 8, 8 // V_HI)
     mask_row = mask_ptr + b * mask_stride + position
     bias_rows = scratch + krows * ngb + kx  # each key row's zero terms, from the split's first group
-    if AHEAD:
-        loads = _tile_loads(
-            k_scale, v_scale, v_zero, bias_rows, mask_row, k_groups, k_off, v_off, 0, length, c, krows,
+    for t in range(0, length, BLOCK_N):
+        # a tile's scales, zero points and mask are loaded in the tile, left to the compiler's
+        # software pipeline (faster on an H100 than loading them a tile ahead, docs/kernels.md)
+        ks, bias, planes = _tile_loads(
+            k_scale, v_scale, v_zero, bias_rows, mask_row, k_groups, k_off, v_off, t, length, c, krows,
             BLOCK_N, GP, K_GROUP, KXP, KP, VX, VXP, HAS_MASK,
         )  # fmt: skip
-    for t in range(0, length, BLOCK_N):
-        if AHEAD:
-            ks, bias, planes = loads
-        else:
-            ks, bias, planes = _tile_loads(
-                k_scale, v_scale, v_zero, bias_rows, mask_row, k_groups, k_off, v_off, t, length, c, krows,
-                BLOCK_N, GP, K_GROUP, KXP, KP, VX, VXP, HAS_MASK,
-            )  # fmt: skip
         # the code bytes are loaded here, for the compiler to stage them through shared memory
         # and read them in the products' operand layout: the codes of each plane are masks of
         # those bytes, so no unpacked tile travels
         k_at = k_off + t
         kbyte = tl.multiple_of(k_at // KP, K_GROUP // KP) + nb  # splits start on key groups
         kb = tl.load(k_codes + c[:, None] * k_bytes + kbyte[None, :], mask=kbyte[None, :] < k_bytes, other=0)
-        if AHEAD:  # the next tile's scales, zero points and mask, loaded while this one is computed
-            loads = _tile_loads(
-                k_scale, v_scale, v_zero, bias_rows, mask_row, k_groups, k_off, v_off, t + BLOCK_N, length, c,
-                krows, BLOCK_N, GP, K_GROUP, KXP, KP, VX, VXP, HAS_MASK,
-            )  # fmt: skip
         if R > 0:  # HeadQ: the side codes of this tile in token order, then split into token planes
             z_packed, z_st = side_next
             side_next = _side_loads(
