@@ -98,12 +98,25 @@ def build_model(layers: int) -> Any:
     return model
 
 
+def calibration(keys: str, values: str, config: Any) -> Any:
+    """The synthetic calibration of a key and value spec (None where neither method learns), fitted
+    once per process: every round of every shape builds its caches from the same one."""
+    from headq_core.testing.calibration import calibration_for
+
+    key = (keys, values, config.num_hidden_layers)
+    if key not in CALIBRATIONS:
+        CALIBRATIONS[key] = calibration_for(keys, values, config)
+    return CALIBRATIONS[key]
+
+
+CALIBRATIONS: dict[tuple[str, str, int], Any] = {}
+
+
 def make_cache(name: str, model: Any, batch: int, context: int) -> Any:
     """A cache of ``name`` holding ``context`` random tokens in every layer."""
     from transformers import DynamicCache, QuantizedCache
 
     from headq_core import QuantizedKVCache
-    from headq_core.testing.calibration import calibration_for
 
     config = model.config
     if name == "dynamic":
@@ -112,9 +125,13 @@ def make_cache(name: str, model: Any, batch: int, context: int) -> Any:
         cache = QuantizedCache("quanto", config, nbits=int(name[-1]), q_group_size=64, residual_length=128)
     else:
         keys, values = HEADQ_SPECS[name.removesuffix("-graph")]
-        calibration = calibration_for(keys, values, config)  # None where neither method learns
         cache = QuantizedKVCache(
-            keys, values, window=WINDOW, config=config, calibration=calibration, capacity=context + 4096
+            keys,
+            values,
+            window=WINDOW,
+            config=config,
+            calibration=calibration(keys, values, config),
+            capacity=context + 4096,
         )
     gen = torch.Generator(device="cuda").manual_seed(1)
     slices = 8192 if isinstance(cache, QuantizedKVCache) else context  # the others: one prefill pass
