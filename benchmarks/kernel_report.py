@@ -39,7 +39,7 @@ GENERIC.update(K_TOK=(0, 8, 1, 2, 2), V_TOK=(0, 8, 1, 2, 2))
 GENERIC.update(
     V_KIND=0, V_BITS=2, V_GROUP=32, V_BOOK=(1, 8, 0, 1, 0, 0), V_MIXED=(2, 2, 2, 2, 1, 1, 0), R=0, R_PAD=16
 )
-GENERIC.update(Z_BITS=4, HAS_MASK=True, TAIL=False, DT=tl.float16, MATH=tl.float16)
+GENERIC.update(Z_BITS=4, HAS_MASK=True, TAIL=False, DT=tl.float16, MATH=tl.float16, ALIGNED=True)
 
 CASES: dict[str, tuple[Any, dict[str, str], dict[str, Any]]] = {
     "folded kivi2": (triton_folded._folded_split_kernel, FOLDED_ARGS, FOLDED),

@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 import attrs
 import torch
 
-from headq_kernels import decode_plan, dequantize_affine
+from headq_kernels import decode_plan, dequantize_affine, words_along_tokens
 
 KERNEL_BITS = (1, 2, 4, 8)
 
@@ -46,10 +46,12 @@ class Dense:
 
 @attrs.frozen
 class AffinePacked:
-    """Integer codes packed in int32 words with a float16 scale and zero per group.
+    """Integer codes packed along the grouped axis with a float16 scale and zero per group.
 
-    axis="tokens": groups run along tokens (per-channel keys); codes packed along tokens.
-    axis="channels": groups run along channels (per-token values); codes packed along channels.
+    axis="tokens": groups run along tokens (per-channel keys); codes packed along tokens, stored
+    as bytes with the channels adjacent (``headq_kernels.bytes_along_tokens``).
+    axis="channels": groups run along channels (per-token values); codes packed along channels
+    in int32 words.
     """
 
     bits: int
@@ -211,8 +213,8 @@ class DenseBlock(EncodedBlock):
 class AffineBlock(EncodedBlock):
     """Affine-quantized tokens in the :class:`AffinePacked` layout.
 
-    axis="tokens":   codes (b, h, d, tokens*bits/32), scale/zero (b, h, d, tokens/group)
-    axis="channels": codes (b, h, tokens, d*bits/32), scale/zero (b, h, tokens, d/group)
+    axis="tokens":   codes (b, h, tokens*bits/8, d) uint8, scale/zero (b, h, d, tokens/group)
+    axis="channels": codes (b, h, tokens, d*bits/32) int32, scale/zero (b, h, tokens, d/group)
     """
 
     codes: torch.Tensor = stored("payload")
@@ -227,11 +229,13 @@ class AffineBlock(EncodedBlock):
         return AffinePacked(self.bits, self.group, self.axis)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        x = dequantize_affine(self.codes, self.scale, self.zero, self.bits, self.group, dtype)
-        return x.transpose(-1, -2) if self.axis == "tokens" else x
+        if self.axis == "channels":
+            return dequantize_affine(self.codes, self.scale, self.zero, self.bits, self.group, dtype)
+        words = words_along_tokens(self.codes)
+        return dequantize_affine(words, self.scale, self.zero, self.bits, self.group, dtype).transpose(-1, -2)
 
     def token_axis(self, name: str) -> int:
-        return 3 if self.axis == "tokens" else 2
+        return 3 if self.axis == "tokens" and name != "codes" else 2
 
     def kernel_segment(self, covered: int) -> decode_plan.Segment:
         if (

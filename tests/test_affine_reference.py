@@ -8,11 +8,13 @@ import torch
 
 from headq_kernels import (
     SUPPORTED_BITS,
+    bytes_along_tokens,
     codes_per_word,
     dequantize_affine,
     pack_codes,
     quantize_affine,
     unpack_codes,
+    words_along_tokens,
 )
 
 BITS = list(SUPPORTED_BITS)
@@ -68,6 +70,26 @@ def test_the_top_lane_survives_the_sign_bit(bits: int) -> None:
     only_top = torch.zeros(per_word, dtype=torch.long)
     only_top[-1] = top
     assert torch.equal(unpack_codes(pack_codes(only_top, bits), bits, per_word).long(), only_top)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_key_bytes_hold_consecutive_tokens_of_one_channel_with_channels_adjacent(bits: int) -> None:
+    """Byte j of channel c is at [..., j, c] and holds tokens j * 8 / bits onwards, first lowest."""
+    tokens, d = 64, 24
+    codes = _random_codes((2, 3, tokens, d), bits, seed=bits)
+    data = bytes_along_tokens(pack_codes(codes.transpose(-1, -2), bits))
+    per_byte = 8 // bits
+    assert data.dtype == torch.uint8 and data.shape == (2, 3, tokens // per_byte, d) and data.is_contiguous()
+    lanes = [(data.long() >> (bits * i)) & ((1 << bits) - 1) for i in range(per_byte)]
+    assert torch.equal(torch.stack(lanes, dim=-2).reshape(2, 3, tokens, d), codes)
+    assert torch.equal(unpack_codes(words_along_tokens(data), bits, tokens).long(), codes.transpose(-1, -2))
+
+
+def test_key_bytes_must_be_whole_words() -> None:
+    with pytest.raises(ValueError, match="whole words"):
+        words_along_tokens(torch.zeros(1, 6, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="whole words"):
+        words_along_tokens(torch.zeros(1, 8, 8, dtype=torch.int32))
 
 
 def test_codes_per_word_rejects_unsupported_widths() -> None:

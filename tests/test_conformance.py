@@ -24,7 +24,7 @@ from headq_core.testing import (
     snr_floor_db,
 )
 from headq_core.testing.driving import model_config
-from headq_kernels import quantize_affine
+from headq_kernels import bytes_along_tokens, quantize_affine
 
 _REGISTRY = get_registry()
 _KIVI = "kivi" in _REGISTRY.names("key")
@@ -104,7 +104,8 @@ def test_kivi_holds_packed_codes_in_the_cache(bits: int) -> None:
             assert stream.blocks, "nothing was encoded"
             for block in stream.blocks:
                 assert isinstance(block, AffineBlock)
-                assert block.codes.dtype == torch.int32
+                # keys: bytes along tokens, channels adjacent; values: int32 words along channels
+                assert block.codes.dtype == (torch.uint8 if block.axis == "tokens" else torch.int32)
                 encoded_elements += block.tokens * 2 * 2 * 64
     assert encoded_elements == 2 * 2 * (tokens + tokens) * 2 * 64  # window 0: keys and values all encoded
     parts = cache_.nbytes_by_part()
@@ -157,7 +158,7 @@ class _AffineKeys(KeyQuantizer):
         codes, scale, zero = quantize_affine(keys.transpose(-1, -2), self.config.bits, self.group)
         return AffineBlock(
             tokens=keys.shape[-2],
-            codes=codes,
+            codes=bytes_along_tokens(codes),
             scale=scale,
             zero=zero,
             bits=self.config.bits,

@@ -18,14 +18,14 @@ from transformers import LlamaConfig
 from headq_core import QuantizedKVCache, fused
 from headq_core.attention import headq_attention
 from headq_core.testing.calibration import calibration_for
-from headq_kernels import decode_plan, quantize_affine
+from headq_kernels import bytes_along_tokens, decode_plan, quantize_affine
 
 # --- plans --------------------------------------------------------------------------------------
 
 
 def _affine_keys(b: int, h: int, d: int, tokens: int, covered: int | None) -> decode_plan.AffineTokens:
     codes, scale, zero = quantize_affine(torch.randn(b, h, tokens, d).transpose(-1, -2), 2, 32)
-    return decode_plan.AffineTokens(codes, scale, zero, tokens, covered=covered)
+    return decode_plan.AffineTokens(bytes_along_tokens(codes), scale, zero, tokens, covered=covered)
 
 
 def _random_streams(rng: random.Random) -> tuple[list, list]:

@@ -135,7 +135,9 @@ def test_kivi_generate(
         assert layer.get_seq_length() == length
         for stream in (layer.k, layer.v):
             assert stream.blocks and all(isinstance(b, AffineBlock) for b in stream.blocks)
-            assert all(b.codes.dtype == torch.int32 for b in stream.blocks)
+            # keys: bytes along tokens, channels adjacent; values: int32 words along channels
+            packed = torch.uint8 if stream is layer.k else torch.int32
+            assert all(b.codes.dtype == packed for b in stream.blocks)
             exact = 0 if stream.window is None else stream.window.shape[-2]
             assert window <= exact < window + stream.method.block_tokens
             assert stream.encoded + exact == length

@@ -18,6 +18,7 @@ from headq_kernels import (
 )
 from headq_kernels.affine_reference import (
     SUPPORTED_BITS,
+    bytes_along_tokens,
     codes_per_word,
     dequantize_affine,
     pack_codes,
@@ -25,6 +26,7 @@ from headq_kernels.affine_reference import (
     plane_widths,
     unpack_codes,
     unpack_planes,
+    words_along_tokens,
 )
 from headq_kernels.symmetric_reference import (
     dequantize_symmetric,
@@ -78,6 +80,7 @@ def quantize_affine(
 
 __all__ = [
     "SUPPORTED_BITS",
+    "bytes_along_tokens",
     "codes_per_word",
     "compiled_kernels",
     "decode_plan",
@@ -92,4 +95,5 @@ __all__ = [
     "triton_module",
     "unpack_codes",
     "unpack_planes",
+    "words_along_tokens",
 ]

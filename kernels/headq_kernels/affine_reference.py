@@ -8,6 +8,10 @@ Layout contract (shared with the Triton kernels that will sit beside this file):
   zero-filled when ``n * bits`` is not a multiple of 32.
 - ``scale`` and ``zero`` (the group minimum) are float16, shape ``(..., n // group)``.
 - ``x_hat = code * scale + zero``; a group whose range is zero gets ``scale = 0`` and codes 0.
+
+Keys grouped along tokens are stored with their channels adjacent (:func:`bytes_along_tokens`):
+the bytes of the words packed along tokens, ``(..., tokens * bits / 8, d)`` uint8, so that the
+codes of a tile of tokens over every channel are one contiguous run of memory.
 """
 
 from __future__ import annotations
@@ -46,6 +50,22 @@ def unpack_codes(words: torch.Tensor, bits: int, n: int | None = None) -> torch.
     lanes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     lanes = lanes.reshape(*words.shape[:-1], words.shape[-1] * per_word)
     return (lanes if n is None else lanes[..., :n]).to(torch.uint8)
+
+
+def bytes_along_tokens(words: torch.Tensor) -> torch.Tensor:
+    """Codes packed along tokens, (..., d, w) int32, with their channels adjacent: (..., 4 * w, d)
+    uint8, where ``[..., j, c]`` is byte ``j`` of channel ``c``'s words (the ``8 // bits`` tokens
+    ``j * 8 // bits`` onwards, the first in the lowest bits)."""
+    return words.contiguous().view(torch.uint8).transpose(-1, -2).contiguous()
+
+
+def words_along_tokens(data: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`bytes_along_tokens`: (..., 4 * w, d) uint8 -> (..., d, w) int32."""
+    if data.dtype != torch.uint8 or data.shape[-2] % 4:
+        raise ValueError(
+            f"expected uint8 codes of whole words along tokens, got {data.dtype} {tuple(data.shape)}"
+        )
+    return data.transpose(-1, -2).contiguous().view(torch.int32)
 
 
 def plane_widths(bits: int) -> tuple[int, ...]:

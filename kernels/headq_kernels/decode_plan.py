@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from headq_kernels.affine_reference import dequantize_affine
+from headq_kernels.affine_reference import dequantize_affine, words_along_tokens
 from headq_kernels.symmetric_reference import dequantize_symmetric
 
 
@@ -57,7 +57,8 @@ class Dense:
 
 @dataclass
 class AffineTokens:
-    """Keys grouped along tokens: codes (b, h, d, t*bits/32), scale/zero (b, h, d, t/group), contiguous.
+    """Keys grouped along tokens: codes (b, h, t*bits/8, d) uint8 (``bytes_along_tokens``),
+    scale/zero (b, h, d, t/group), contiguous.
 
     ``side_codes`` (b, h, r, t*zbits/32) and ``side_step`` (b, h, t): HeadQ's mid-rise side code.
     """
@@ -532,5 +533,7 @@ def _decoded(seg: Segment) -> torch.Tensor:
         return seg.data.float()
     if isinstance(seg, MixedChannels | Codebook | Scaled | Rotated):
         return seg.decode().float()
-    x = dequantize_affine(seg.codes, seg.scale, seg.zero, seg.bits, seg.group)
-    return x.transpose(-1, -2) if isinstance(seg, AffineTokens) else x
+    if isinstance(seg, AffineChannels):
+        return dequantize_affine(seg.codes, seg.scale, seg.zero, seg.bits, seg.group)
+    words = words_along_tokens(seg.codes)
+    return dequantize_affine(words, seg.scale, seg.zero, seg.bits, seg.group).transpose(-1, -2)

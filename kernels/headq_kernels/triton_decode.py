@@ -151,6 +151,7 @@ def _decode_split_kernel(
     TAIL: tl.constexpr,
     DT: tl.constexpr,
     MATH: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """One split of one (sequence, KV head); every split of a launch has the same segment kinds.
 
@@ -159,6 +160,8 @@ def _decode_split_kernel(
     K_TOK / V_TOK: scaled and rotated tokens' settings (format, bits, scaled, two halves' widths);
     V_MIXED: mixed-width settings (four widths, how many are used, chunk, index bits).
     TAIL: also write the scaled logits of positions from ``tail_start`` on (for the statistics).
+    ALIGNED: affine codes start on 16 bytes (``Plan.aligned``), so a tile's key bytes are read as
+    16-byte vectors.
     """
     bh = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)
@@ -175,8 +178,8 @@ def _decode_split_kernel(
     # Everything about the two segments is read once, before the token loop.
     k_tokens = tl.load(krow + TOKENS_C)
     if K_KIND == AFFINE_C:
-        k_words, k_groups, k_codes, k_scale, k_zero = _affine_key_segment(
-            krow, k_tokens, bh64, D, K_BITS, K_GROUP
+        k_nbytes, k_groups, k_codes, k_scale, k_zero = _affine_key_segment(
+            krow, k_tokens, bh64, D, K_BITS, K_GROUP, ALIGNED
         )
         if R > 0:
             z_words, z_codes, z_step = _side_segment(krow, k_tokens, bh64, R, Z_BITS)
@@ -260,7 +263,7 @@ def _decode_split_kernel(
         live = t + n < length
         if K_KIND == AFFINE_C:
             kt = _affine_keys_t(
-                k_codes, k_scale, k_zero, k_words, k_groups, k_off + t, c, D, BLOCK_N, K_BITS, K_GROUP, MATH
+                k_codes, k_scale, k_zero, k_nbytes, k_groups, k_off + t, c, D, BLOCK_N, K_BITS, K_GROUP, MATH
             )
             s = tl.dot(q, kt.to(DT))
             if R > 0:
@@ -553,7 +556,7 @@ def attend(
             V_GROUP=mixed_group if v_kind == MIXED else max(1, plan.value_group), V_BOOK=v_book, V_TOK=v_tok, V_MIXED=v_mixed,
             R=r if k_kind == AFFINE else 0, R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
             Z_BITS=max(1, plan.side_bits), HAS_MASK=mask is not None, TAIL=tail > 0,
-            DT=dt, MATH=dt if half and q.dtype == torch.float16 else tl.float32,
+            DT=dt, MATH=dt if half and q.dtype == torch.float16 else tl.float32, ALIGNED=plan.aligned,
             # codebook tiles gather their codewords as 16-byte vectors: staged through shared memory
             # for a second stage they took 72 KiB a program and ran slower (docs/kernels.md)
             num_warps=num_warps, num_stages=1 if CODEBOOK in (k_kind, v_kind) else num_stages,

@@ -20,8 +20,9 @@ the small operand instead:
   subnormal, ``code * 2^(bits*i - 24)`` (no int-to-float conversion, no multiply-add per
   element). Each product reads one code position i of its bytes (a plane), so its operand is
   elementwise in the bytes: the compiler stages the bytes, not unpacked float16 tiles, through
-  shared memory to the matrix unit's operand layout. Keys (codes along tokens): one product per
-  token plane, the tokens KP * b + i of the tile (KP = 8/bits). Values (codes along channels): per
+  shared memory to the matrix unit's operand layout. Keys (codes along tokens, stored with the
+  channels adjacent, so a tile's bytes are one contiguous run): one product per token plane, the
+  tokens KP * b + i of the tile (KP = 8/bits). Values (codes along channels): per
   token plane, one product per channel plane, the channels VP * b + j, each into its own sum. The
   power of two is undone per token plane and per channel plane; the planes meet in channel order
   when the split ends.
@@ -369,11 +370,10 @@ def _folded_split_kernel(
     bh64 = bh.to(tl.int64)
     krow, k_off, vrow, v_off, length, position, split = _split_row(split_ptr, seg_ptr)
     k_tokens = tl.load(krow + TOKENS_C)
-    _, k_groups, k_codes, k_scale, k_zero = _affine_key_segment(krow, k_tokens, bh64, D, K_BITS, K_GROUP)
-    # codes on 16 bytes, and a channel's bytes whole key groups (``folded_launch.eligible``), so
-    # rows start on K_GROUP / KP bytes
-    k_codes = tl.multiple_of(k_codes.to(tl.pointer_type(tl.uint8)), 16)
-    k_bytes = k_groups * (K_GROUP // KP)
+    # codes on 16 bytes (``folded_launch.eligible``)
+    k_bytes, k_groups, k_codes, k_scale, k_zero = _affine_key_segment(
+        krow, k_tokens, bh64, D, K_BITS, K_GROUP, True
+    )
     v_tokens = tl.load(vrow + TOKENS_C)
     # mixed values: a one-bit width index (two widths at most); codes on 16 bytes either way
     # (``folded_launch.eligible``)
@@ -444,8 +444,8 @@ def _folded_split_kernel(
         # and read them in the products' operand layout: the codes of each plane are masks of
         # those bytes, so no unpacked tile travels
         k_at = k_off + t
-        kbyte = tl.multiple_of(k_at // KP, K_GROUP // KP) + nb  # splits start on key groups
-        kb = tl.load(k_codes + c[:, None] * k_bytes + kbyte[None, :], mask=kbyte[None, :] < k_bytes, other=0)
+        kbyte = k_at // KP + nb  # a tile's bytes of every channel: one contiguous run
+        kb = tl.load(k_codes + kbyte[None, :] * D + c[:, None], mask=kbyte[None, :] < k_bytes, other=0)
         if R > 0:  # HeadQ: the side codes of this tile in token order, then split into token planes
             z_packed, z_st = side_next
             side_next = _side_loads(

@@ -67,14 +67,21 @@ def _split_row(split_ptr, seg_ptr):
 
 
 @triton.jit
-def _affine_key_segment(krow, tokens, bh64, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr):
-    """Affine keys of one (sequence, KV head): words and groups per channel, codes, scales, zero points."""
-    words = tokens * BITS // 32
+def _affine_key_segment(
+    krow, tokens, bh64, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ALIGNED: tl.constexpr
+):
+    """Affine keys of one (sequence, KV head): code bytes and groups per channel, the code bytes
+    (channels adjacent: byte j of every channel, then byte j + 1), scales, zero points. ALIGNED:
+    the caller checked that the codes start on 16 bytes."""
+    n_bytes = tokens * BITS // 8
     groups = tokens // GROUP
-    codes = tl.load(krow + PTR0_C).to(tl.pointer_type(tl.int32)) + bh64 * D * words
+    codes = tl.load(krow + PTR0_C).to(tl.pointer_type(tl.uint8))
+    if ALIGNED:
+        codes = tl.multiple_of(codes, 16)
+    codes += bh64 * D * n_bytes
     scale = tl.load(krow + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * D * groups
     zero = tl.load(krow + PTR2_C).to(tl.pointer_type(tl.float16)) + bh64 * D * groups
-    return words, groups, codes, scale, zero
+    return n_bytes, groups, codes, scale, zero
 
 
 @triton.jit
@@ -153,9 +160,16 @@ def _online_softmax(s, m_i):
 @triton.jit
 def _unpack_rows(words, BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, OUT: tl.constexpr):
     """(ROWS, COLS // per_word) int32 words -> (ROWS, COLS) codes in OUT, first code lowest."""
-    per_word: tl.constexpr = 32 // BITS
-    shifts = tl.arange(0, per_word) * BITS
-    lanes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+    return _unpack_lanes(words, BITS, 32 // BITS, ROWS, COLS, OUT)
+
+
+@triton.jit
+def _unpack_lanes(
+    packed, BITS: tl.constexpr, LANES: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, OUT: tl.constexpr
+):
+    """(ROWS, COLS // LANES) integers of LANES codes each -> (ROWS, COLS) codes in OUT, first lowest."""
+    shifts = tl.arange(0, LANES) * BITS
+    lanes = (packed[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
     return tl.reshape(lanes.to(OUT), (ROWS, COLS))
 
 
@@ -170,7 +184,7 @@ def _affine_keys_t(
     codes,
     scale,
     zero,
-    n_words,
+    n_bytes,
     n_groups,
     off,
     c,
@@ -182,18 +196,18 @@ def _affine_keys_t(
 ):
     """Keys grouped along tokens, tokens off..off+BLOCK_N of one head: a (D, BLOCK_N) tile in MATH.
 
-    Each word is loaded once; its lanes and the group scales are spread in registers by reshapes.
+    Each code byte is loaded once (a tile's bytes are one contiguous run); its lanes and the group
+    scales are spread in registers by reshapes.
     """
-    per_word: tl.constexpr = 32 // BITS
-    words: tl.constexpr = BLOCK_N // per_word
+    per_byte: tl.constexpr = 8 // BITS
     groups: tl.constexpr = BLOCK_N // GROUP
-    w = off // per_word + tl.arange(0, words)
-    packed = tl.load(codes + c[:, None] * n_words + w[None, :], mask=w[None, :] < n_words, other=0)
+    j = off // per_byte + tl.arange(0, BLOCK_N // per_byte)
+    packed = tl.load(codes + j[None, :] * D + c[:, None], mask=j[None, :] < n_bytes, other=0)
     g = off // GROUP + tl.arange(0, groups)
     gmask = g[None, :] < n_groups
     s = tl.load(scale + c[:, None] * n_groups + g[None, :], mask=gmask, other=0.0).to(MATH)
     z = tl.load(zero + c[:, None] * n_groups + g[None, :], mask=gmask, other=0.0).to(MATH)
-    q = _unpack_rows(packed, BITS, D, BLOCK_N, MATH)
+    q = _unpack_lanes(packed.to(tl.int32), BITS, per_byte, D, BLOCK_N, MATH)
     return q * _spread(s, D, groups, GROUP) + _spread(z, D, groups, GROUP)
 
 

@@ -1,8 +1,8 @@
 """KIVI (Liu et al., 2024, arXiv 2402.02750): asymmetric 2/4-bit KV quantization.
 
 Keys per channel (groups of ``group`` consecutive tokens share a scale and minimum), values per
-token (groups of ``group`` consecutive channels), codes packed into int32 words, scales and minima
-in float16. Effective bits per quantized element: ``bits + 32 / group``.
+token (groups of ``group`` consecutive channels); key codes packed along tokens into bytes with the
+channels adjacent, value codes along channels into int32 words; scales and minima in float16. Effective bits per quantized element: ``bits + 32 / group``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from headq_core import KeyQuantizer, MethodConfig, ValuePolicy, hookimpl
 from headq_core.layouts import AffineBlock
 from headq_core.registry import Registry
-from headq_kernels import SUPPORTED_BITS, codes_per_word, quantize_affine
+from headq_kernels import SUPPORTED_BITS, bytes_along_tokens, codes_per_word, quantize_affine
 
 
 def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -42,7 +42,7 @@ class KiviConfig(MethodConfig):
 
 
 class KiviKeys(KeyQuantizer):
-    """Per-channel keys: codes (b, h, d, tokens*bits/32), scale/zero (b, h, d, tokens/group)."""
+    """Per-channel keys: codes (b, h, tokens*bits/8, d) uint8, scale/zero (b, h, d, tokens/group)."""
 
     name = "kivi"
     config_class = KiviConfig
@@ -57,7 +57,7 @@ class KiviKeys(KeyQuantizer):
         codes, scale, zero = quantize_affine(keys.transpose(-1, -2), self.config.bits, self.config.group)
         return AffineBlock(
             tokens=keys.shape[-2],
-            codes=codes,
+            codes=bytes_along_tokens(codes),
             scale=scale,
             zero=zero,
             bits=self.config.bits,
