@@ -224,6 +224,15 @@ class AffineBlock(EncodedBlock):
     group: int
     axis: Literal["tokens", "channels"]
 
+    def __attrs_post_init__(self) -> None:
+        packed = torch.uint8 if self.axis == "tokens" else torch.int32
+        if self.codes.dtype != packed:
+            how = "bytes_along_tokens(words)" if self.axis == "tokens" else "pack_codes(codes, bits)"
+            raise TypeError(
+                f"AffineBlock(axis={self.axis!r}) holds {packed} codes (headq_kernels.{how}), "
+                f"got {self.codes.dtype}"
+            )
+
     @property
     def layout(self) -> AffinePacked:
         return AffinePacked(self.bits, self.group, self.axis)

@@ -3,16 +3,18 @@ keep snapshots intact, and a layer's streams stay a few segments however long th
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig
 
 from headq_core import QuantizedKVCache, fused
 from headq_core.attention import headq_attention
-from headq_core.layouts import concat_blocks
+from headq_core.layouts import AffineBlock, concat_blocks
 from headq_core.reference import attend_reference, row_mask
 from headq_core.registry import get_registry
 from headq_core.storage import BlockArena, ExactTokens
 from headq_core.testing import outlier_data
+from headq_kernels import bytes_along_tokens, dequantize_affine, quantize_affine
 
 
 def test_exact_tokens_append_in_place_and_keep_snapshots() -> None:
@@ -60,6 +62,20 @@ def test_an_arena_reads_as_the_concatenation_of_its_blocks() -> None:
         torch.testing.assert_close(
             kept.stored().dequantize(), merged.dequantize()[..., :96, :], rtol=0, atol=0
         )
+
+
+def test_keys_grouped_along_tokens_are_bytes_with_the_channels_adjacent() -> None:
+    """The block decodes what the words decode, keeps its code bytes' tokens on axis 2, and
+    refuses the words themselves, saying how to store them."""
+    keys = outlier_data((2, 3, 64, 32), seed=4)
+    words, scale, zero = quantize_affine(keys.transpose(-1, -2), 2, 32)  # (2, 3, 32, 4) int32
+    fields = dict(tokens=64, scale=scale, zero=zero, bits=2, group=32, axis="tokens")
+    block = AffineBlock(codes=bytes_along_tokens(words), **fields)
+    assert block.codes.shape == (2, 3, 16, 32) and block.token_axis("codes") == 2
+    assert block.token_axis("scale") == block.token_axis("zero") == 3
+    assert torch.equal(block.dequantize(), dequantize_affine(words, scale, zero, 2, 32).transpose(-1, -2))
+    with pytest.raises(TypeError, match="bytes_along_tokens"):
+        AffineBlock(codes=words, **fields)
 
 
 def test_an_arena_refuses_a_block_of_other_settings() -> None:
