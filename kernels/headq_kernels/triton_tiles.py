@@ -76,7 +76,7 @@ def _affine_key_segment(
     n_bytes = tokens * BITS // 8
     groups = tokens // GROUP
     codes = tl.load(krow + PTR0_C).to(tl.pointer_type(tl.uint8))
-    if ALIGNED:
+    if ALIGNED:  # on the pointer as converted: put on the sum below, the hint was lost
         codes = tl.multiple_of(codes, 16)
     codes += bh64 * D * n_bytes
     scale = tl.load(krow + PTR1_C).to(tl.pointer_type(tl.float16)) + bh64 * D * groups
