@@ -3,10 +3,12 @@ layout conversions and the SASS of the token loop (instructions per warp per til
 
 Run::
 
-    python benchmarks/kernel_report.py [NAME ...]
+    python benchmarks/kernel_report.py [NAME ...] [--cap REGISTERS]
 
 Needs Triton with its bundled CUDA tools (``cuobjdump``); the settings are those of the
-benchmark's Llama-3-8B shapes (4 query heads per KV head, head_dim 128, 128-token tiles).
+benchmark's Llama-3-8B shapes (4 query heads per KV head, head_dim 128, 128-token tiles), and
+each launch's own register cap unless ``--cap`` sets another. Spilled registers show as local
+loads and stores in the token loop.
 """
 
 from __future__ import annotations
@@ -70,7 +72,10 @@ CASES: dict[str, tuple[Any, dict[str, str], dict[str, Any]]] = {
 }  # fmt: skip
 
 
-def report(kernel: Any, args: dict[str, str], constants: dict[str, Any], top: int = 10) -> str:
+def report(
+    kernel: Any, args: dict[str, str], constants: dict[str, Any], top: int = 10, cap: int | None = None
+) -> str:
+    """One kernel's report; ``cap``: compile under this register cap instead of the launch's (0: none)."""
     options: dict[str, Any] = dict(num_warps=4, num_stages=2)
     if kernel is triton_folded._folded_split_kernel:  # the launch's own settings
         c = constants
@@ -79,6 +84,8 @@ def report(kernel: Any, args: dict[str, str], constants: dict[str, Any], top: in
         )
     elif triton_decode.CODEBOOK in (constants["K_KIND"], constants["V_KIND"]):
         options.update(num_stages=1)  # as ``triton_decode.attend`` launches codebook tiles
+    if cap is not None:
+        options["maxnreg"] = cap or None
     signature = dict(args, **{name: "constexpr" for name in constants})
     source = ASTSource(kernel, signature, constants)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
@@ -107,10 +114,12 @@ def report(kernel: Any, args: dict[str, str], constants: dict[str, Any], top: in
     ]
     opcodes = collections.Counter(op.split(".")[0] for op in body).most_common(top)
     moves = sum(op == "IMAD.MOV.U32" for op in body)
+    local = sum(op.startswith(("LDL", "STL")) for op in body)  # spilled registers, read and written
     return (
         f"registers {found.group(1)}, spill stack {found.group(2)} B, shared {compiled.metadata.shared} B, "
         f"layout conversions {compiled.asm['ttgir'].count('convert_layout')}; token loop {len(body)} instructions "
-        f"per warp ({moves} register moves): {', '.join(f'{op} {n}' for op, n in opcodes)}"
+        f"per warp ({moves} register moves, {local} local loads and stores): "
+        f"{', '.join(f'{op} {n}' for op, n in opcodes)}"
     )
 
 
@@ -118,11 +127,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help=f"cases to compile, of: {', '.join(CASES)} (all)")
     parser.add_argument("--opcodes", type=int, default=10, help="the most frequent opcodes to list")
+    parser.add_argument(
+        "--cap",
+        type=int,
+        default=None,
+        help="compile under this register cap instead of the launch's (0: none)",
+    )
     args = parser.parse_args()
     if unknown := set(args.names) - set(CASES):
         parser.error(f"unknown cases: {', '.join(sorted(unknown))}")
     for name in args.names or CASES:
-        print(f"{name}: {report(*CASES[name], top=args.opcodes)}", flush=True)
+        print(f"{name}: {report(*CASES[name], top=args.opcodes, cap=args.cap)}", flush=True)
 
 
 if __name__ == "__main__":
