@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 import attrs
 import torch
 
-from headq_kernels import decode_plan, dequantize_affine, words_along_tokens
+from headq_kernels import decode_plan, dequantize_affine, dequantize_along_tokens
 
 KERNEL_BITS = (1, 2, 4, 8)
 
@@ -238,10 +238,8 @@ class AffineBlock(EncodedBlock):
         return AffinePacked(self.bits, self.group, self.axis)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if self.axis == "channels":
-            return dequantize_affine(self.codes, self.scale, self.zero, self.bits, self.group, dtype)
-        words = words_along_tokens(self.codes)
-        return dequantize_affine(words, self.scale, self.zero, self.bits, self.group, dtype).transpose(-1, -2)
+        dequantize = dequantize_affine if self.axis == "channels" else dequantize_along_tokens
+        return dequantize(self.codes, self.scale, self.zero, self.bits, self.group, dtype)
 
     def token_axis(self, name: str) -> int:
         return 3 if self.axis == "tokens" and name != "codes" else 2

@@ -152,3 +152,16 @@ def dequantize_affine(
     grouped = values.reshape(*values.shape[:-1], n // group, group)
     out = grouped * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
     return out.reshape(values.shape).to(dtype)
+
+
+def dequantize_along_tokens(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Keys grouped along tokens as stored: codes (..., t * bits / 8, d) uint8 with the channels
+    adjacent, scale and zero (..., d, t / group) -> (..., t, d) in ``dtype``."""
+    return dequantize_affine(words_along_tokens(codes), scale, zero, bits, group, dtype).transpose(-1, -2)

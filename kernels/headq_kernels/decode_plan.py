@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from headq_kernels.affine_reference import dequantize_affine, words_along_tokens
+from headq_kernels.affine_reference import dequantize_affine, dequantize_along_tokens
 from headq_kernels.symmetric_reference import dequantize_symmetric
 
 
@@ -533,7 +533,5 @@ def _decoded(seg: Segment) -> torch.Tensor:
         return seg.data.float()
     if isinstance(seg, MixedChannels | Codebook | Scaled | Rotated):
         return seg.decode().float()
-    if isinstance(seg, AffineChannels):
-        return dequantize_affine(seg.codes, seg.scale, seg.zero, seg.bits, seg.group)
-    words = words_along_tokens(seg.codes)
-    return dequantize_affine(words, seg.scale, seg.zero, seg.bits, seg.group).transpose(-1, -2)
+    dequantize = dequantize_affine if isinstance(seg, AffineChannels) else dequantize_along_tokens
+    return dequantize(seg.codes, seg.scale, seg.zero, seg.bits, seg.group)
