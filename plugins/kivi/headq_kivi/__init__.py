@@ -2,7 +2,8 @@
 
 Keys per channel (groups of ``group`` consecutive tokens share a scale and minimum), values per
 token (groups of ``group`` consecutive channels); key codes packed along tokens into bytes with the
-channels adjacent, value codes along channels into int32 words; scales and minima in float16. Effective bits per quantized element: ``bits + 32 / group``.
+channels adjacent, value codes along channels into int32 words; scales and minima in float16.
+Effective bits per quantized element: ``bits + 32 / group``.
 """
 
 from __future__ import annotations
