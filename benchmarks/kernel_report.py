@@ -33,9 +33,11 @@ COMMON.update(ml_ptr="*fp32", HKV="i32", n_splits="i32", mask_stride="i32", qk_s
 COMMON.update(tail_ptr="*fp32", tail_start="i32", tail_len="i32")
 FOLDED_ARGS = dict(COMMON, zb_ptr="*fp32", ngb="i32")
 GENERIC_ARGS = COMMON
-FOLDED = dict(G=4, GP=4, D=128, BLOCK_N=128, K_BITS=2, K_GROUP=32, V_BITS=2, V_GROUP=32, V_HI=0, V_CHUNK=0)
+FOLDED = dict(
+    G=4, GP=4, D=128, BLOCK_N=128, K_BITS=2, K_GROUP=32, V_BITS=2, V_GROUP=32, V_HI=0, V_CHUNK=0, V_PLACES=1
+)
 FOLDED.update(R=0, Z_BITS=4, HAS_MASK=True, TAIL=False, HILO=False)
-A2 = dict(FOLDED, V_HI=4, V_CHUNK=32)  # A² values: 2 and 4 bits in rows of 32 tokens
+A2 = dict(FOLDED, V_HI=4, V_CHUNK=32, V_PLACES=4)  # A² values: 2 and 4 bits in rows of 32 tokens, 3 at 4
 GENERIC = dict(G=4, G_PAD=16, D=128, BLOCK_N=128, K_KIND=0, K_BITS=2, K_GROUP=32, K_BOOK=(1, 8, 0, 1, 0, 0))
 GENERIC.update(K_TOK=(0, 8, 1, 2, 2), V_TOK=(0, 8, 1, 2, 2))
 GENERIC.update(
@@ -52,6 +54,11 @@ CASES: dict[str, tuple[Any, dict[str, str], dict[str, Any]]] = {
     "folded a2 tail": (triton_folded._folded_split_kernel, FOLDED_ARGS, dict(A2, TAIL=True)),
     "generic kivi2": (triton_decode._decode_split_kernel, GENERIC_ARGS, GENERIC),
     "generic headq r8": (triton_decode._decode_split_kernel, GENERIC_ARGS, dict(GENERIC, R=8)),
+    # A² values: 2 and 4 bits; greedy over 1, 2, 4 and 8 bits (rows of 32 tokens)
+    "generic a2": (triton_decode._decode_split_kernel, GENERIC_ARGS, dict(GENERIC, V_KIND=2, V_MIXED=(2, 4, 4, 4, 2, 32, 1))),
+    "generic a2 greedy": (
+        triton_decode._decode_split_kernel, GENERIC_ARGS, dict(GENERIC, V_KIND=2, V_MIXED=(1, 2, 4, 8, 4, 32, 2)),
+    ),
     # GSRQ at 1 bit: one stage of 256 codewords of 8 channels, for keys and values
     "generic gsrq": (
         triton_decode._decode_split_kernel,

@@ -61,11 +61,12 @@ class AffinePacked:
 
 @attrs.frozen
 class MixedAffine:
-    """Per-token bit widths: each token's channel-grouped affine codes packed at its own width.
+    """Per-token bit widths: each token's channel-grouped affine codes at its own width.
 
-    The codes of an allocation row (a chunk of tokens) follow one another in token order, so a
-    token's word offset is the running sum of the widths before it (a packed per-token width
-    index); float16 scale and zero per token and group, as in ``AffinePacked`` along channels.
+    An allocation row (a chunk of tokens) holds every token's top ``widths[0]`` bits at a fixed
+    place, then the lower bits of the wider tokens in token order, a running sum over a packed
+    per-token width index giving where each starts; float16 scale and zero per token and group,
+    as in ``AffinePacked`` along channels.
     """
 
     widths: tuple[int, ...]

@@ -13,7 +13,9 @@ from headq_core.testing import outlier_data, snr_db, snr_floor_db
 a2 = pytest.importorskip("headq_a2")
 from headq_a2.allocation import greedy, level_error, two_tiers  # noqa: E402
 from headq_a2.block import MixedAffineBlock, from_rows, to_rows  # noqa: E402
-from headq_a2.config import words_per_token  # noqa: E402
+from headq_a2.config import rungs, token_words, words_per_token  # noqa: E402
+
+from headq_kernels import pack_codes, quantize_affine, unpack_codes  # noqa: E402
 
 SHAPE = (2, 3, 128, 64)  # (batch, kv_heads, tokens, head_dim)
 
@@ -64,6 +66,44 @@ def test_uniform_allocation_stores_what_kivi_stores(spec: str, kivi: str) -> Non
     assert torch.equal(codes, ref.codes)
     assert torch.equal(block.scale, ref.scale) and torch.equal(block.zero, ref.zero)
     assert torch.equal(block.dequantize(), ref.dequantize())
+
+
+@pytest.mark.parametrize(
+    "spec", ["a2", "a2:bits=2,hi=8,frac=0.25", "a2:mode=greedy,avg=3,bits=1,hi=8", "a2:chunk=64,scope=layer"]
+)
+def test_rows_hold_every_base_then_the_wider_tokens_rungs(spec: str) -> None:
+    """Each token's code is the quantizer's own at its width; a row starts with every token's top
+    bits at fixed places, then each wider token's lower bits rung by rung, then zeros."""
+    values = outlier_data(SHAPE, seed=9, dtype=torch.float16)
+    block = _encode(spec, values, _stats(SHAPE))
+    d = SHAPE[-1]
+    codes, widths = block.integer_codes(), block.token_widths()
+    assert len(block.widths) > 1 and set(widths.unique().tolist()) == set(block.widths)
+    for bits in block.widths:
+        own = unpack_codes(quantize_affine(values, bits, block.group)[0], bits, d)
+        assert torch.equal(codes[widths == bits], own[widths == bits])
+    rows = block.codes.shape[1]
+    lo, row_codes = block.widths[0], to_rows(codes.long(), rows, block.chunk)  # (R, n, d)
+    row_widths = to_rows(widths, rows, block.chunk)
+    stream = block.codes.reshape(row_codes.shape[0], block.row_words)
+    n = row_codes.shape[1]
+    at = n * words_per_token(d, lo)
+    assert torch.equal(
+        stream[:, :at], pack_codes(row_codes >> (row_widths - lo).unsqueeze(-1), lo).reshape(-1, at)
+    )
+    for r in range(row_codes.shape[0]):
+        pos = at
+        for j in range(n):
+            width = int(row_widths[r, j])
+            for rung in (x for x in rungs(block.widths) if x <= width):
+                step = rung // 2
+                words = stream[r, pos : pos + words_per_token(d, step)]
+                expected = pack_codes((row_codes[r, j] >> (width - rung)) & ((1 << step) - 1), step)
+                assert torch.equal(words, expected), (r, j, rung)
+                pos += words.numel()
+        assert (stream[r, pos:] == 0).all()
+        used = sum(token_words(d, block.widths)[block.widths.index(int(w))] for w in row_widths[r])
+        assert pos == used <= block.row_words
 
 
 def test_tiers_give_the_top_scores_the_high_width() -> None:

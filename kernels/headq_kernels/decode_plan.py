@@ -98,8 +98,10 @@ class AffineChannels:
 class MixedChannels:
     """Values at per-token bit widths (A²), one allocation row of ``chunk`` tokens per KV head.
 
-    codes (b, h, t/chunk * row_words) int32: each row's tokens packed at their own widths, one
-    after the other (channels along the word, as in :class:`AffineChannels`), then zeros;
+    codes (b, h, t/chunk * row_words) int32: each row's tokens' bases (a code's top ``widths[0]``
+    bits, channels along the word as in :class:`AffineChannels`), then for each token above
+    ``widths[0]``, in row order, the bits of each rung up to its width (``widths[0] * 2^s``,
+    adding ``widths[0] * 2^(s - 1)`` bits), then zeros;
     width_index (b, h, t/chunk * ceil(chunk * index_bits / 32)) int32, each token's index into
     ``widths`` packed along tokens, or None with one width; scale/zero (b, h, t, d/group) float16.
     ``decode`` returns the tokens dequantized, (b, h, t, d) float32 (the reference).

@@ -38,11 +38,10 @@ def registers(
     return 128 if key_bits == 2 and side_rank == 0 and not mixed else 168
 
 
-def stages(mixed: bool) -> int:
-    """The software pipeline's depth of a launch: three stages (the code bytes of two tiles ahead in
-    flight, 20 KiB of shared memory a program at 2 bits) for affine values, two for mixed-width
-    values, whose loads of a token's words three stages slowed on an H100 (docs/kernels.md)."""
-    return 2 if mixed else 3
+STAGES = 3
+"""The software pipeline's depth of a launch: the code bytes of two tiles ahead in flight (20 KiB of
+shared memory a program at 2 bits). Faster on an H100 than two for affine and mixed-width values
+alike (docs/kernels.md)."""
 
 
 def settings(
@@ -50,9 +49,7 @@ def settings(
 ) -> dict[str, Any]:
     """What a launch of the kernel takes besides its tables and shapes: its pipeline depth and
     register cap."""
-    return dict(
-        num_stages=stages(mixed), maxnreg=registers(head_dim, heads, key_bits, side_rank, hilo, mixed)
-    )
+    return dict(num_stages=STAGES, maxnreg=registers(head_dim, heads, key_bits, side_rank, hilo, mixed))
 
 
 def _values_fold(widths: tuple[int, ...], group: int, heads: int, head_dim: int) -> bool:
@@ -61,6 +58,13 @@ def _values_fold(widths: tuple[int, ...], group: int, heads: int, head_dim: int)
         and head_dim % group == 0
         and rows(head_dim // group, heads) <= 32
     )
+
+
+def rung_places(mixed: MixedChannels, head_dim: int) -> int:
+    """Rung slots of an allocation row of two-width ``mixed`` values (each as wide as a token's
+    base, after the row's bases), as the kernel's power of two."""
+    lo_words = head_dim * mixed.widths[0] // 32
+    return triton.next_power_of_2(max(1, (mixed.row_words - mixed.chunk * lo_words) // lo_words))
 
 
 def eligible(plan: Plan, heads: int, head_dim: int, *, mixed: MixedChannels | None = None) -> bool:
@@ -82,11 +86,11 @@ def eligible(plan: Plan, heads: int, head_dim: int, *, mixed: MixedChannels | No
     lo_words = head_dim * mixed.widths[0] // 32
     return (
         keys
-        and len(mixed.widths) <= 2
+        and (len(mixed.widths) == 1 or (len(mixed.widths) == 2 and mixed.widths[1] == 2 * mixed.widths[0]))
         and mixed.chunk <= 128
         and plan.block_n % mixed.chunk == 0
         and _values_fold(mixed.widths, mixed.group, heads, head_dim)
-        # the kernel reads a token's words as 16-byte vectors
+        # the kernel reads a token's base and rung as 16-byte vectors
         and lo_words % 4 == 0
         and mixed.row_words % lo_words == 0
         and mixed.codes.data_ptr() % 16 == 0

@@ -466,17 +466,17 @@ def _attend_folded(
     )
     r = plan.side_rank
     tail = logits.shape[-1] if logits is not ml else 0
-    if mixed is None:
-        v_bits, v_hi, v_group, chunk = plan.value_bits, 0, plan.value_group, 0
-    else:
+    v_bits, v_hi, v_group, chunk, places = plan.value_bits, 0, plan.value_group, 0, 1
+    if mixed is not None:
         v_bits, v_group, chunk = mixed.widths[0], mixed.group, mixed.chunk
-        v_hi = mixed.widths[1] if len(mixed.widths) > 1 else 0
+        if len(mixed.widths) > 1:
+            v_hi, places = mixed.widths[1], folded_launch.rung_places(mixed, d)
     return triton_folded._folded_split_kernel[(splits.shape[0], b * hkv)](
         q, side_query if r else q, plan.segments, splits, mask if mask is not None else q, parts, ml, scratch, logits,
         hkv, plan.n_splits, mask.stride(0) if mask is not None else 0, scale * LOG2E, ngb,
         plan.length - tail, max(tail, 1),
         G=g, GP=triton.next_power_of_2(g), D=d, BLOCK_N=plan.block_n,
-        K_BITS=plan.key_bits, K_GROUP=plan.key_group, V_BITS=v_bits, V_GROUP=v_group, V_HI=v_hi, V_CHUNK=chunk,
+        K_BITS=plan.key_bits, K_GROUP=plan.key_group, V_BITS=v_bits, V_GROUP=v_group, V_HI=v_hi, V_CHUNK=chunk, V_PLACES=places,
         R=r, Z_BITS=max(1, plan.side_bits), HAS_MASK=mask is not None, TAIL=tail > 0, HILO=hilo,
         num_warps=num_warps, **folded_launch.settings(d, g, plan.key_bits, r, hilo, chunk > 0),
     )  # fmt: skip

@@ -33,10 +33,13 @@ the small operand instead:
   products on the same codes): the folded sums cancel against the zero terms, which magnifies
   the rounding of a single float16 operand.
 
-- mixed-width values (A², two widths): a token's words start at its row's start plus the words
-  of the tokens before it, counted from the packed width index (a popcount of the bits below it),
-  so each token plane's rows can be read directly; each width's bytes (zeros for tokens at the
-  other width) go to their own products and sums, which meet in channel order at the end.
+- mixed-width values (A², two widths, the wider twice the narrower): every token's base (its
+  code's top bits) sits at a fixed place of its allocation row, so the base bytes go through the
+  same products as uniform values, a wider token's scale multiplied by 2^(wide - narrow). The
+  bits below a wider token's base (its rung, as wide as a base) sit after the row's bases, one
+  place per wider token; each wider token's folded probability is picked into its place by a
+  small product with a 0 / 2^-(wide - narrow) selection (the places' tokens found once a tile in
+  the width index), and one product per channel plane adds the places' rungs to the same sums.
 - statistics tail (a value policy's attention probabilities): as in the generic kernel, the
   scaled logits of positions from ``tail_start`` on are written out.
 
@@ -115,55 +118,83 @@ def _popcount(x):
 
 
 @triton.jit
-def _mixed_loads(
+def _mixed_bases(
     codes,
     index,
-    row_words,
+    row_bytes,
     at,
     live,
     D: tl.constexpr,
     LO: tl.constexpr,
-    HI: tl.constexpr,
+    TWO: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    """Code bytes of mixed-width tokens ``at`` (any order), codes a byte pointer on 16 bytes: (bytes
-    at LO bits, zeros for tokens at HI; bytes at HI bits, zeros for tokens at LO). With HI = 0 every
-    token is at LO, and the second is the first. A token's words start at its allocation row's,
-    after the tokens before it: their count at LO, and the HI ones among them from the one-bit width
-    index (a popcount)."""
-    lo_words: tl.constexpr = D * LO // 32
+    """Base bytes (tokens, D * LO / 8) of mixed-width tokens ``at`` (any order; codes a byte pointer on
+    16 bytes, rows of ``row_bytes``), and with TWO widths which tokens are at the wider one (their
+    bit of the one-bit width index)."""
+    lo_bytes: tl.constexpr = D * LO // 8
     row = at // CHUNK
     pos = (at % CHUNK).to(tl.int32)
-    start = row * row_words + pos * lo_words
-    if HI > 0:
-        hi_words: tl.constexpr = D * HI // 32
+    first = tl.multiple_of(row * row_bytes + pos * lo_bytes, 16)  # ``eligible``: whole 16-byte runs
+    base = tl.load(codes + first[:, None] + tl.arange(0, lo_bytes)[None, :], mask=live[:, None], other=0)
+    wider = tl.zeros_like(live)
+    if TWO:
         index_words: tl.constexpr = (CHUNK + 31) // 32
-        before = tl.zeros_like(pos)
-        on_hi = tl.zeros_like(live)
-        for i in tl.static_range(index_words):
-            word = tl.load(index + row * index_words + i, mask=live, other=0).to(tl.uint32, bitcast=True)
-            below = pos - 32 * i  # this word's bits before the token
-            bits = tl.where(below >= 32, 0xFFFFFFFF, (1 << (below & 31)).to(tl.uint32) - 1)
-            before += _popcount(tl.where(below > 0, word & bits, 0)).to(tl.int32)
-            on_hi |= (below >= 0) & (below < 32) & (((word >> (below & 31)) & 1) != 0)
-        start += before * (hi_words - lo_words)
-        on_hi = live & on_hi
-        first = tl.multiple_of(start * 4, 16)  # in bytes (``eligible``: lo_words % 4 == 0)
-        b_lo = tl.load(
-            codes + first[:, None] + tl.arange(0, 4 * lo_words)[None, :],
-            mask=(live & ~on_hi)[:, None],
-            other=0,
-        )
-        b_hi = tl.load(
-            codes + first[:, None] + tl.arange(0, 4 * hi_words)[None, :], mask=on_hi[:, None], other=0
-        )
-    else:
-        first = tl.multiple_of(start * 4, 16)
-        b_lo = tl.load(
-            codes + first[:, None] + tl.arange(0, 4 * lo_words)[None, :], mask=live[:, None], other=0
-        )
-        b_hi = b_lo
-    return b_lo, b_hi
+        word = tl.load(index + row * index_words + pos // 32, mask=live, other=0)
+        wider = live & (((word >> (pos % 32)) & 1) != 0)
+    return base, wider
+
+
+@triton.jit
+def _place_tokens(index, row0, rows_live, CHUNK: tl.constexpr, PLACES: tl.constexpr, NPL: tl.constexpr):
+    """The token (from the tile's first) of each rung place of the tile's rows from ``row0`` on:
+    place k is the wider token number k % PLACES of row k // PLACES, found in the row's one-bit
+    width index by a binary search over popcounts; -1 where the row has no such token."""
+    index_words: tl.constexpr = (CHUNK + 31) // 32
+    k = tl.arange(0, NPL)
+    rel = k // PLACES
+    left = (k % PLACES).to(tl.int32)  # wider tokens to pass over
+    ok = rel < rows_live
+    at = tl.full((NPL,), -1, tl.int32)
+    for i in tl.static_range(index_words):
+        word = tl.load(index + (row0 + rel) * index_words + i, mask=ok, other=0).to(tl.uint32, bitcast=True)
+        count = _popcount(word).to(tl.int32)
+        here = ok & (at < 0) & (left < count)
+        pos = tl.zeros((NPL,), tl.int32)
+        rest = left
+        for width in tl.static_range(4, -1, -1):  # windows of 16, 8, 4, 2, 1 bits
+            low = _popcount(word & ((1 << (1 << width)) - 1)).to(tl.int32)
+            up = rest >= low
+            rest = tl.where(up, rest - low, rest)
+            pos += tl.where(up, 1 << width, 0)
+            word = tl.where(up, word >> (1 << width), word)
+        at = tl.where(here, rel * CHUNK + 32 * i + pos, at)
+        left = tl.where(ok & (at < 0), left - count, left)
+    return at
+
+
+@triton.jit
+def _rung_loads(
+    codes,
+    row_bytes,
+    row0,
+    rows_live,
+    D: tl.constexpr,
+    LO: tl.constexpr,
+    CHUNK: tl.constexpr,
+    PLACES: tl.constexpr,
+    NPL: tl.constexpr,
+):
+    """The rung bytes (NPL, D * LO / 8) of the tile's rows from ``row0`` on: place k holds the wider
+    token number k % PLACES of row k // PLACES (zeros past a row's rung slots or the live rows)."""
+    lo_bytes: tl.constexpr = D * LO // 8
+    k = tl.arange(0, NPL)
+    rel = k // PLACES
+    slot = k % PLACES
+    slots = (row_bytes - CHUNK * lo_bytes) // lo_bytes
+    ok = (rel < rows_live) & (slot < slots)
+    first = tl.multiple_of((row0 + rel) * row_bytes + (CHUNK + slot) * lo_bytes, 16)
+    return tl.load(codes + first[:, None] + tl.arange(0, lo_bytes)[None, :], mask=ok[:, None], other=0)
 
 
 @triton.jit
@@ -339,6 +370,7 @@ def _folded_split_kernel(
     V_GROUP: tl.constexpr,
     V_HI: tl.constexpr,
     V_CHUNK: tl.constexpr,
+    V_PLACES: tl.constexpr,
     R: tl.constexpr,
     Z_BITS: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -346,8 +378,9 @@ def _folded_split_kernel(
     HILO: tl.constexpr,
 ):
     """One split of one (sequence, KV head) over an affine key segment and an affine value segment
-    (V_CHUNK = 0) or a mixed one (allocation rows of V_CHUNK tokens at V_BITS, or at V_HI where
-    the width index says so; V_HI = 0: one width).
+    (V_CHUNK = 0) or a mixed one (allocation rows of V_CHUNK tokens at V_BITS, or at V_HI = 2 V_BITS
+    where the width index says so, with rung slots for V_PLACES wider tokens a row, a power of two;
+    V_HI = 0: one width).
 
     Same tables and outputs as ``triton_decode._decode_split_kernel``; ``zb_ptr``: scratch of
     (ngb key groups x key rows) floats per program for the key zero terms (a run-time count: the
@@ -364,6 +397,9 @@ def _folded_split_kernel(
     VB: tl.constexpr = D * V_BITS // 8  # value bytes per token (one width)
     ZB: tl.constexpr = 32  # key groups per zero-term product
     R_PAD: tl.constexpr = 16  # side-code rank (at most 16) padded for its product
+    RT: tl.constexpr = BLOCK_N // V_CHUNK if V_CHUNK > 0 else 1  # allocation rows per tile
+    NPL: tl.constexpr = 16 if RT * V_PLACES < 16 else RT * V_PLACES  # rung places per tile, padded
+    WIDER: tl.constexpr = 1 << (V_HI - V_BITS) if V_HI > 0 else 1  # a wider token's base, as its code
 
     bh = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)
@@ -381,10 +417,11 @@ def _folded_split_kernel(
         v_codes, v_index, v_scale, v_zero, v_row_words = _mixed_value_segment(
             vrow, v_tokens, bh64, D, V_GROUP, V_CHUNK, 1, True
         )
+        v_row_bytes = v_row_words * 4
     else:
         v_codes, v_scale, v_zero = _affine_value_segment(vrow, v_tokens, bh64, D, V_BITS, V_GROUP)
         v_index = v_codes
-        v_row_words = 0
+        v_row_bytes = 0
     v_codes = tl.multiple_of(v_codes.to(tl.pointer_type(tl.uint8)), 16)
 
     r = tl.arange(0, GP)
@@ -428,9 +465,6 @@ def _folded_split_kernel(
     l_acc = tl.zeros((GP, NT), tl.float32)
     z_acc = tl.zeros((VROWS, NT), tl.float32)
     acc = _zeros(VROWS, D * V_BITS // 8, 8 // V_BITS)  # one sum per channel plane
-    acc_hi = acc
-    if V_HI > 0:
-        acc_hi = _zeros(VROWS, D * V_HI // 8, 8 // V_HI)
     mask_row = mask_ptr + b * mask_stride + position
     bias_rows = scratch + krows * ngb + kx  # each key row's zero terms, from the split's first group
     for t in range(0, length, BLOCK_N):
@@ -492,36 +526,44 @@ def _folded_split_kernel(
         # fresh sums for the tile: the matrix unit aligns its sums to the largest term (the
         # split's running sum would truncate this tile's)
         tile = _zeros(VROWS, D * V_BITS // 8, 8 // V_BITS)
-        tile_hi = tile
+        # wider tokens: each one's folded probability, picked into its rung place (divided by WIDER)
+        places = tl.zeros((VROWS, NPL), tl.float32)
         if V_HI > 0:
-            tile_hi = _zeros(VROWS, D * V_HI // 8, 8 // V_HI)
+            row0 = (v_off + t) // V_CHUNK
+            rows_live = (length - t + V_CHUNK - 1) // V_CHUNK
+            place_at = _place_tokens(v_index, row0, rows_live, V_CHUNK, V_PLACES, NPL)
         for i in tl.static_range(KP):
             vs, vz, seen = planes[i]
             tok = KP * nb + i
             live = t + tok < length
             v_at = (v_off + t + tok).to(tl.int64)
-            if V_CHUNK > 0:  # mixed widths
-                vb, vb_hi = _mixed_loads(v_codes, v_index, v_row_words, v_at, live, D, V_BITS, V_HI, V_CHUNK)
+            vs = vs.to(tl.float32) * FOLD
+            if V_CHUNK > 0:  # mixed widths: every token's base, a wider one's scaled up to its code
+                vb, wider = _mixed_bases(
+                    v_codes, v_index, v_row_bytes, v_at, live, D, V_BITS, V_HI > 0, V_CHUNK
+                )
+                if V_HI > 0:
+                    vs = vs * tl.where(wider, WIDER, 1)[None, :]
             else:
                 vb = tl.load(
                     v_codes + v_at[:, None] * VB + tl.arange(0, VB)[None, :], mask=live[:, None], other=0
                 )
-                vb_hi = vb
             p = tl.exp2(logits[i] - m_use[:, None])
             l_acc += p
             p = _spread_heads(p, VXP, GP, NT)  # row (x, r) = p_r
             z_acc += p * _spread_rows(vz.to(tl.float32), VXP, GP, NT)
-            pv = _fold(p * _spread_rows(vs.to(tl.float32) * FOLD, VXP, GP, NT), HILO)
+            pv = _fold(p * _spread_rows(vs, VXP, GP, NT), HILO)
             tile = _value_planes(pv, vb, tile, V_BITS, HILO)
             if V_HI > 0:
-                tile_hi = _value_planes(pv, vb_hi, tile_hi, V_HI, HILO)
+                # each wider token's folded probability into its place, divided by WIDER (exact)
+                pick = tl.where(tok[:, None] == place_at[None, :], 1.0 / WIDER, 0.0).to(tl.float16)
+                places = _folded_dot(pv, pick, places, HILO)
+        if V_HI > 0:  # the wider tokens' rungs: the bits below their bases, one product per channel plane
+            rb = _rung_loads(v_codes, v_row_bytes, row0, rows_live, D, V_BITS, V_CHUNK, V_PLACES, NPL)
+            tile = _value_planes(_fold(places, HILO), rb, tile, V_BITS, HILO)
         acc = _rescale_add(acc, alpha, tile)
-        if V_HI > 0:
-            acc_hi = _rescale_add(acc_hi, alpha, tile_hi)
 
     out = _readout(acc, tl.sum(z_acc, axis=1), vx, V_BITS, V_GROUP, VXP, GP, D)
-    if V_HI > 0:  # the other width's sums, in the same channel order
-        out += _readout(acc_hi, tl.zeros((VROWS,), tl.float32), vx, V_HI, V_GROUP, VXP, GP, D)
     row_out = (bh64 * n_splits + split) * G + r
     tl.store(o_ptr + row_out[:, None] * D + c[None, :], out, mask=r[:, None] < G)
     tl.store(ml_ptr + row_out * 2, m_i, mask=r < G)

@@ -4,9 +4,9 @@ for the matrix products of ``triton_decode``'s split kernel; and the pieces both
 
 - affine codes grouped along tokens (keys, a (D, BLOCK_N) tile) or along channels (values, a
   (BLOCK_N, D) tile), and HeadQ's side-code logits;
-- mixed-width values (A²): each token's words are found from the packed width index, a running
-  sum of word counts over the allocation row (tiles start on rows), then each width in use is
-  unpacked from its own tokens;
+- mixed-width values (A²): every token's base (its top bits at the narrowest width) sits at a
+  fixed place of its allocation row; the rungs of the wider tokens follow the bases, found from
+  the packed width index by a running sum of word counts over the row (tiles start on rows);
 - codebook tokens (GSRQ): each sub-vector's codeword (``dim`` contiguous float16 channels of a
   codebook that stays in cache) is gathered per stage and summed;
 - scaled tokens (fp8 and per-token-head integers) and rotated tokens (the TurboQuant family): a
@@ -238,17 +238,6 @@ def _affine_values(
 
 
 @triton.jit
-def _at_width(
-    codes, start, chosen, x, WIDTH: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, MATH: tl.constexpr
-):
-    """x with the rows of ``chosen`` tokens replaced by their codes unpacked at WIDTH bits."""
-    packed = tl.load(
-        codes + start[:, None] + tl.arange(0, D * WIDTH // 32)[None, :], mask=chosen[:, None], other=0
-    )
-    return tl.where(chosen[:, None], _unpack_rows(packed, WIDTH, BLOCK_N, D, MATH), x)
-
-
-@triton.jit
 def _mixed_values(
     codes,
     index,
@@ -269,8 +258,9 @@ def _mixed_values(
     GROUP: tl.constexpr,
     MATH: tl.constexpr,
 ):
-    """Values at per-token widths W0..W3 (the first N_WIDTHS), tokens t0..t0+BLOCK_N (t0 on an
-    allocation row): (BLOCK_N, D) in MATH."""
+    """Values at per-token widths W0..W3 (the first N_WIDTHS; W3 the widest), tokens t0..t0+BLOCK_N
+    (t0 on an allocation row): (BLOCK_N, D) in MATH. A token's code is its base, then for each
+    rung up to its width (twice the width below, from W0) that many bits more (``headq_a2.block``)."""
     tok = t0 + tl.arange(0, BLOCK_N)
     row = tok // CHUNK
     if INDEX_BITS > 0:
@@ -281,16 +271,26 @@ def _mixed_values(
     else:
         level = tl.zeros((BLOCK_N,), tl.int32)
     width = tl.where(level == 0, W0, tl.where(level == 1, W1, tl.where(level == 2, W2, W3)))
-    words = tl.reshape(tl.where(live, width * D // 32, 0), (BLOCK_N // CHUNK, CHUNK))
-    start = tl.reshape(tl.cumsum(words, axis=1) - words, (BLOCK_N,)) + row.to(tl.int64) * row_words
-    x = tl.zeros((BLOCK_N, D), MATH)
-    x = _at_width(codes, start, live & (level == 0), x, W0, D, BLOCK_N, MATH)
+    base_words: tl.constexpr = D * W0 // 32
+    first = row.to(tl.int64) * row_words
+    base = tl.load(
+        codes + (first + (tok % CHUNK) * base_words)[:, None] + tl.arange(0, base_words)[None, :],
+        mask=live[:, None],
+        other=0,
+    )
+    x = _unpack_rows(base, W0, BLOCK_N, D, MATH)
     if N_WIDTHS > 1:
-        x = _at_width(codes, start, live & (level == 1), x, W1, D, BLOCK_N, MATH)
-    if N_WIDTHS > 2:
-        x = _at_width(codes, start, live & (level == 2), x, W2, D, BLOCK_N, MATH)
-    if N_WIDTHS > 3:
-        x = _at_width(codes, start, live & (level == 3), x, W3, D, BLOCK_N, MATH)
+        # a token's rungs take D * (width - W0) bits; they start after the bases and the wider tokens before it
+        words = tl.reshape(tl.where(live, (width - W0) * D // 32, 0), (BLOCK_N // CHUNK, CHUNK))
+        at = tl.reshape(tl.cumsum(words, axis=1) - words, (BLOCK_N,)) + first + CHUNK * base_words
+        for s in tl.static_range(1, 4):  # the rungs W0 << s up to W3, each adding (W0 << s) / 2 bits
+            if (W0 << s) <= W3:
+                chosen = live & (width >= (W0 << s))
+                step_words = tl.arange(0, D * (W0 << (s - 1)) // 32)
+                packed = tl.load(codes + at[:, None] + step_words[None, :], mask=chosen[:, None], other=0)
+                more = _unpack_rows(packed, W0 << (s - 1), BLOCK_N, D, MATH)
+                x = tl.where(chosen[:, None], x * (1 << (W0 << (s - 1))) + more, x)
+                at += D * (W0 << (s - 1)) // 32
     groups: tl.constexpr = D // GROUP
     gi = tok[:, None].to(tl.int64) * groups + tl.arange(0, groups)[None, :]
     s = tl.load(scale + gi, mask=live[:, None], other=0.0).to(MATH)

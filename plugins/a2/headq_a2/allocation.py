@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from headq_a2.config import words_per_token
+from headq_a2.config import token_words
 
 
 def level_error(bits: int) -> float:
@@ -48,7 +48,7 @@ def greedy(scores: torch.Tensor, widths: tuple[int, ...], row_words: int, head_d
     device = scores.device
     levels = torch.zeros((rows, tokens), dtype=torch.int64, device=device)
     top = len(widths) - 1
-    words = torch.tensor([words_per_token(head_dim, b) for b in widths], device=device)
+    words = torch.tensor(token_words(head_dim, widths), device=device)
     left = torch.full((rows,), row_words - tokens * int(words[0]), device=device)
     if top == 0:
         return levels

@@ -2,14 +2,22 @@
 
 Tokens are stored in allocation rows: ``chunk`` consecutive tokens of one KV head
 (``scope=head``, ``rows = kv_heads``) or of every KV head of the layer (``scope=layer``,
-``rows = 1``, tokens ordered head by head). A row holds its tokens' codes packed at their own
-widths, one after the other in token order (``words_per_token(d, b)`` int32 words each, channels
-along the word as in per-token KIVI), then zeros up to a fixed ``row_words``. Every row of every
-block has the same size, so blocks merge by concatenation and a batch row moves as one piece.
+``rows = 1``, tokens ordered head by head). A token's code at width ``w`` is stored as its top
+``widths[0]`` bits, its base, and for every rung ``r`` of :func:`~headq_a2.config.rungs` up to
+``w`` the next ``r / 2`` bits. A row holds, in order:
 
-A token's word offset inside its row is the running sum of the widths before it, which the
-packed per-token width index gives; with one width in use there is no index and the codes are
-per-token KIVI's, word for word.
+- the base of every token, ``words_per_token(d, widths[0])`` int32 words each (channels along the
+  word, as in per-token KIVI), so a token's base sits at a fixed place;
+- the rungs of the tokens above ``widths[0]``, token after token in row order, each token's
+  rungs lowest first (``words_per_token(d, r / 2)`` words each);
+- zeros up to a fixed ``row_words``.
+
+Every row of every block has the same size, so blocks merge by concatenation and a batch row moves
+as one piece. The base plane is uniform: a decode kernel reads it as per-token KIVI codes (with a
+wider token's scale multiplied by ``2^(w - widths[0])``), and adds the rungs of the few wider
+tokens as a correction. A token's rung words start after those of the wider tokens before it in
+its row, which the packed per-token width index gives; with one width in use there is no index
+and the codes are per-token KIVI's, word for word.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from headq_a2.config import words_per_token
+from headq_a2.config import rungs, words_per_token
 from headq_core.layouts import KERNEL_BITS, EncodedBlock, MixedAffine, NoKernelLayout, stored
 from headq_kernels import decode_plan, unpack_codes
 
@@ -37,17 +45,30 @@ def from_rows(x: torch.Tensor, batch: int, heads: int, rows: int, chunk: int) ->
     return x.reshape(batch, heads, n_chunks * chunk, *rest)
 
 
-def row_offsets(widths: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Word offset of each token inside its row: (rows, n) bit widths -> (rows, n) int64."""
-    words = torch.div(widths * head_dim + 31, 32, rounding_mode="floor")
-    return words.cumsum(dim=-1) - words
+def rung_offsets(widths: torch.Tensor, block_widths: tuple[int, ...], head_dim: int) -> torch.Tensor:
+    """Word offset of each token's first rung inside its row, after the bases of the row's tokens:
+    (rows, n) bit widths -> (rows, n) int64 (``block_widths``: the widths in use, narrowest first)."""
+    words = torch.zeros_like(widths)
+    for rung in rungs(block_widths):
+        words += (widths >= rung) * words_per_token(head_dim, rung // 2)
+    base = widths.shape[-1] * words_per_token(head_dim, block_widths[0])
+    return base + words.cumsum(dim=-1) - words
+
+
+def split_code(code: torch.Tensor, width: torch.Tensor, lo: int, rung: int | None = None) -> torch.Tensor:
+    """The base (``rung`` None: the top ``lo`` bits) or the bits that ``rung`` adds (``rung / 2``
+    bits below the rung's top) of integer codes ``code`` at per-token ``width`` (broadcast)."""
+    if rung is None:
+        return code >> (width - lo)
+    return (code >> (width - rung).clamp_min(0)) & ((1 << (rung // 2)) - 1)
 
 
 @attrs.define(kw_only=True)
 class MixedAffineBlock(EncodedBlock):
     """Per-token mixed-width affine values (the :class:`~headq_core.layouts.MixedAffine` layout).
 
-    codes:       (b, rows, T/chunk * row_words) int32, one run of ``row_words`` per chunk and row
+    codes:       (b, rows, T/chunk * row_words) int32, one run of ``row_words`` per chunk and row:
+                 the row's bases, then its wider tokens' rungs (the module docstring)
     width_index: (b, kv_heads, T/chunk * ceil(chunk * index_bits / 32)) int32: each token's index
                  into ``widths``, packed along tokens chunk by chunk; None with one width
     scale, zero: (b, kv_heads, T, d / group) float16, for the token's own width
@@ -78,21 +99,26 @@ class MixedAffineBlock(EncodedBlock):
         return torch.tensor(self.widths, device=index.device)[index]
 
     def integer_codes(self) -> torch.Tensor:
-        """Every token's codes unpacked at its own width, (b, kv_heads, T, d) uint8."""
+        """Every token's codes at its own width, (b, kv_heads, T, d) uint8: its base, then its rungs."""
         b, h, _, n_groups = self.scale.shape
-        d, rows = n_groups * self.group, self.codes.shape[1]
+        d, rows, lo = n_groups * self.group, self.codes.shape[1], self.widths[0]
         widths = to_rows(self.token_widths(), rows, self.chunk)  # (R, n)
         shape = widths.shape
-        starts = row_offsets(widths, d)
-        starts += torch.arange(shape[0], device=starts.device).unsqueeze(-1) * self.row_words
-        stream, starts, widths = self.codes.reshape(-1), starts.reshape(-1), widths.reshape(-1)
-        out = torch.empty((widths.shape[0], d), dtype=torch.uint8, device=stream.device)
-        for bits in self.widths:
-            # this width's tokens only: each is one run of words from its start
-            chosen = (widths == bits).nonzero().squeeze(-1)
-            span = torch.arange(words_per_token(d, bits), device=stream.device)
-            out[chosen] = unpack_codes(stream[starts[chosen].unsqueeze(-1) + span], bits, d)
-        return from_rows(out.reshape(*shape, d), b, h, rows, self.chunk)
+        first = torch.arange(shape[0], device=widths.device).unsqueeze(-1) * self.row_words  # (R, 1)
+        stream = self.codes.reshape(-1)
+        span = torch.arange(words_per_token(d, lo), device=stream.device)
+        bases = first + torch.arange(shape[1], device=stream.device) * span.numel()  # (R, n)
+        code = unpack_codes(stream[bases.unsqueeze(-1) + span], lo, d).long()  # (R, n, d)
+        at = first + rung_offsets(widths, self.widths, d)
+        for rung in rungs(self.widths):
+            # the tokens this wide: one run of words each, at the same place in every token's rungs
+            span = torch.arange(words_per_token(d, rung // 2), device=stream.device)
+            chosen = (widths >= rung).unsqueeze(-1)
+            words = stream[torch.where(chosen, at.unsqueeze(-1) + span, 0)]
+            bits = unpack_codes(words, rung // 2, d).long()
+            code = torch.where(chosen, (code << (rung // 2)) | bits, code)
+            at = at + span.numel()
+        return from_rows(code.reshape(*shape, d).to(torch.uint8), b, h, rows, self.chunk)
 
     def kernel_segment(self, covered: int) -> decode_plan.Segment:
         """One allocation row per KV head, whole 32-bit words per token at every width."""

@@ -40,12 +40,35 @@ def words_per_token(head_dim: int, bits: int) -> int:
     return math.ceil(head_dim * bits / 32)
 
 
+def rungs(widths: tuple[int, ...]) -> tuple[int, ...]:
+    """The widths above ``widths[0]`` that a code is built up through, each twice the one below.
+
+    A token at width ``w`` stores its code's top ``widths[0]`` bits as its base and, for every rung
+    ``r <= w``, the next ``r / 2`` bits: (2, 4) -> (4,); (2, 8) -> (4, 8); (1, 2, 4, 8) -> (2, 4, 8).
+    """
+    out: list[int] = []
+    rung = 2 * widths[0]
+    while rung <= widths[-1]:
+        out.append(rung)
+        rung *= 2
+    return tuple(out)
+
+
+def token_words(head_dim: int, widths: tuple[int, ...]) -> tuple[int, ...]:
+    """int32 words a token takes at each of ``widths``: its base plus the rungs up to its width."""
+    base = words_per_token(head_dim, widths[0])
+    return tuple(
+        base + sum(words_per_token(head_dim, r // 2) for r in rungs(widths) if r <= w) for w in widths
+    )
+
+
 @attrs.frozen
 class RowPlan:
     """What one allocation row stores, for a head shape: fixed, so that blocks merge.
 
     widths: the widths in use, narrowest first; tokens: tokens per row (``chunk`` per head in the
-    row); row_words: int32 code words per row (tokens packed at their widths, then zeros);
+    row); row_words: int32 code words per row (every token's base, the wider tokens' rungs, then
+    zeros; see :mod:`headq_a2.block`);
     hi_count: tokens per row at the widest width (tiers mode); index_bits / index_words: the packed
     per-token width index, per head and chunk (0 when only one width is in use).
     """
@@ -138,7 +161,8 @@ class A2Config(MethodConfig):
         tokens = self.chunk * heads_per_row
         index_bits = 0 if len(widths) == 1 else next(b for b in SUPPORTED_BITS if 1 << b >= len(widths))
         index_words = math.ceil(self.chunk * index_bits / 32)
-        lo, top = words_per_token(head_dim, widths[0]), words_per_token(head_dim, widths[-1])
+        words = token_words(head_dim, widths)
+        lo, top = words[0], words[-1]
         if self.mode == "tiers":
             hi_count = round(self.frac * tokens) if len(widths) > 1 else 0
             row_words = (tokens - hi_count) * lo + hi_count * top

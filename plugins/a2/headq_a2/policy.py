@@ -16,11 +16,11 @@ from typing import ClassVar
 import torch
 
 from headq_a2.allocation import greedy, two_tiers
-from headq_a2.block import MixedAffineBlock, from_rows, row_offsets, to_rows
-from headq_a2.config import A2Config, RowPlan, words_per_token
+from headq_a2.block import MixedAffineBlock, from_rows, rung_offsets, split_code, to_rows
+from headq_a2.config import A2Config, RowPlan, rungs, words_per_token
 from headq_core import ValuePolicy
 from headq_core.interfaces import AttentionStatistic
-from headq_kernels import pack_codes, quantize_affine
+from headq_kernels import pack_codes, quantize_affine, unpack_codes
 
 _STATISTIC: dict[str, AttentionStatistic | None] = {"sq": "sq_attention", "abs": "attention", "none": None}
 
@@ -53,7 +53,8 @@ class A2Values(ValuePolicy):
         widths = "/".join(map(str, self.config.widths))
         return (
             f"per-token codes at {widths} bits packed row by row ({self.config.chunk} tokens per "
-            f"{self.config.scope}), a packed width index per token, fp16 scale and minimum per group"
+            f"{self.config.scope}: every token's top {self.config.widths[0]} bits, then the wider "
+            "tokens' lower bits), a packed width index per token, fp16 scale and minimum per group"
         )
 
     def encode(
@@ -114,26 +115,37 @@ def _squared_range(values: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def _pack_rows(levels: torch.Tensor, codes: list[torch.Tensor], plan: RowPlan, head_dim: int) -> torch.Tensor:
-    """Each row's tokens' packed codes at their widths, one after the other, then zeros.
+    """Each row's bases, then its wider tokens' rungs, then zeros (see :mod:`headq_a2.block`).
 
     levels: (R, n) indices into ``plan.widths``; codes[i]: (R, n, words at width i) int32.
-    Returns (R, row_words) int32. Device work only (no host sync): every width scatters all
-    tokens, those at another width into one spare word past the rows.
+    Returns (R, row_words) int32. Device work only (no host sync): every rung scatters all tokens,
+    those narrower than it into one spare word past the rows.
     """
-    rows = levels.shape[0]
+    rows, n = levels.shape
+    lo, ladder = plan.widths[0], rungs(plan.widths)
     widths = torch.zeros_like(levels)
+    code = torch.zeros((rows, n, head_dim), dtype=torch.int64, device=levels.device)
     for level, bits in enumerate(plan.widths):
-        widths += bits * (levels == level)
-    offsets = row_offsets(widths, head_dim)
+        at = levels == level
+        widths += bits * at
+        code += at.unsqueeze(-1) * unpack_codes(codes[level], bits, head_dim).long()
     if not levels.is_cuda:  # the plan's row size rules this out; checked where it costs no sync
-        used = offsets[:, -1] + torch.div(widths[:, -1] * head_dim + 31, 32, rounding_mode="floor")
+        used = torch.full((rows,), n * words_per_token(head_dim, lo), device=levels.device)
+        for r in ladder:
+            used += (widths >= r).sum(-1) * words_per_token(head_dim, r // 2)
         if bool((used > plan.row_words).any()):
             raise RuntimeError(f"an allocation row needs {int(used.max())} words, more than {plan.row_words}")
     spare = rows * plan.row_words
     stream = torch.zeros(spare + 1, dtype=torch.int32, device=levels.device)
-    starts = torch.arange(rows, device=levels.device).unsqueeze(-1) * plan.row_words + offsets  # (R, n)
-    for level, bits in enumerate(plan.widths):
-        span = torch.arange(words_per_token(head_dim, bits), device=levels.device)
-        where = torch.where((levels == level).unsqueeze(-1), starts.unsqueeze(-1) + span, spare)
-        stream.scatter_(0, where.reshape(-1), codes[level].reshape(-1))
+    width = widths.unsqueeze(-1)
+    bases = pack_codes(split_code(code, width, lo), lo).reshape(rows, -1)
+    stream[:spare].view(rows, plan.row_words)[:, : bases.shape[-1]] = bases
+    at = torch.arange(rows, device=levels.device).unsqueeze(-1) * plan.row_words
+    at = at + rung_offsets(widths, plan.widths, head_dim)  # (R, n)
+    for rung in ladder:
+        words = pack_codes(split_code(code, width, lo, rung), rung // 2)
+        span = torch.arange(words.shape[-1], device=levels.device)
+        where = torch.where(width >= rung, at.unsqueeze(-1) + span, spare)
+        stream.scatter_(0, where.reshape(-1), words.reshape(-1))
+        at = at + span.numel()
     return stream[:spare].view(rows, plan.row_words)
