@@ -57,10 +57,10 @@ def rung_offsets(widths: torch.Tensor, block_widths: tuple[int, ...], head_dim: 
 
 def split_code(code: torch.Tensor, width: torch.Tensor, lo: int, rung: int | None = None) -> torch.Tensor:
     """The base (``rung`` None: the top ``lo`` bits) or the bits that ``rung`` adds (``rung / 2``
-    bits below the rung's top) of integer codes ``code`` at per-token ``width`` (broadcast)."""
-    if rung is None:
-        return code >> (width - lo)
-    return (code >> (width - rung).clamp_min(0)) & ((1 << (rung // 2)) - 1)
+    bits below the rung's top) of uint8 codes ``code`` at per-token ``width`` (int64, broadcast);
+    uint8, whatever a token narrower than ``rung`` gets."""
+    shift = (width - (lo if rung is None else rung)).clamp_min(0).to(torch.uint8)
+    return code >> shift if rung is None else (code >> shift) & ((1 << (rung // 2)) - 1)
 
 
 @attrs.define(kw_only=True)
@@ -108,17 +108,17 @@ class MixedAffineBlock(EncodedBlock):
         stream = self.codes.reshape(-1)
         span = torch.arange(words_per_token(d, lo), device=stream.device)
         bases = first + torch.arange(shape[1], device=stream.device) * span.numel()  # (R, n)
-        code = unpack_codes(stream[bases.unsqueeze(-1) + span], lo, d).long()  # (R, n, d)
+        code = unpack_codes(stream[bases.unsqueeze(-1) + span], lo, d)  # (R, n, d) uint8
         at = first + rung_offsets(widths, self.widths, d)
         for rung in rungs(self.widths):
             # the tokens this wide: one run of words each, at the same place in every token's rungs
             span = torch.arange(words_per_token(d, rung // 2), device=stream.device)
             chosen = (widths >= rung).unsqueeze(-1)
             words = stream[torch.where(chosen, at.unsqueeze(-1) + span, 0)]
-            bits = unpack_codes(words, rung // 2, d).long()
+            bits = unpack_codes(words, rung // 2, d)
             code = torch.where(chosen, (code << (rung // 2)) | bits, code)
             at = at + span.numel()
-        return from_rows(code.reshape(*shape, d).to(torch.uint8), b, h, rows, self.chunk)
+        return from_rows(code.reshape(*shape, d), b, h, rows, self.chunk)
 
     def kernel_segment(self, covered: int) -> decode_plan.Segment:
         """One allocation row per KV head, whole 32-bit words per token at every width."""

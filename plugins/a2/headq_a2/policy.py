@@ -124,11 +124,11 @@ def _pack_rows(levels: torch.Tensor, codes: list[torch.Tensor], plan: RowPlan, h
     rows, n = levels.shape
     lo, ladder = plan.widths[0], rungs(plan.widths)
     widths = torch.zeros_like(levels)
-    code = torch.zeros((rows, n, head_dim), dtype=torch.int64, device=levels.device)
+    code = torch.zeros((rows, n, head_dim), dtype=torch.uint8, device=levels.device)
     for level, bits in enumerate(plan.widths):
         at = levels == level
         widths += bits * at
-        code += at.unsqueeze(-1) * unpack_codes(codes[level], bits, head_dim).long()
+        code = torch.where(at.unsqueeze(-1), unpack_codes(codes[level], bits, head_dim), code)
     if not levels.is_cuda:  # the plan's row size rules this out; checked where it costs no sync
         used = torch.full((rows,), n * words_per_token(head_dim, lo), device=levels.device)
         for r in ladder:
