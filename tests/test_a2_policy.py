@@ -106,6 +106,21 @@ def test_rows_hold_every_base_then_the_wider_tokens_rungs(spec: str) -> None:
         assert pos == used <= block.row_words
 
 
+@pytest.mark.parametrize("d", [64, 80, 96, 128])
+@pytest.mark.parametrize("widths", [(2, 4), (2, 8), (1, 4), (4, 8), (1, 2, 4, 8), (2,)])
+def test_rungs_add_up_to_each_width(widths: tuple[int, ...], d: int) -> None:
+    """Each rung doubles the width, so the rungs up to a width add its bits above the base; a token's
+    words are at least its codes' words packed in one run, and the same where every part fills
+    whole words."""
+    ladder = rungs(widths)
+    assert all(r == 2 * lower for r, lower in zip(ladder, (widths[0], *ladder), strict=False))
+    whole = all(d * b % 32 == 0 for b in (widths[0], *(r // 2 for r in ladder)))
+    for w, words in zip(widths, token_words(d, widths), strict=True):
+        assert widths[0] + sum(r // 2 for r in ladder if r <= w) == w
+        assert words >= words_per_token(d, w)
+        assert words == words_per_token(d, w) or not whole
+
+
 def test_tiers_give_the_top_scores_the_high_width() -> None:
     values = outlier_data(SHAPE, seed=2)
     stats = _stats(SHAPE)
