@@ -17,7 +17,7 @@ import torch
 
 from headq_a2.allocation import greedy, two_tiers
 from headq_a2.block import MixedAffineBlock, from_rows, rung_offsets, split_code, to_rows
-from headq_a2.config import A2Config, RowPlan, rungs, words_per_token
+from headq_a2.config import A2Config, RowPlan, rungs, token_words
 from headq_core import ValuePolicy
 from headq_core.interfaces import AttentionStatistic
 from headq_kernels import pack_codes, quantize_affine, unpack_codes
@@ -130,9 +130,7 @@ def _pack_rows(levels: torch.Tensor, codes: list[torch.Tensor], plan: RowPlan, h
         widths += bits * at
         code = torch.where(at.unsqueeze(-1), unpack_codes(codes[level], bits, head_dim), code)
     if not levels.is_cuda:  # the plan's row size rules this out; checked where it costs no sync
-        used = torch.full((rows,), n * words_per_token(head_dim, lo), device=levels.device)
-        for r in ladder:
-            used += (widths >= r).sum(-1) * words_per_token(head_dim, r // 2)
+        used = torch.tensor(token_words(head_dim, plan.widths))[levels].sum(dim=-1)
         if bool((used > plan.row_words).any()):
             raise RuntimeError(f"an allocation row needs {int(used.max())} words, more than {plan.row_words}")
     spare = rows * plan.row_words
