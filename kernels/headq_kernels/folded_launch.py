@@ -30,12 +30,13 @@ def registers(
 ) -> int | None:
     """The register cap of a launch with 3 or 4 query heads per KV head (where it was measured) and
     head_dim up to 128: 128, four programs a multiprocessor, for 2-bit keys with affine values
-    (KIVI-2); 168, three instead of two, for the others (KIVI-4, HeadQ, A²). Both were faster on an
-    H100 (docs/kernels.md). With other head counts, ``hilo`` or head_dim 256 these caps spill in
-    the token loop (benchmarks/kernel_report.py), so there is none."""
+    (KIVI-2, and HeadQ on it, whose side term spills 7 registers a tile there); 168, three instead
+    of two, for the others (KIVI-4, A²). Both were faster on an H100 (docs/kernels.md). With other
+    head counts, ``hilo`` or head_dim 256 these caps spill more in the token loop
+    (benchmarks/kernel_report.py), so there is none."""
     if head_dim > 128 or hilo or triton.next_power_of_2(heads) != 4:
         return None
-    return 128 if key_bits == 2 and side_rank == 0 and not mixed else 168
+    return 128 if key_bits == 2 and side_rank <= 8 and not mixed else 168
 
 
 STAGES = 3
