@@ -14,10 +14,13 @@ sequence, for each batch and context. Providers:
   method at 2.5 and 3.5 bits; each with a full-precision window of 128 tokens, cache held as
   8,192-token blocks.
 
-Every row reports the median time (``triton.testing.do_bench``), the speed-up over both
-baselines, the bytes the path must read (the cache as stored, plus the query) and those bytes per
-second against the device-to-device copy bandwidth measured in the same run. Quantize-and-pack
-throughput is measured likewise. Run::
+Every row reports the GPU time of one call (median, its launches replayed from a CUDA graph with
+L2 flushed before each call: :func:`bench_graph`), the speed-up over both baselines, the bytes the
+path must read (the cache as stored, plus the query) and those bytes per second against the
+device-to-device copy bandwidth measured in the same run. Beside it, the time of the same call
+launched from Python (``triton.testing.do_bench``) and the host's time to launch it: where the
+host is the slower, the launched time is the host's, not the kernel's. Dequantize + SDPA and
+quantize-and-pack are timed as launched. Run::
 
     python benchmarks/decode_kernels.py --out kernels.json
 
@@ -28,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from typing import Any
 
 import torch
@@ -49,10 +54,53 @@ LAUNCH = {
 
 
 def bench(fn: Any) -> float:
-    """Median milliseconds of ``fn`` on the GPU."""
+    """Median milliseconds of ``fn``, launched from Python each call: where the host takes longer
+    to launch a call than the GPU to run it, this is the host's time."""
     import triton
 
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def bench_graph(fn: Any, calls: int = 20, rounds: int = 7) -> float:
+    """Median milliseconds of ``fn`` on the GPU alone: ``calls`` calls replayed from one CUDA graph,
+    each after the L2 flush ``bench`` does too, less a graph of the flushes alone (the two
+    interleaved, ``rounds`` times)."""
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm outside the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    for body in (lambda: (flush.zero_(), fn()), flush.zero_):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                body()
+        graph.replay()
+        graphs.append(graph)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for graph, ms in zip(graphs, times, strict=True):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            ms.append(start.elapsed_time(end) / calls)
+    return statistics.median(times[0]) - statistics.median(times[1])
+
+
+def host_time(fn: Any, calls: int = 50) -> float:
+    """Milliseconds the host takes to launch one call of ``fn`` (the GPU left to catch up after)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls
+    torch.cuda.synchronize()
+    return 1e3 * host
 
 
 def copy_bandwidth() -> float:
@@ -185,7 +233,7 @@ def fold_variants(cache: Cache, q: torch.Tensor) -> dict[str, Any]:
         saved = dict(LAUNCH)
         LAUNCH.update(change)
         try:
-            out[f"ms_{name}"] = bench(lambda: cache.attend(q))
+            out[f"ms_{name}"] = bench_graph(lambda: cache.attend(q))
             out[f"err_{name}"] = check(cache, q) if cache.context <= 32768 else None
         finally:
             LAUNCH.clear()
@@ -214,10 +262,13 @@ def run(
             q = torch.randn((batch, HKV, HQ // HKV, D), device=DEVICE, dtype=torch.float16)
             k = torch.randn((batch, HKV, context, D), device=DEVICE, dtype=torch.float16)
             v = torch.randn_like(k)
-            t_fp16 = bench(lambda q=q, k=k, v=v: sdpa(q, k, v))
+            t_fp16 = bench_graph(lambda q=q, k=k, v=v: sdpa(q, k, v))
+            eager = bench(lambda q=q, k=k, v=v: sdpa(q, k, v))
+            host = host_time(lambda q=q, k=k, v=v: sdpa(q, k, v))
             del k, v
             base = {"batch": batch, "context": context}
-            rows.append({**base, "provider": "fp16-sdpa", "ms": t_fp16, "bytes": fp16_bytes})
+            rows.append({**base, "provider": "fp16-sdpa", "ms": t_fp16, "eager_ms": eager, "host_ms": host,
+                         "bytes": fp16_bytes})  # fmt: skip
             t_deq = None
             for name, (keys, values) in OURS.items():
                 if providers and name not in providers:
@@ -230,7 +281,9 @@ def run(
                     except torch.OutOfMemoryError:
                         print(f"dequant-sdpa batch {batch} context {context}: out of memory", file=sys.stderr)
                     torch.cuda.empty_cache()
-                t = bench(lambda cache=cache, q=q: cache.attend(q))
+                t = bench_graph(lambda cache=cache, q=q: cache.attend(q))
+                eager = bench(lambda cache=cache, q=q: cache.attend(q))
+                host = host_time(lambda cache=cache, q=q: cache.attend(q))
                 t_plan = bench(cache.make_plan)
                 err = check(cache, q) if context <= 32768 else None
                 rows.append(
@@ -238,6 +291,8 @@ def run(
                         **base,
                         "provider": name,
                         "ms": t,
+                        "eager_ms": eager,
+                        "host_ms": host,
                         "plan_ms": t_plan,
                         "bytes": cache.nbytes,
                         "rel_err": err,
@@ -245,7 +300,8 @@ def run(
                         **(fold_variants(cache, q) if compare_fold and name in FOLDS else {}),
                     }
                 )
-                print(f"batch {batch} context {context} {name}: {1e3 * t:.0f} us, fp16-sdpa {1e3 * t_fp16:.0f} us",
+                print(f"batch {batch} context {context} {name}: {1e3 * t:.0f} us "
+                      f"({1e3 * eager:.0f} eager, host {1e3 * host:.0f}), fp16-sdpa {1e3 * t_fp16:.0f} us",
                       file=sys.stderr, flush=True)  # fmt: skip
                 del cache
                 torch.cuda.empty_cache()
@@ -338,15 +394,17 @@ def variants(batch: int, context: int, out_dir: str | None = None) -> tuple[bool
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"{result['device']}, copy bandwidth {result['copy_bandwidth'] / 1e12:.2f} TB/s (read + write)",
-        "| batch | context | provider | time (us) | vs fp16-sdpa | vs dequant-sdpa | GB read | of copy BW | rel err |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| batch | context | provider | GPU (us) | vs fp16-sdpa | vs dequant-sdpa | GB read | of copy BW | rel err "
+        "| launched (us) | host (us) |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result["rows"]:
         dq = f"{r['vs_dequant']:.1f}x" if r.get("vs_dequant") else "-"
         err = f"{r['rel_err']:.1e}" if r.get("rel_err") is not None else "-"
+        launched, host = (f"{1e3 * r[key]:.0f}" if key in r else "-" for key in ("eager_ms", "host_ms"))
         lines.append(
             f"| {r['batch']} | {r['context']} | {r['provider']} | {1e3 * r['ms']:.0f} | {r['vs_fp16']:.2f}x | {dq} | "
-            f"{r['bytes'] / 1e9:.3f} | {100 * r['bandwidth_frac']:.0f}% | {err} |"
+            f"{r['bytes'] / 1e9:.3f} | {100 * r['bandwidth_frac']:.0f}% | {err} | {launched} | {host} |"
         )
     folds = [r for r in result["rows"] if "ms_unfolded" in r]
     if folds:
