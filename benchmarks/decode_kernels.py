@@ -103,6 +103,12 @@ def host_time(fn: Any, calls: int = 50) -> float:
     return 1e3 * host
 
 
+def timings(fn: Any) -> dict[str, float]:
+    """A row's three times of ``fn`` in milliseconds: on the GPU (``ms``), launched from Python
+    (``eager_ms``) and the host's to launch it (``host_ms``)."""
+    return {"ms": bench_graph(fn), "eager_ms": bench(fn), "host_ms": host_time(fn)}
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read plus written per second."""
     x = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
@@ -262,13 +268,11 @@ def run(
             q = torch.randn((batch, HKV, HQ // HKV, D), device=DEVICE, dtype=torch.float16)
             k = torch.randn((batch, HKV, context, D), device=DEVICE, dtype=torch.float16)
             v = torch.randn_like(k)
-            t_fp16 = bench_graph(lambda q=q, k=k, v=v: sdpa(q, k, v))
-            eager = bench(lambda q=q, k=k, v=v: sdpa(q, k, v))
-            host = host_time(lambda q=q, k=k, v=v: sdpa(q, k, v))
+            fp16 = timings(lambda q=q, k=k, v=v: sdpa(q, k, v))
+            t_fp16 = fp16["ms"]
             del k, v
             base = {"batch": batch, "context": context}
-            rows.append({**base, "provider": "fp16-sdpa", "ms": t_fp16, "eager_ms": eager, "host_ms": host,
-                         "bytes": fp16_bytes})  # fmt: skip
+            rows.append({**base, "provider": "fp16-sdpa", **fp16, "bytes": fp16_bytes})
             t_deq = None
             for name, (keys, values) in OURS.items():
                 if providers and name not in providers:
@@ -281,18 +285,14 @@ def run(
                     except torch.OutOfMemoryError:
                         print(f"dequant-sdpa batch {batch} context {context}: out of memory", file=sys.stderr)
                     torch.cuda.empty_cache()
-                t = bench_graph(lambda cache=cache, q=q: cache.attend(q))
-                eager = bench(lambda cache=cache, q=q: cache.attend(q))
-                host = host_time(lambda cache=cache, q=q: cache.attend(q))
+                times = timings(lambda cache=cache, q=q: cache.attend(q))
                 t_plan = bench(cache.make_plan)
                 err = check(cache, q) if context <= 32768 else None
                 rows.append(
                     {
                         **base,
                         "provider": name,
-                        "ms": t,
-                        "eager_ms": eager,
-                        "host_ms": host,
+                        **times,
                         "plan_ms": t_plan,
                         "bytes": cache.nbytes,
                         "rel_err": err,
@@ -300,8 +300,8 @@ def run(
                         **(fold_variants(cache, q) if compare_fold and name in FOLDS else {}),
                     }
                 )
-                print(f"batch {batch} context {context} {name}: {1e3 * t:.0f} us "
-                      f"({1e3 * eager:.0f} eager, host {1e3 * host:.0f}), fp16-sdpa {1e3 * t_fp16:.0f} us",
+                print(f"batch {batch} context {context} {name}: {1e3 * times['ms']:.0f} us "
+                      f"({1e3 * times['eager_ms']:.0f} eager, host {1e3 * times['host_ms']:.0f}), fp16-sdpa {1e3 * t_fp16:.0f} us",
                       file=sys.stderr, flush=True)  # fmt: skip
                 del cache
                 torch.cuda.empty_cache()

@@ -30,7 +30,7 @@ def registers(
 ) -> int | None:
     """The register cap of a launch with 3 or 4 query heads per KV head (where it was measured) and
     head_dim up to 128: 128, four programs a multiprocessor, for 2-bit keys with affine values
-    (KIVI-2, and HeadQ on it, whose side term spills 7 registers a tile there); 168, three instead
+    (KIVI-2, and HeadQ up to rank 8 on it, with 7 local loads and stores a tile there); 168, three instead
     of two, for the others (KIVI-4, A²). Both were faster on an H100 (docs/kernels.md). With other
     head counts, ``hilo`` or head_dim 256 these caps spill more in the token loop
     (benchmarks/kernel_report.py), so there is none."""
