@@ -338,6 +338,32 @@ def test_codebook_indices_read_as_vectors_only_where_aligned(spec: str, vector: 
     assert rel(aligned, reference) < TOLERANCE[torch.float16]
 
 
+@pytest.mark.parametrize("spec", ["gsrq", "gsrq:bits=2,scale=fisher", "gsrq:bits=0.75"])
+@pytest.mark.parametrize(("hq", "hkv"), [(2, 2), (6, 2), (16, 2)], ids=["g1", "g3", "g8"])
+def test_codebook_keys_are_scored_from_the_query_tables(spec: str, hq: int, hkv: int) -> None:
+    """Codebook keys' logits are sums of the query's table entries (one per sub-vector and stage),
+    at any count of query heads per KV head (padded to a power of two in the tables), from 32-bit
+    words of whole-byte indices or from 6-bit ones; two segments with other codebooks are refused."""
+    d, tokens = 128, 300
+    config = _config(hq, hkv, d)
+    calibration = calibration_for(spec, spec, config, tokens=512)
+    km = get_registry().key_quantizer(spec)
+    km.bind(config, calibration)
+    vm = get_registry().value_policy("kivi:bits=2")
+    vm.bind(config, calibration)
+    kseg = km.encode(outliers((2, hkv, tokens, d), 4, torch.float16), 0).kernel_segment(tokens)
+    vseg = vm.encode(outliers((2, hkv, tokens, d), 5, torch.float16), 0).kernel_segment(tokens)
+    q = outliers((2, hkv, hq // hkv, d), 6, torch.float16)
+    plan = decode_plan.plan([kseg], [vseg], batch_heads=2 * hkv, block_n=128)
+    got = triton_decode.attend(q, plan, scale=d**-0.5)
+    assert rel(got, decode_plan.attend_torch(q, plan, scale=d**-0.5)) < TOLERANCE[torch.float16]
+
+    other = dataclasses.replace(kseg, books=tuple(book.clone() for book in kseg.books))
+    both = decode_plan.plan([kseg, other], [vseg, vseg], batch_heads=2 * hkv, block_n=128)
+    with pytest.raises(ValueError, match="share their codebooks"):
+        triton_decode.attend(q, both, scale=d**-0.5)
+
+
 @pytest.mark.parametrize(
     ("keys", "values", "tolerance"),
     # A²'s widths follow the attention the kernel computes (float16 operands on the folded kernel):

@@ -66,6 +66,7 @@ from headq_kernels.triton_tiles import (
     _affine_keys_t,
     _affine_value_segment,
     _affine_values,
+    _codebook_logits,
     _codebook_tokens,
     _mixed_value_segment,
     _mixed_values,
@@ -156,7 +157,8 @@ def _decode_split_kernel(
     """One split of one (sequence, KV head); every split of a launch has the same segment kinds.
 
     K_BOOK / V_BOOK: codebook settings (dim, first and second stage's index bits, stages, scaled,
-    the vector its index bytes are read in);
+    the vector its index bytes are read in; K_BOOK also the query heads padded to a power of two,
+    GP); with codebook keys, qr_ptr holds the query's tables of the step (``_query_tables``);
     K_TOK / V_TOK: scaled and rotated tokens' settings (format, bits, scaled, two halves' widths);
     V_MIXED: mixed-width settings (four widths, how many are used, chunk, index bits).
     TAIL: also write the scaled logits of positions from ``tail_start`` on (for the statistics).
@@ -195,11 +197,9 @@ def _decode_split_kernel(
         k_vector: tl.constexpr = K_BOOK[5]
         if k_vector > 0:  # each token's index bytes start on a vector (``_book``)
             k_idx = tl.multiple_of(k_idx, k_vector)
-        k_book0 = tl.multiple_of(tl.load(krow + PTR1_C).to(tl.pointer_type(tl.float16)), 16)
-        k_book1 = tl.multiple_of(tl.load(krow + PTR2_C).to(tl.pointer_type(tl.float16)), 16)
-        if K_BOOK[4]:  # the codewords approximate scale * k: q . k = (q / scale) . codeword
-            k_chan = tl.load(krow + PTR3_C).to(tl.pointer_type(tl.float16)) + h * D
-            q = (q.to(tl.float32) / tl.load(k_chan + c).to(tl.float32)[None, :]).to(DT)
+        # no codeword is read for keys: the query's tables of this step (``_query_tables``)
+        k_entries: tl.constexpr = (D // K_BOOK[0]) * ((1 << K_BOOK[1]) + (1 << K_BOOK[2]) * (K_BOOK[3] - 1))
+        k_tables = tl.multiple_of(qr_ptr + bh64 * ((k_entries * K_BOOK[6] + 7) // 8 * 8), 16)
     elif K_KIND == SCALED_C:
         k_codes, k_scale = _scaled_segment(krow, k_tokens, bh64, D, K_TOK[1])
         if K_TOK[1] == 4:  # the query's even and odd channels, for the keys' two planes
@@ -269,10 +269,9 @@ def _decode_split_kernel(
             if R > 0:
                 s += _side_term(z_codes, z_step, z_words, k_tokens, k_off + t, qr, R, R_PAD, BLOCK_N, Z_BITS)
         elif K_KIND == CODEBOOK_C:
-            kt = _codebook_tokens(
-                k_idx, k_book0, k_book1, k_off + t + n, live, D, BLOCK_N, K_BOOK[0], K_BOOK[1], K_BOOK[2], K_BOOK[3], K_BOOK[5],
+            s = _codebook_logits(
+                k_idx, k_tables, k_off + t + n, live, D, BLOCK_N, G_PAD, K_BOOK[6], K_BOOK[0], K_BOOK[1], K_BOOK[2], K_BOOK[3], K_BOOK[5],
             )  # fmt: skip
-            s = tl.dot(q, tl.trans(kt.to(DT)))
         elif K_KIND == SCALED_C:
             if K_TOK[1] == 4:
                 k_even, k_odd, k_unit = _nibble_tokens(
@@ -404,6 +403,74 @@ def _merge_kernel(
         tl.store(lse_ptr + row, tl.where(denom > 0, top + tl.log2(denom), float("inf")))
 
 
+@triton.jit
+def _query_tables_kernel(
+    q_ptr,
+    scale_ptr,
+    book0,
+    book1,
+    out_ptr,
+    HKV,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    DIM: tl.constexpr,
+    W0: tl.constexpr,
+    W1: tl.constexpr,
+    STAGES: tl.constexpr,
+    SCALED: tl.constexpr,
+):
+    """Sub-vector p of one (sequence, KV head): the entry ``q_p . codeword`` of every codeword of
+    each stage, for the G query heads (GP columns, zero past them), at [stage][p, codeword, head]."""
+    bh = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    r = tl.arange(0, GP)
+    j = p * DIM + tl.arange(0, DIM)
+    q = tl.load(q_ptr + (bh * G + r[:, None]) * D + j[None, :], mask=r[:, None] < G, other=0.0).to(tl.float32)
+    if SCALED:  # the codewords approximate scale * k: q . k = (q / scale) . codeword
+        q = q / tl.load(scale_ptr + (bh % HKV) * D + j).to(tl.float32)[None, :]
+    positions: tl.constexpr = D // DIM
+    entries: tl.constexpr = positions * ((1 << W0) + (1 << W1) * (STAGES - 1)) * GP
+    out = out_ptr + bh * ((entries + 7) // 8 * 8)  # rows on 16 bytes or more
+    _query_table(q, book0, out, p, W0, DIM, GP)
+    if STAGES > 1:
+        _query_table(q, book1, out + positions * (1 << W0) * GP, p, W1, DIM, GP)
+
+
+@triton.jit
+def _query_table(q, book, out, p, W: tl.constexpr, DIM: tl.constexpr, GP: tl.constexpr):
+    """One stage's entries of sub-vector p: (2^W, GP), query (GP, DIM) against its codewords."""
+    at = p * (1 << W) + tl.arange(0, 1 << W)
+    words = tl.load(book + at[:, None] * DIM + tl.arange(0, DIM)[None, :]).to(tl.float32)
+    entries = tl.sum(words[:, None, :] * q[None, :, :], axis=2)
+    tl.store(out + at[:, None] * GP + tl.arange(0, GP)[None, :], entries.to(out.dtype.element_ty))
+
+
+def _query_tables(q: torch.Tensor, plan: Plan, book: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The query's tables of this step for a plan's codebook keys, (b * hkv, entries) in ``dtype``:
+    per stage, (D // dim, codewords, GP) entries ``q_p . codeword`` (``K_BOOK`` in ``book``). A
+    key's logit is the sum of its entries, so the split kernel reads no codeword for keys."""
+    segs = [seg for seg in plan.every(CODEBOOK, keys=True) if isinstance(seg, Codebook)]
+    shared = {
+        (tuple(x.data_ptr() for x in seg.books), 0 if seg.scale is None else seg.scale.data_ptr())
+        for seg in segs
+    }
+    if len(shared) > 1:
+        raise ValueError(
+            "the codebook key segments of one plan must share their codebooks and scale (one layer's)"
+        )
+    b, hkv, g, d = q.shape
+    dim, w0, w1, stages, scaled, _, gp = book
+    seg = segs[0]
+    entries = d // dim * ((1 << w0) + (1 << w1) * (stages - 1)) * gp
+    tables = torch.empty((b * hkv, -(-entries // 8) * 8), dtype=dtype, device=q.device)  # rows on 16 bytes
+    _query_tables_kernel[(b * hkv, d // dim)](
+        q, seg.scale if seg.scale is not None else q, seg.books[0], seg.books[-1], tables, hkv,
+        G=g, GP=gp, D=d, DIM=dim, W0=w0, W1=w1, STAGES=stages, SCALED=scaled,
+    )  # fmt: skip
+    return tables
+
+
 def _book(plan: Plan, *, keys: bool) -> tuple[int, ...]:
     """Codebook constexprs: (dim, first stage's index bits, second's or 0, stages, scaled, vector).
 
@@ -526,8 +593,12 @@ def attend(
     logits = (
         torch.full((b, hkv, g, tail), float("-inf"), dtype=torch.float32, device=q.device) if tail else ml
     )
-    k_book = _book(plan, keys=True)
+    k_book = (*_book(plan, keys=True), triton.next_power_of_2(g))
     v_book = _book(plan, keys=False)
+    math = dt if half and q.dtype == torch.float16 else tl.float32
+    tables = None
+    if plan.first(CODEBOOK, keys=True) is not None:
+        tables = _query_tables(q, plan, k_book, torch.float16 if math == tl.float16 else torch.float32)
     k_tok = _tok(plan.first(SCALED, keys=True) or plan.first(ROTATED, keys=True))
     v_tok = _tok(plan.first(SCALED, keys=False) or plan.first(ROTATED, keys=False))
     first_mixed = plan.first(MIXED, keys=False)
@@ -547,7 +618,7 @@ def attend(
             last_compiled.append(compiled)
             continue
         compiled = _decode_split_kernel[(splits.shape[0], b * hkv)](
-            q, side_query if r else q, plan.segments, splits, mask if mask is not None else q, parts, ml, logits,
+            q, side_query if r else tables if k_kind == CODEBOOK else q, plan.segments, splits, mask if mask is not None else q, parts, ml, logits,
             hkv, plan.n_splits, mask.stride(0) if mask is not None else 0, scale * LOG2E,
             plan.length - tail, max(tail, 1),
             G=g, G_PAD=g_pad, D=d, BLOCK_N=plan.block_n,
@@ -556,7 +627,7 @@ def attend(
             V_GROUP=mixed_group if v_kind == MIXED else max(1, plan.value_group), V_BOOK=v_book, V_TOK=v_tok, V_MIXED=v_mixed,
             R=r if k_kind == AFFINE else 0, R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
             Z_BITS=max(1, plan.side_bits), HAS_MASK=mask is not None, TAIL=tail > 0,
-            DT=dt, MATH=dt if half and q.dtype == torch.float16 else tl.float32, ALIGNED=plan.aligned,
+            DT=dt, MATH=math, ALIGNED=plan.aligned,
             # codebook tiles gather their codewords as 16-byte vectors: staged through shared memory
             # for a second stage they took 72 KiB a program and ran slower (docs/kernels.md)
             num_warps=num_warps, num_stages=1 if CODEBOOK in (k_kind, v_kind) else num_stages,

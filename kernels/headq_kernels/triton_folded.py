@@ -526,9 +526,10 @@ def _folded_split_kernel(
         # fresh sums for the tile: the matrix unit aligns its sums to the largest term (the
         # split's running sum would truncate this tile's)
         tile = _zeros(VROWS, D * V_BITS // 8, 8 // V_BITS)
-        # wider tokens: each one's folded probability, picked into its rung place (divided by WIDER)
-        places = tl.zeros((VROWS, NPL), tl.float32)
-        if V_HI > 0:
+        if (
+            V_HI > 0
+        ):  # wider tokens: each one's folded probability, picked into its rung place (divided by WIDER)
+            places = tl.zeros((VROWS, NPL), tl.float32)
             row0 = (v_off + t) // V_CHUNK
             rows_live = (length - t + V_CHUNK - 1) // V_CHUNK
             place_at = _place_tokens(v_index, row0, rows_live, V_CHUNK, V_PLACES, NPL)

@@ -7,8 +7,9 @@ for the matrix products of ``triton_decode``'s split kernel; and the pieces both
 - mixed-width values (A²): every token's base (its top bits at the narrowest width) sits at a
   fixed place of its allocation row; the rungs of the wider tokens follow the bases, found from
   the packed width index by a running sum of word counts over the row (tiles start on rows);
-- codebook tokens (GSRQ): each sub-vector's codeword (``dim`` contiguous float16 channels of a
-  codebook that stays in cache) is gathered per stage and summed;
+- codebook tokens (GSRQ): values gather each sub-vector's codeword (``dim`` contiguous float16
+  channels of a codebook that stays in cache) per stage and sum them; keys read the entries of
+  the query's tables of the step instead (``q_p . codeword`` per sub-vector, stage and codeword);
 - scaled tokens (fp8 and per-token-head integers) and rotated tokens (the TurboQuant family): a
   tile of levels and one scale per token, which the split kernel applies to the logits (keys) or
   to the probabilities (values) rather than to the tile.
@@ -283,14 +284,14 @@ def _mixed_values(
         # a token's rungs take D * (width - W0) bits; they start after the bases and the wider tokens before it
         words = tl.reshape(tl.where(live, (width - W0) * D // 32, 0), (BLOCK_N // CHUNK, CHUNK))
         at = tl.reshape(tl.cumsum(words, axis=1) - words, (BLOCK_N,)) + first + CHUNK * base_words
-        for s in tl.static_range(1, 4):  # the rungs W0 << s up to W3, each adding (W0 << s) / 2 bits
-            if (W0 << s) <= W3:
-                chosen = live & (width >= (W0 << s))
-                step_words = tl.arange(0, D * (W0 << (s - 1)) // 32)
+        for rung in tl.static_range(1, 4):  # the rungs W0 << rung up to W3, each adding (W0 << rung) / 2 bits
+            if (W0 << rung) <= W3:
+                chosen = live & (width >= (W0 << rung))
+                step_words = tl.arange(0, D * (W0 << (rung - 1)) // 32)
                 packed = tl.load(codes + at[:, None] + step_words[None, :], mask=chosen[:, None], other=0)
-                more = _unpack_rows(packed, W0 << (s - 1), BLOCK_N, D, MATH)
-                x = tl.where(chosen[:, None], x * (1 << (W0 << (s - 1))) + more, x)
-                at += D * (W0 << (s - 1)) // 32
+                more = _unpack_rows(packed, W0 << (rung - 1), BLOCK_N, D, MATH)
+                x = tl.where(chosen[:, None], x * (1 << (W0 << (rung - 1))) + more, x)
+                at += D * (W0 << (rung - 1)) // 32
     groups: tl.constexpr = D // GROUP
     gi = tok[:, None].to(tl.int64) * groups + tl.arange(0, groups)[None, :]
     s = tl.load(scale + gi, mask=live[:, None], other=0.0).to(MATH)
@@ -425,10 +426,8 @@ def _codewords(book, code, live, POSITIONS: tl.constexpr, DIM: tl.constexpr, WID
 
 
 @triton.jit
-def _codebook_tokens(
+def _codebook_codes(
     indices,
-    book0,
-    book1,
     t,
     live,
     D: tl.constexpr,
@@ -439,7 +438,8 @@ def _codebook_tokens(
     STAGES: tl.constexpr,
     VECTOR: tl.constexpr,
 ):
-    """Codebook tokens t (BLOCK_N,) of one head, decoded (the stages' codewords summed): (BLOCK_N, D) float32.
+    """The codeword indices of codebook tokens t (BLOCK_N,) of one head: each stage's
+    (BLOCK_N, D // DIM) int32 (the second stage's repeats the first's with one stage).
 
     VECTOR: the indices are whole bytes (8 bits a stage) and each token's bytes start on a
     ``VECTOR``-byte boundary (0: not so), so a token's bytes are read as one vector, not one byte
@@ -458,14 +458,111 @@ def _codebook_tokens(
             code1 = second.to(tl.int32)
         else:
             code0 = raw.to(tl.int32)
+            code1 = code0
     else:
         code0 = _codes(indices, rows, live, positions, W0, 0, token_bits)
+        code1 = code0
         if STAGES > 1:
             code1 = _codes(indices, rows, live, positions, W1, W0, token_bits)
+    return code0, code1
+
+
+@triton.jit
+def _codebook_tokens(
+    indices,
+    book0,
+    book1,
+    t,
+    live,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DIM: tl.constexpr,
+    W0: tl.constexpr,
+    W1: tl.constexpr,
+    STAGES: tl.constexpr,
+    VECTOR: tl.constexpr,
+):
+    """Codebook tokens t (BLOCK_N,) of one head, decoded (the stages' codewords summed): (BLOCK_N, D)
+    float32. ``VECTOR`` as for :func:`_codebook_codes`."""
+    positions: tl.constexpr = D // DIM
+    code0, code1 = _codebook_codes(indices, t, live, D, BLOCK_N, DIM, W0, W1, STAGES, VECTOR)
     x = _codewords(book0, code0, live, positions, DIM, W0)
     if STAGES > 1:
         x += _codewords(book1, code1, live, positions, DIM, W1)
     return tl.reshape(x, (BLOCK_N, D))
+
+
+@triton.jit
+def _table_entries(tables, p, code, WIDTH: tl.constexpr, GP: tl.constexpr):
+    """Sub-vector p's entries of each token, from indices code (BLOCK_N,) into one stage's
+    (positions, 2^WIDTH, GP) table: (BLOCK_N, GP) float32, a token's GP heads read as one vector."""
+    at = (p * (1 << WIDTH) + code) * GP
+    return tl.load(tables + at[:, None] + tl.arange(0, GP)[None, :]).to(tl.float32)
+
+
+@triton.jit
+def _codebook_logits(
+    indices,
+    tables,
+    t,
+    live,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    G_PAD: tl.constexpr,
+    GP: tl.constexpr,
+    DIM: tl.constexpr,
+    W0: tl.constexpr,
+    W1: tl.constexpr,
+    STAGES: tl.constexpr,
+    VECTOR: tl.constexpr,
+):
+    """The logits q . k (unscaled) of codebook keys t (BLOCK_N,) for the query heads of one KV head,
+    from the query's tables of this step (``triton_decode._query_tables``): per stage,
+    (D // DIM, 2^W, GP) entries ``q_p . codeword`` (q over the channel scale where there is one),
+    summed over a token's sub-vectors and stages. No codeword is read. (G_PAD, BLOCK_N), rows
+    repeating every GP (the rows past the heads are never read).
+
+    One sub-vector and stage at a time, so that each thread keeps its tokens and the GP heads of an
+    entry are one load. VECTOR >= 4 (whole-byte indices on 4 bytes or more, ``_book``): a token's
+    indices are read as 32-bit words, four indices each; otherwise a byte (or two) per index.
+    """
+    positions: tl.constexpr = D // DIM
+    token_bits: tl.constexpr = W0 + W1  # W1 is 0 with one stage
+    token_bytes: tl.constexpr = (positions * token_bits + 7) // 8
+    second = tables + positions * (1 << W0) * GP  # the second stage's table
+    s = tl.zeros((BLOCK_N, GP), tl.float32)
+    if VECTOR >= 4:  # index byte 4 j + i is sub-vector (4 j + i) // STAGES's, at stage (4 j + i) % STAGES
+        words = indices.to(tl.pointer_type(tl.int32)) + t.to(tl.int64) * (token_bytes // 4)
+        for j in tl.static_range(token_bytes // 4):
+            word = tl.load(words + j, mask=live, other=0)
+            for i in tl.static_range(4):
+                code = (word >> (8 * i)) & 255
+                if (4 * j + i) % STAGES == 0:
+                    s += _table_entries(tables, (4 * j + i) // STAGES, code, W0, GP)
+                else:
+                    s += _table_entries(second, (4 * j + i) // STAGES, code, W1, GP)
+    else:
+        rows = t.to(tl.int64) * token_bytes
+        for p in tl.static_range(positions):
+            s += _table_entries(
+                tables, p, _index(indices, rows, live, p * token_bits, W0, token_bytes), W0, GP
+            )
+            if STAGES > 1:
+                code = _index(indices, rows, live, p * token_bits + W0, W1, token_bytes)
+                s += _table_entries(second, p, code, W1, GP)
+    s = tl.trans(s)
+    if GP < G_PAD:
+        s = tl.reshape(tl.broadcast_to(s[None, :, :], (G_PAD // GP, GP, BLOCK_N)), (G_PAD, BLOCK_N))
+    return s
+
+
+@triton.jit
+def _index(indices, rows, live, BIT: tl.constexpr, WIDTH: tl.constexpr, TOKEN_BYTES: tl.constexpr):
+    """The index of WIDTH bits at bit BIT of each token's bytes (rows: their offsets): (BLOCK_N,) int32."""
+    code = tl.load(indices + rows + BIT // 8, mask=live, other=0).to(tl.int32)
+    if BIT % 8 + WIDTH > 8:
+        code |= tl.load(indices + rows + BIT // 8 + 1, mask=live, other=0).to(tl.int32) << 8
+    return (code >> (BIT % 8)) & ((1 << WIDTH) - 1)
 
 
 @triton.jit
