@@ -495,9 +495,9 @@ def _codebook_tokens(
 @triton.jit
 def _table_entries(tables, p, code, WIDTH: tl.constexpr, GP: tl.constexpr):
     """Sub-vector p's entries of each token, from indices code (BLOCK_N,) into one stage's
-    (positions, 2^WIDTH, GP) table: (BLOCK_N, GP) float32, a token's GP heads read as one vector."""
+    (positions, 2^WIDTH, GP) table: (GP, BLOCK_N) float32, a token's GP heads read as one vector."""
     at = (p * (1 << WIDTH) + code) * GP
-    return tl.load(tables + at[:, None] + tl.arange(0, GP)[None, :]).to(tl.float32)
+    return tl.load(tables + at[None, :] + tl.arange(0, GP)[:, None]).to(tl.float32)
 
 
 @triton.jit
@@ -530,7 +530,7 @@ def _codebook_logits(
     token_bits: tl.constexpr = W0 + W1  # W1 is 0 with one stage
     token_bytes: tl.constexpr = (positions * token_bits + 7) // 8
     second = tables + positions * (1 << W0) * GP  # the second stage's table
-    s = tl.zeros((BLOCK_N, GP), tl.float32)
+    s = tl.zeros((GP, BLOCK_N), tl.float32)
     if VECTOR >= 4:  # index byte 4 j + i is sub-vector (4 j + i) // STAGES's, at stage (4 j + i) % STAGES
         words = indices.to(tl.pointer_type(tl.int32)) + t.to(tl.int64) * (token_bytes // 4)
         for j in tl.static_range(token_bytes // 4):
@@ -550,7 +550,6 @@ def _codebook_logits(
             if STAGES > 1:
                 code = _index(indices, rows, live, p * token_bits + W0, W1, token_bytes)
                 s += _table_entries(second, p, code, W1, GP)
-    s = tl.trans(s)
     if GP < G_PAD:
         s = tl.reshape(tl.broadcast_to(s[None, :, :], (G_PAD // GP, GP, BLOCK_N)), (G_PAD, BLOCK_N))
     return s
