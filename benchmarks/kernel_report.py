@@ -38,7 +38,9 @@ FOLDED = dict(
 )
 FOLDED.update(R=0, Z_BITS=4, HAS_MASK=True, TAIL=False, HILO=False)
 A2 = dict(FOLDED, V_HI=4, V_CHUNK=32, V_PLACES=4)  # A² values: 2 and 4 bits in rows of 32 tokens, 3 at 4
-GENERIC = dict(G=4, G_PAD=16, D=128, BLOCK_N=128, K_KIND=0, K_BITS=2, K_GROUP=32, K_BOOK=(1, 8, 0, 1, 0, 0, 4))
+GENERIC = dict(
+    G=4, G_PAD=16, D=128, BLOCK_N=128, K_KIND=0, K_BITS=2, K_GROUP=32, K_BOOK=(1, 8, 0, 1, 0, 0, 4)
+)
 GENERIC.update(K_TOK=(0, 8, 1, 2, 2), V_TOK=(0, 8, 1, 2, 2))
 GENERIC.update(
     V_KIND=0, V_BITS=2, V_GROUP=32, V_BOOK=(1, 8, 0, 1, 0, 0), V_MIXED=(2, 2, 2, 2, 1, 1, 0), R=0, R_PAD=16
