@@ -595,10 +595,10 @@ def attend(
     )
     k_book = (*_book(plan, keys=True), triton.next_power_of_2(g))
     v_book = _book(plan, keys=False)
-    math = dt if half and q.dtype == torch.float16 else tl.float32
+    math_dt = dt if half and q.dtype == torch.float16 else tl.float32
     tables = None
     if plan.first(CODEBOOK, keys=True) is not None:
-        tables = _query_tables(q, plan, k_book, torch.float16 if math == tl.float16 else torch.float32)
+        tables = _query_tables(q, plan, k_book, torch.float16 if math_dt == tl.float16 else torch.float32)
     k_tok = _tok(plan.first(SCALED, keys=True) or plan.first(ROTATED, keys=True))
     v_tok = _tok(plan.first(SCALED, keys=False) or plan.first(ROTATED, keys=False))
     first_mixed = plan.first(MIXED, keys=False)
@@ -627,7 +627,7 @@ def attend(
             V_GROUP=mixed_group if v_kind == MIXED else max(1, plan.value_group), V_BOOK=v_book, V_TOK=v_tok, V_MIXED=v_mixed,
             R=r if k_kind == AFFINE else 0, R_PAD=max(16, triton.next_power_of_2(max(r, 1))),
             Z_BITS=max(1, plan.side_bits), HAS_MASK=mask is not None, TAIL=tail > 0,
-            DT=dt, MATH=math, ALIGNED=plan.aligned,
+            DT=dt, MATH=math_dt, ALIGNED=plan.aligned,
             # codebook tiles gather their codewords as 16-byte vectors: staged through shared memory
             # for a second stage they took 72 KiB a program and ran slower (docs/kernels.md)
             num_warps=num_warps, num_stages=1 if CODEBOOK in (k_kind, v_kind) else num_stages,

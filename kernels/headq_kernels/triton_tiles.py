@@ -544,11 +544,9 @@ def _codebook_logits(
     else:
         rows = t.to(tl.int64) * token_bytes
         for p in tl.static_range(positions):
-            s += _table_entries(
-                tables, p, _index(indices, rows, live, p * token_bits, W0, token_bytes), W0, GP
-            )
+            s += _table_entries(tables, p, _index(indices, rows, live, p * token_bits, W0), W0, GP)
             if STAGES > 1:
-                code = _index(indices, rows, live, p * token_bits + W0, W1, token_bytes)
+                code = _index(indices, rows, live, p * token_bits + W0, W1)
                 s += _table_entries(second, p, code, W1, GP)
     if GP < G_PAD:
         s = tl.reshape(tl.broadcast_to(s[None, :, :], (G_PAD // GP, GP, BLOCK_N)), (G_PAD, BLOCK_N))
@@ -556,8 +554,9 @@ def _codebook_logits(
 
 
 @triton.jit
-def _index(indices, rows, live, BIT: tl.constexpr, WIDTH: tl.constexpr, TOKEN_BYTES: tl.constexpr):
-    """The index of WIDTH bits at bit BIT of each token's bytes (rows: their offsets): (BLOCK_N,) int32."""
+def _index(indices, rows, live, BIT: tl.constexpr, WIDTH: tl.constexpr):
+    """The index of WIDTH bits at bit BIT of each token's bytes (rows: their offsets): (BLOCK_N,) int32
+    (a second byte read only where the index crosses into it, so never past the token's bytes)."""
     code = tl.load(indices + rows + BIT // 8, mask=live, other=0).to(tl.int32)
     if BIT % 8 + WIDTH > 8:
         code |= tl.load(indices + rows + BIT // 8 + 1, mask=live, other=0).to(tl.int32) << 8
