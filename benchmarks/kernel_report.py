@@ -39,7 +39,7 @@ FOLDED = dict(
 FOLDED.update(R=0, Z_BITS=4, HAS_MASK=True, TAIL=False, HILO=False)
 A2 = dict(FOLDED, V_HI=4, V_CHUNK=32, V_PLACES=4)  # A² values: 2 and 4 bits in rows of 32 tokens, 3 at 4
 GENERIC = dict(
-    G=4, G_PAD=16, D=128, BLOCK_N=128, K_KIND=0, K_BITS=2, K_GROUP=32, K_BOOK=(1, 8, 0, 1, 0, 0, 4)
+    G=4, G_PAD=16, ROWS=16, D=128, BLOCK_N=128, K_KIND=0, K_BITS=2, K_GROUP=32, K_BOOK=(1, 8, 0, 1, 0, 0)
 )
 GENERIC.update(K_TOK=(0, 8, 1, 2, 2), V_TOK=(0, 8, 1, 2, 2))
 GENERIC.update(
@@ -66,7 +66,7 @@ CASES: dict[str, tuple[Any, dict[str, str], dict[str, Any]]] = {
     "generic gsrq": (
         triton_decode._decode_split_kernel,
         dict(GENERIC_ARGS, qr_ptr="*fp16"),
-        dict(GENERIC, K_KIND=3, K_BOOK=(8, 8, 0, 1, 0, 16, 4), V_KIND=3, V_BOOK=(8, 8, 0, 1, 0, 16)),
+        dict(GENERIC, ROWS=4, K_KIND=3, K_BOOK=(8, 8, 0, 1, 0, 16), V_KIND=3, V_BOOK=(8, 8, 0, 1, 0, 16)),
     ),
     # what engines ship: scaled tokens (fp8 e4m3, int4 with a scale per token and head) and rotated
     # tokens at 3.5 bits (4 and 3 bits for the two halves), keys and values alike

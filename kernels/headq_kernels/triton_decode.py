@@ -72,6 +72,7 @@ from headq_kernels.triton_tiles import (
     _mixed_values,
     _nibble_tokens,
     _online_softmax,
+    _repeat_rows,
     _rotated_segment,
     _rotated_tokens,
     _scaled_segment,
@@ -132,6 +133,7 @@ def _decode_split_kernel(
     tail_len,
     G: tl.constexpr,
     G_PAD: tl.constexpr,
+    ROWS: tl.constexpr,
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     K_KIND: tl.constexpr,
@@ -156,9 +158,12 @@ def _decode_split_kernel(
 ):
     """One split of one (sequence, KV head); every split of a launch has the same segment kinds.
 
+    ROWS: the rows of the logits and their softmax: G_PAD, or for codebook keys the query heads
+    padded to a power of two (their logits come from the tables a head at a time; the rows are
+    repeated up to G_PAD only for the value product);
     K_BOOK / V_BOOK: codebook settings (dim, first and second stage's index bits, stages, scaled,
-    the vector its index bytes are read in; K_BOOK also the query heads padded to a power of two,
-    GP); with codebook keys, qr_ptr holds the query's tables of the step (``_query_tables``);
+    the vector its index bytes are read in); with codebook keys, qr_ptr holds the query's tables of
+    the step (``_query_tables``);
     K_TOK / V_TOK: scaled and rotated tokens' settings (format, bits, scaled, two halves' widths);
     V_MIXED: mixed-width settings (four widths, how many are used, chunk, index bits).
     TAIL: also write the scaled logits of positions from ``tail_start`` on (for the statistics).
@@ -172,6 +177,7 @@ def _decode_split_kernel(
     krow, k_off, vrow, v_off, length, position, split = _split_row(split_ptr, seg_ptr)
 
     g = tl.arange(0, G_PAD)
+    rows = tl.arange(0, ROWS)  # of the logits
     c = tl.arange(0, D)
     c2 = tl.arange(0, D // 2)
     n = tl.arange(0, BLOCK_N)
@@ -199,7 +205,7 @@ def _decode_split_kernel(
             k_idx = tl.multiple_of(k_idx, k_vector)
         # no codeword is read for keys: the query's tables of this step (``_query_tables``)
         k_entries: tl.constexpr = (D // K_BOOK[0]) * ((1 << K_BOOK[1]) + (1 << K_BOOK[2]) * (K_BOOK[3] - 1))
-        k_tables = tl.multiple_of(qr_ptr + bh64 * ((k_entries * K_BOOK[6] + 7) // 8 * 8), 16)
+        k_tables = tl.multiple_of(qr_ptr + bh64 * ((k_entries * ROWS + 7) // 8 * 8), 16)
     elif K_KIND == SCALED_C:
         k_codes, k_scale = _scaled_segment(krow, k_tokens, bh64, D, K_TOK[1])
         if K_TOK[1] == 4:  # the query's even and odd channels, for the keys' two planes
@@ -252,8 +258,8 @@ def _decode_split_kernel(
         v_base += b * tl.load(vrow + STRIDE_B_C) + h * tl.load(vrow + STRIDE_H_C)
         v_stride = tl.load(vrow + STRIDE_T_C)
 
-    m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
-    l_i = tl.zeros((G_PAD,), tl.float32)
+    m_i = tl.full((ROWS,), float("-inf"), tl.float32)
+    l_i = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((G_PAD, D), tl.float32)
     if V_KIND == SCALED_C:
         if V_TOK[1] == 4:  # the readout of the values' two planes: even and odd channels
@@ -270,7 +276,7 @@ def _decode_split_kernel(
                 s += _side_term(z_codes, z_step, z_words, k_tokens, k_off + t, qr, R, R_PAD, BLOCK_N, Z_BITS)
         elif K_KIND == CODEBOOK_C:
             s = _codebook_logits(
-                k_idx, k_tables, k_off + t + n, live, D, BLOCK_N, G_PAD, K_BOOK[6], K_BOOK[0], K_BOOK[1], K_BOOK[2], K_BOOK[3], K_BOOK[5],
+                k_idx, k_tables, k_off + t + n, live, D, BLOCK_N, ROWS, K_BOOK[0], K_BOOK[1], K_BOOK[2], K_BOOK[3], K_BOOK[5],
             )  # fmt: skip
         elif K_KIND == SCALED_C:
             if K_TOK[1] == 4:
@@ -303,10 +309,12 @@ def _decode_split_kernel(
         if TAIL:
             at = position + t + n - tail_start
             seen = live & (at >= 0)
-            rows = (bh64 * G + g[:, None]) * tail_len
-            tl.store(tail_ptr + rows + at[None, :], s, mask=(g[:, None] < G) & seen[None, :])
+            tail_rows = (bh64 * G + rows[:, None]) * tail_len
+            tl.store(tail_ptr + tail_rows + at[None, :], s, mask=(rows[:, None] < G) & seen[None, :])
         m_new, p, alpha = _online_softmax(s, m_i)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        p = _repeat_rows(p, G_PAD)
+        alpha = _repeat_rows(alpha[:, None], G_PAD)
         weights = p  # times each token's scale for scaled and rotated values
         if V_KIND == AFFINE_C:
             v = _affine_values(
@@ -327,8 +335,8 @@ def _decode_split_kernel(
                     v_codes, v_scale, v_off + t + n, live, D, V_TOK[2], MATH
                 )
                 weights = (p * v_unit[None, :]).to(DT)
-                acc_even = acc_even * alpha[:, None] + tl.dot(weights, v_even.to(DT))
-                acc_odd = acc_odd * alpha[:, None] + tl.dot(weights, v_odd.to(DT))
+                acc_even = acc_even * alpha + tl.dot(weights, v_even.to(DT))
+                acc_odd = acc_odd * alpha + tl.dot(weights, v_odd.to(DT))
             else:
                 v, v_unit = _scaled_tokens(v_codes, v_scale, v_off + t + n, live, D, V_TOK[0], V_TOK[2], MATH)
                 v = v.to(DT)
@@ -346,7 +354,7 @@ def _decode_split_kernel(
                 other=0.0,
             )
         if V_KIND != SCALED_C or V_TOK[1] != 4:
-            acc = acc * alpha[:, None] + tl.dot(weights.to(DT), v)
+            acc = acc * alpha + tl.dot(weights.to(DT), v)
         m_i = m_new
     if V_KIND == CODEBOOK_C:
         if V_BOOK[4]:  # the codewords approximate scale * v: this split's readout divides by it
@@ -364,8 +372,9 @@ def _decode_split_kernel(
         tl.store(o_ptr + out[:, None] * D + 2 * c2[None, :] + 1, acc_odd, mask=g[:, None] < G)
     else:
         tl.store(o_ptr + out[:, None] * D + c[None, :], acc, mask=g[:, None] < G)
-    tl.store(ml_ptr + out * 2, m_i, mask=g < G)
-    tl.store(ml_ptr + out * 2 + 1, l_i, mask=g < G)
+    ml = ((bh64 * n_splits + split) * G + rows) * 2
+    tl.store(ml_ptr + ml, m_i, mask=rows < G)
+    tl.store(ml_ptr + ml + 1, l_i, mask=rows < G)
 
 
 @triton.jit(do_not_specialize=["n_splits"])
@@ -446,9 +455,12 @@ def _query_table(q, book, out, p, W: tl.constexpr, DIM: tl.constexpr, GP: tl.con
     tl.store(out + at[:, None] * GP + tl.arange(0, GP)[None, :], entries.to(out.dtype.element_ty))
 
 
-def _query_tables(q: torch.Tensor, plan: Plan, book: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def _query_tables(
+    q: torch.Tensor, plan: Plan, book: tuple[int, ...], gp: int, dtype: torch.dtype
+) -> torch.Tensor:
     """The query's tables of this step for a plan's codebook keys, (b * hkv, entries) in ``dtype``:
-    per stage, (D // dim, codewords, GP) entries ``q_p . codeword`` (``K_BOOK`` in ``book``). A
+    per stage, (D // dim, codewords, gp) entries ``q_p . codeword`` (``K_BOOK`` in ``book``; gp the
+    query heads padded to a power of two). A
     key's logit is the sum of its entries, so the split kernel reads no codeword for keys."""
     segs = [seg for seg in plan.every(CODEBOOK, keys=True) if isinstance(seg, Codebook)]
     shared = {
@@ -460,7 +472,7 @@ def _query_tables(q: torch.Tensor, plan: Plan, book: tuple[int, ...], dtype: tor
             "the codebook key segments of one plan must share their codebooks and scale (one layer's)"
         )
     b, hkv, g, d = q.shape
-    dim, w0, w1, stages, scaled, _, gp = book
+    dim, w0, w1, stages, scaled, _ = book
     seg = segs[0]
     entries = d // dim * ((1 << w0) + (1 << w1) * (stages - 1)) * gp
     tables = torch.empty((b * hkv, -(-entries // 8) * 8), dtype=dtype, device=q.device)  # rows on 16 bytes
@@ -593,12 +605,15 @@ def attend(
     logits = (
         torch.full((b, hkv, g, tail), float("-inf"), dtype=torch.float32, device=q.device) if tail else ml
     )
-    k_book = (*_book(plan, keys=True), triton.next_power_of_2(g))
+    k_book = _book(plan, keys=True)
     v_book = _book(plan, keys=False)
     math_dt = dt if half and q.dtype == torch.float16 else tl.float32
-    tables = None
+    tables, rows = None, g_pad
     if plan.first(CODEBOOK, keys=True) is not None:
-        tables = _query_tables(q, plan, k_book, torch.float16 if math_dt == tl.float16 else torch.float32)
+        rows = triton.next_power_of_2(g)
+        tables = _query_tables(
+            q, plan, k_book, rows, torch.float16 if math_dt == tl.float16 else torch.float32
+        )
     k_tok = _tok(plan.first(SCALED, keys=True) or plan.first(ROTATED, keys=True))
     v_tok = _tok(plan.first(SCALED, keys=False) or plan.first(ROTATED, keys=False))
     first_mixed = plan.first(MIXED, keys=False)
@@ -621,7 +636,7 @@ def attend(
             q, side_query if r else tables if k_kind == CODEBOOK else q, plan.segments, splits, mask if mask is not None else q, parts, ml, logits,
             hkv, plan.n_splits, mask.stride(0) if mask is not None else 0, scale * LOG2E,
             plan.length - tail, max(tail, 1),
-            G=g, G_PAD=g_pad, D=d, BLOCK_N=plan.block_n,
+            G=g, G_PAD=g_pad, ROWS=rows, D=d, BLOCK_N=plan.block_n,
             K_KIND=k_kind, K_BITS=max(1, plan.key_bits), K_GROUP=max(1, plan.key_group), K_BOOK=k_book, K_TOK=k_tok,
             V_KIND=v_kind, V_BITS=max(1, plan.value_bits),
             V_GROUP=mixed_group if v_kind == MIXED else max(1, plan.value_group), V_BOOK=v_book, V_TOK=v_tok, V_MIXED=v_mixed,

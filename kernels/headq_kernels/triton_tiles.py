@@ -159,6 +159,16 @@ def _online_softmax(s, m_i):
 
 
 @triton.jit
+def _repeat_rows(x, TO: tl.constexpr):
+    """(rows, cols) -> (TO, cols), the rows repeated (TO a multiple of rows; x itself where equal)."""
+    if x.shape[0] < TO:
+        x = tl.reshape(
+            tl.broadcast_to(x[None, :, :], (TO // x.shape[0], x.shape[0], x.shape[1])), (TO, x.shape[1])
+        )
+    return x
+
+
+@triton.jit
 def _unpack_rows(words, BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, OUT: tl.constexpr):
     """(ROWS, COLS // per_word) int32 words -> (ROWS, COLS) codes in OUT, first code lowest."""
     return _unpack_lanes(words, BITS, 32 // BITS, ROWS, COLS, OUT)
@@ -508,7 +518,6 @@ def _codebook_logits(
     live,
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    G_PAD: tl.constexpr,
     GP: tl.constexpr,
     DIM: tl.constexpr,
     W0: tl.constexpr,
@@ -519,8 +528,8 @@ def _codebook_logits(
     """The logits q . k (unscaled) of codebook keys t (BLOCK_N,) for the query heads of one KV head,
     from the query's tables of this step (``triton_decode._query_tables``): per stage,
     (D // DIM, 2^W, GP) entries ``q_p . codeword`` (q over the channel scale where there is one),
-    summed over a token's sub-vectors and stages. No codeword is read. (G_PAD, BLOCK_N), rows
-    repeating every GP (the rows past the heads are never read).
+    summed over a token's sub-vectors and stages. No codeword is read. (GP, BLOCK_N): one row per
+    query head, padded to a power of two.
 
     One sub-vector and stage at a time, so that each thread keeps its tokens and the GP heads of an
     entry are one load. VECTOR >= 4 (whole-byte indices on 4 bytes or more, ``_book``): a token's
@@ -548,8 +557,6 @@ def _codebook_logits(
             if STAGES > 1:
                 code = _index(indices, rows, live, p * token_bits + W0, W1)
                 s += _table_entries(second, p, code, W1, GP)
-    if GP < G_PAD:
-        s = tl.reshape(tl.broadcast_to(s[None, :, :], (G_PAD // GP, GP, BLOCK_N)), (G_PAD, BLOCK_N))
     return s
 
 
