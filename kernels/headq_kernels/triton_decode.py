@@ -260,6 +260,9 @@ def _decode_split_kernel(
 
     m_i = tl.full((ROWS,), float("-inf"), tl.float32)
     l_i = tl.zeros((ROWS,), tl.float32)
+    # with a row per query head (codebook keys), the softmax mass is kept per token and summed once,
+    # at the end: a few registers instead of a reduction across warps per tile
+    mass = tl.zeros((ROWS, BLOCK_N), tl.float32)
     acc = tl.zeros((G_PAD, D), tl.float32)
     if V_KIND == SCALED_C:
         if V_TOK[1] == 4:  # the readout of the values' two planes: even and odd channels
@@ -312,7 +315,10 @@ def _decode_split_kernel(
             tail_rows = (bh64 * G + rows[:, None]) * tail_len
             tl.store(tail_ptr + tail_rows + at[None, :], s, mask=(rows[:, None] < G) & seen[None, :])
         m_new, p, alpha = _online_softmax(s, m_i)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if ROWS < G_PAD:
+            mass = mass * alpha[:, None] + p
+        else:
+            l_i = l_i * alpha + tl.sum(p, axis=1)
         p = _repeat_rows(p, G_PAD)
         alpha = _repeat_rows(alpha[:, None], G_PAD)
         weights = p  # times each token's scale for scaled and rotated values
@@ -374,6 +380,8 @@ def _decode_split_kernel(
         tl.store(o_ptr + out[:, None] * D + c[None, :], acc, mask=g[:, None] < G)
     ml = ((bh64 * n_splits + split) * G + rows) * 2
     tl.store(ml_ptr + ml, m_i, mask=rows < G)
+    if ROWS < G_PAD:
+        l_i = tl.sum(mass, axis=1)
     tl.store(ml_ptr + ml + 1, l_i, mask=rows < G)
 
 

@@ -427,12 +427,13 @@ def _codes(
 
 
 @triton.jit
-def _codewords(book, code, live, POSITIONS: tl.constexpr, DIM: tl.constexpr, WIDTH: tl.constexpr):
+def _codewords(book, code, POSITIONS: tl.constexpr, DIM: tl.constexpr, WIDTH: tl.constexpr):
     """The codewords of indices code (BLOCK_N, POSITIONS), each ``DIM`` contiguous channels of
-    sub-vector p's book: (BLOCK_N, POSITIONS, DIM) float32."""
+    sub-vector p's book: (BLOCK_N, POSITIONS, DIM) float32. Unmasked: the indices of tokens past the
+    segment are read as 0, and their codewords meet a zero weight."""
     p = tl.arange(0, POSITIONS)
     at = (p[None, :, None] * (1 << WIDTH) + code[:, :, None]) * DIM + tl.arange(0, DIM)[None, None, :]
-    return tl.load(book + at, mask=live[:, None, None], other=0.0).to(tl.float32)
+    return tl.load(book + at).to(tl.float32)
 
 
 @triton.jit
@@ -496,9 +497,9 @@ def _codebook_tokens(
     float32. ``VECTOR`` as for :func:`_codebook_codes`."""
     positions: tl.constexpr = D // DIM
     code0, code1 = _codebook_codes(indices, t, live, D, BLOCK_N, DIM, W0, W1, STAGES, VECTOR)
-    x = _codewords(book0, code0, live, positions, DIM, W0)
+    x = _codewords(book0, code0, positions, DIM, W0)
     if STAGES > 1:
-        x += _codewords(book1, code1, live, positions, DIM, W1)
+        x += _codewords(book1, code1, positions, DIM, W1)
     return tl.reshape(x, (BLOCK_N, D))
 
 
