@@ -468,8 +468,8 @@ def _query_tables(
 ) -> torch.Tensor:
     """The query's tables of this step for a plan's codebook keys, (b * hkv, entries) in ``dtype``:
     per stage, (D // dim, codewords, gp) entries ``q_p . codeword`` (``K_BOOK`` in ``book``; gp the
-    query heads padded to a power of two). A
-    key's logit is the sum of its entries, so the split kernel reads no codeword for keys."""
+    query heads padded to a power of two). A key's logit is the sum of its entries, so the split
+    kernel reads no codeword for keys."""
     segs = [seg for seg in plan.every(CODEBOOK, keys=True) if isinstance(seg, Codebook)]
     shared = {
         (tuple(x.data_ptr() for x in seg.books), 0 if seg.scale is None else seg.scale.data_ptr())

@@ -526,9 +526,8 @@ def _folded_split_kernel(
         # fresh sums for the tile: the matrix unit aligns its sums to the largest term (the
         # split's running sum would truncate this tile's)
         tile = _zeros(VROWS, D * V_BITS // 8, 8 // V_BITS)
-        if (
-            V_HI > 0
-        ):  # wider tokens: each one's folded probability, picked into its rung place (divided by WIDER)
+        # wider tokens: each one's folded probability, picked into its rung place (divided by WIDER)
+        if V_HI > 0:
             places = tl.zeros((VROWS, NPL), tl.float32)
             row0 = (v_off + t) // V_CHUNK
             rows_live = (length - t + V_CHUNK - 1) // V_CHUNK
