@@ -644,7 +644,7 @@ def attend(
             q, side_query if r else tables if k_kind == CODEBOOK else q, plan.segments, splits, mask if mask is not None else q, parts, ml, logits,
             hkv, plan.n_splits, mask.stride(0) if mask is not None else 0, scale * LOG2E,
             plan.length - tail, max(tail, 1),
-            G=g, G_PAD=g_pad, ROWS=rows, D=d, BLOCK_N=plan.block_n,
+            G=g, G_PAD=g_pad, ROWS=rows if k_kind == CODEBOOK else g_pad, D=d, BLOCK_N=plan.block_n,
             K_KIND=k_kind, K_BITS=max(1, plan.key_bits), K_GROUP=max(1, plan.key_group), K_BOOK=k_book, K_TOK=k_tok,
             V_KIND=v_kind, V_BITS=max(1, plan.value_bits),
             V_GROUP=mixed_group if v_kind == MIXED else max(1, plan.value_group), V_BOOK=v_book, V_TOK=v_tok, V_MIXED=v_mixed,
