@@ -12,9 +12,10 @@ the program reads each segment where the cache keeps it, in its own layout:
   the same at per-token widths (A²; :class:`MixedChannels`), codebook indices, scaled or rotated
   tokens, or dense tokens.
 
-Each layout's tile is decoded by :mod:`headq_kernels.triton_tiles`; a channel scale of codebook
-tokens moves to the query (keys) or to the split's output (values), a token's scale of scaled and
-rotated tokens to its logit (keys) or its probability (values). Rotated keys are attended with the
+Each layout's tile is decoded by :mod:`headq_kernels.triton_tiles` (codebook tokens by
+:mod:`headq_kernels.triton_codebook`); a channel scale of codebook tokens moves to the query
+(keys) or to the split's output (values), a token's scale of scaled and rotated tokens to its logit
+(keys) or its probability (values). Rotated keys are attended with the
 query turned into their basis once per split, and rotated values' readout is turned back once at
 its end (logits and weighted sums are invariant under a shared orthogonal rotation), so no token
 is ever turned back.
@@ -53,6 +54,7 @@ from headq_kernels.decode_plan import (
     Segment,
     plan,
 )
+from headq_kernels.triton_codebook import _book, _codebook_logits, _codebook_tokens, _query_tables
 from headq_kernels.triton_tiles import (
     PTR0_C,
     PTR1_C,
@@ -66,8 +68,6 @@ from headq_kernels.triton_tiles import (
     _affine_keys_t,
     _affine_value_segment,
     _affine_values,
-    _codebook_logits,
-    _codebook_tokens,
     _mixed_value_segment,
     _mixed_values,
     _nibble_tokens,
@@ -418,97 +418,6 @@ def _merge_kernel(
     tl.store(out_ptr + row.to(tl.int64) * D + c, res.to(out_ptr.dtype.element_ty))
     if LSE:  # log2 of the softmax denominator, in the split kernel's log2 units
         tl.store(lse_ptr + row, tl.where(denom > 0, top + tl.log2(denom), float("inf")))
-
-
-@triton.jit
-def _query_tables_kernel(
-    q_ptr,
-    scale_ptr,
-    book0,
-    book1,
-    out_ptr,
-    HKV,
-    G: tl.constexpr,
-    GP: tl.constexpr,
-    D: tl.constexpr,
-    DIM: tl.constexpr,
-    W0: tl.constexpr,
-    W1: tl.constexpr,
-    STAGES: tl.constexpr,
-    SCALED: tl.constexpr,
-):
-    """Sub-vector p of one (sequence, KV head): the entry ``q_p . codeword`` of every codeword of
-    each stage, for the G query heads (GP columns, zero past them), at [stage][p, codeword, head]."""
-    bh = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1)
-    r = tl.arange(0, GP)
-    j = p * DIM + tl.arange(0, DIM)
-    q = tl.load(q_ptr + (bh * G + r[:, None]) * D + j[None, :], mask=r[:, None] < G, other=0.0).to(tl.float32)
-    if SCALED:  # the codewords approximate scale * k: q . k = (q / scale) . codeword
-        q = q / tl.load(scale_ptr + (bh % HKV) * D + j).to(tl.float32)[None, :]
-    positions: tl.constexpr = D // DIM
-    entries: tl.constexpr = positions * ((1 << W0) + (1 << W1) * (STAGES - 1)) * GP
-    out = out_ptr + bh * ((entries + 7) // 8 * 8)  # rows on 16 bytes or more
-    _query_table(q, book0, out, p, W0, DIM, GP)
-    if STAGES > 1:
-        _query_table(q, book1, out + positions * (1 << W0) * GP, p, W1, DIM, GP)
-
-
-@triton.jit
-def _query_table(q, book, out, p, W: tl.constexpr, DIM: tl.constexpr, GP: tl.constexpr):
-    """One stage's entries of sub-vector p: (2^W, GP), query (GP, DIM) against its codewords."""
-    at = p * (1 << W) + tl.arange(0, 1 << W)
-    words = tl.load(book + at[:, None] * DIM + tl.arange(0, DIM)[None, :]).to(tl.float32)
-    entries = tl.sum(words[:, None, :] * q[None, :, :], axis=2)
-    tl.store(out + at[:, None] * GP + tl.arange(0, GP)[None, :], entries.to(out.dtype.element_ty))
-
-
-def _query_tables(
-    q: torch.Tensor, plan: Plan, book: tuple[int, ...], gp: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """The query's tables of this step for a plan's codebook keys, (b * hkv, entries) in ``dtype``:
-    per stage, (D // dim, codewords, gp) entries ``q_p . codeword`` (``K_BOOK`` in ``book``; gp the
-    query heads padded to a power of two). A key's logit is the sum of its entries, so the split
-    kernel reads no codeword for keys."""
-    segs = [seg for seg in plan.every(CODEBOOK, keys=True) if isinstance(seg, Codebook)]
-    shared = {
-        (tuple(x.data_ptr() for x in seg.books), 0 if seg.scale is None else seg.scale.data_ptr())
-        for seg in segs
-    }
-    if len(shared) > 1:
-        raise ValueError(
-            "the codebook key segments of one plan must share their codebooks and scale (one layer's)"
-        )
-    b, hkv, g, d = q.shape
-    dim, w0, w1, stages, scaled, _ = book
-    seg = segs[0]
-    entries = d // dim * ((1 << w0) + (1 << w1) * (stages - 1)) * gp
-    tables = torch.empty((b * hkv, -(-entries // 8) * 8), dtype=dtype, device=q.device)  # rows on 16 bytes
-    _query_tables_kernel[(b * hkv, d // dim)](
-        q, seg.scale if seg.scale is not None else q, seg.books[0], seg.books[-1], tables, hkv,
-        G=g, GP=gp, D=d, DIM=dim, W0=w0, W1=w1, STAGES=stages, SCALED=scaled,
-    )  # fmt: skip
-    return tables
-
-
-def _book(plan: Plan, *, keys: bool) -> tuple[int, ...]:
-    """Codebook constexprs: (dim, first stage's index bits, second's or 0, stages, scaled, vector).
-
-    vector: with whole-byte indices (8 bits a stage) and a power-of-two count of index bytes per
-    token, the vector (at most 16 bytes) every codebook segment's tokens start on; 0 otherwise, and
-    the kernel reads one byte per sub-vector and stage.
-    """
-    segs = [seg for seg in plan.every(CODEBOOK, keys=keys) if isinstance(seg, Codebook)]
-    if not segs:
-        return (1, 8, 0, 1, 0, 0)
-    seg, w = segs[0], segs[0].widths
-    token_bytes = seg.indices.shape[-1]
-    vector = min(16, token_bytes)
-    whole = all(width == 8 for width in w) and token_bytes & (token_bytes - 1) == 0
-    if not (whole and all(s.indices.data_ptr() % vector == 0 for s in segs)):
-        vector = 0
-    dim = int(seg.books[0].shape[-1])
-    return (dim, w[0], w[1] if len(w) > 1 else 0, len(w), int(seg.scale is not None), vector)
 
 
 def _tok(seg: Segment | None) -> tuple[int, ...]:
