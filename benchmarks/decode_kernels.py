@@ -253,7 +253,10 @@ def run(
     budget_gib: float,
     providers: list[str] | None = None,
     compare_fold: bool = False,
+    splits: list[int] | None = None,
 ) -> dict[str, Any]:
+    """The table's rows; ``splits``: also time each provider with these split lengths (tokens per
+    program) instead of ``decode_plan.split_length``'s, as rows ``provider@split``."""
     from headq_core import fused
 
     props = torch.cuda.get_device_properties(0)
@@ -293,6 +296,7 @@ def run(
                         **base,
                         "provider": name,
                         **times,
+                        "split": cache.plan.split,
                         "plan_ms": t_plan,
                         "bytes": cache.nbytes,
                         "rel_err": err,
@@ -303,6 +307,14 @@ def run(
                 print(f"batch {batch} context {context} {name}: {1e3 * times['ms']:.0f} us "
                       f"({1e3 * times['eager_ms']:.0f} eager, host {1e3 * times['host_ms']:.0f}), fp16-sdpa {1e3 * t_fp16:.0f} us",
                       file=sys.stderr, flush=True)  # fmt: skip
+                for split in splits or []:
+                    cache.settings["split"] = split
+                    cache.plan = cache.make_plan()
+                    times = timings(lambda cache=cache, q=q: cache.attend(q))
+                    rows.append({**base, "provider": f"{name}@{split}", **times, "split": cache.plan.split,
+                                 "bytes": cache.nbytes})  # fmt: skip
+                    print(f"batch {batch} context {context} {name} split {cache.plan.split}: "
+                          f"{1e3 * times['ms']:.0f} us", file=sys.stderr, flush=True)  # fmt: skip
                 del cache
                 torch.cuda.empty_cache()
             for row in rows:
@@ -456,6 +468,13 @@ def main() -> None:
         default=None,
         help="only run this provider's attend 5 times (for a profiler)",
     )
+    parser.add_argument(
+        "--splits",
+        type=int,
+        nargs="+",
+        default=None,
+        help="also time each provider with these split lengths (tokens per program)",
+    )
     args = parser.parse_args()
     if args.profile:
         cache = Cache(*OURS[args.profile], args.batches[0], args.contexts[0])
@@ -468,7 +487,9 @@ def main() -> None:
         half, block_n, warps, stages = variants(8, 32768, args.asm_dir)
         LAUNCH.update(half=half, block_n=block_n, num_warps=warps, num_stages=stages)
         print(f"chosen: {LAUNCH}")
-    result = run(args.batches, args.contexts, args.budget_gib, args.providers, args.fold_variants)
+    result = run(
+        args.batches, args.contexts, args.budget_gib, args.providers, args.fold_variants, args.splits
+    )
     result["launch"] = dict(LAUNCH)
     text = table(result)
     print(text)
