@@ -61,6 +61,7 @@ from headq_kernels.triton_tiles import (
     _affine_key_segment,
     _affine_value_segment,
     _mixed_value_segment,
+    _repeat_rows,
     _side_codes,
     _side_loads,
     _side_segment,
@@ -201,12 +202,6 @@ def _rung_loads(
 def _spread_rows(x, NX: tl.constexpr, GP: tl.constexpr, N: tl.constexpr):
     """(NX, N) -> (NX * GP, N): row (x, r) = x's row."""
     return tl.reshape(tl.broadcast_to(x[:, None, :], (NX, GP, N)), (NX * GP, N))
-
-
-@triton.jit
-def _spread_heads(x, NX: tl.constexpr, GP: tl.constexpr, N: tl.constexpr):
-    """(GP, N) -> (NX * GP, N): row (x, r) = r's row."""
-    return tl.reshape(tl.broadcast_to(x[None, :, :], (NX, GP, N)), (NX * GP, N))
 
 
 @triton.jit
@@ -550,7 +545,7 @@ def _folded_split_kernel(
                 )
             p = tl.exp2(logits[i] - m_use[:, None])
             l_acc += p
-            p = _spread_heads(p, VXP, GP, NT)  # row (x, r) = p_r
+            p = _repeat_rows(p, VROWS)  # row (x, r) = p_r
             z_acc += p * _spread_rows(vz.to(tl.float32), VXP, GP, NT)
             pv = _fold(p * _spread_rows(vs, VXP, GP, NT), HILO)
             tile = _value_planes(pv, vb, tile, V_BITS, HILO)
