@@ -11,9 +11,8 @@ STAMP  := $(VENV)/.installed
 LOCK   := requirements-lock.txt
 TORCH_CPU := torch==2.13.0
 # Without a GPU the test suite runs the Triton kernels under Triton's interpreter, on this version
-# (the GPU tests' too): installed with the CPU build, and turned on for the suite.
+# (the GPU tests' too), installed with the CPU build.
 TRITON_CPU := triton==3.6.0
-INTERPRET = $$($(NO_GPU) && echo TRITON_INTERPRET=1)
 PACKAGES := -e kernels -e . -e plugins/kivi $(foreach p,$(filter-out plugins/kivi,$(wildcard plugins/*)),-e $(p))
 NO_GPU := ! command -v nvidia-smi >/dev/null 2>&1
 # The optional second model (make gemma3): installed or not, the environment is the lock.
@@ -51,11 +50,11 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 typecheck: setup
-	$(BIN)/mypy headq_core kernels/headq_kernels plugins
+	$(BIN)/mypy headq_core headq_pytest.py kernels/headq_kernels plugins
 
 test: lint typecheck
 	$(BIN)/headq check
-	env $(INTERPRET) $(BIN)/pytest -q
+	$(BIN)/pytest -q
 
 # Lint and types are checked against the locked tools; this leg asks whether the code still runs.
 test-latest:
@@ -64,7 +63,7 @@ test-latest:
 	printf '%s\n' "$(TORCH_CPU)" "$(TRITON_CPU)" >$(LATEST)/torch.txt
 	$(call install,$(LATEST),--upgrade --upgrade-strategy eager -c $(LATEST)/torch.txt)
 	$(LATEST)/bin/python -c "import torch, transformers; print('newest allowed: torch', torch.__version__, 'transformers', transformers.__version__)"
-	env $(INTERPRET) $(LATEST)/bin/pytest -q -p no:cacheprovider
+	$(LATEST)/bin/pytest -q -p no:cacheprovider
 
 upgrade: test-latest
 	{ sed -n '1,/^[^#]/p' $(LOCK) | grep '^#'; $(LATEST)/bin/python $(FREEZE); } >$(LOCK).new

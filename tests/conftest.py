@@ -17,6 +17,13 @@ from typing import Any
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run under Triton's interpreter (tests/test_kernels_interpreter.py).
+# Triton reads the variable as it defines its functions, and headq_core imports Triton (through
+# torch's compiler) when Triton is installed: so before anything below.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from transformers import (
     AutoModelForCausalLM,
     DynamicCache,

@@ -42,13 +42,16 @@ def interpreter() -> Iterator[None]:
     triton-lang/triton#9171); the fix is applied for these tests only.
     """
     if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("runs with TRITON_INTERPRET=1 (make test sets it without a GPU)")
+        pytest.skip("on a GPU, tests/test_kernels_gpu.py runs the kernels compiled")
     try:
+        import triton.language as tl
         from triton.runtime import interpreter as triton_interpreter
     except ImportError:
         pytest.fail(
             "the CPU suite runs the kernels under Triton's interpreter: install triton (make setup does)"
         )
+    if not isinstance(tl.zeros, triton_interpreter.InterpretedFunction):
+        pytest.fail("Triton was imported before TRITON_INTERPRET=1 was set: set it in the environment")
     original = triton_interpreter._patch_lang_tensor
 
     def patch(tensor: Any, scope: Any) -> None:

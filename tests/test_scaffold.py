@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from headq_core.cli import app
 from headq_core.scaffold import ScaffoldError, plugin_files, write_plugin
-from headq_core.testing.pytest_plugin import Conformance
+from headq_pytest import Conformance
 
 KEY_NAME, VALUE_NAME = "scafk", "scafv"
 
@@ -107,3 +107,15 @@ def test_the_conformance_fixture_checks_every_side_and_names_what_is_missing(
     assert headq_conformance("fp16", kind="value") == ["value"]
     with pytest.raises(pytest.fail.Exception, match="no key quantizer or value policy named 'nosuch'"):
         headq_conformance("nosuch:bits=2")
+
+
+def test_the_pytest_plugin_imports_neither_headq_nor_torch() -> None:
+    """pytest loads the plugin in every run of the environment: headq (torch, transformers) is
+    imported only when the fixture is used."""
+    code = (
+        "import sys, headq_pytest; print(sorted({'headq_core', 'torch', 'transformers'} & set(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout
