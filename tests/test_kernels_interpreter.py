@@ -154,6 +154,8 @@ GENERIC = [
     ("headq:rank=16,zbits=2", "fp16"),
     ("kivi:bits=2", "a2:mode=greedy,avg=3,bits=1,hi=8,weight=abs"),
     ("gsrq", "gsrq"),
+    ("gsrq:bits=2", "gsrq:bits=2"),  # two stages
+    ("gsrq:bits=0.75", "gsrq:bits=0.75,scale=fisher"),  # 6-bit indices, a byte or two at a time
     ("gsrq:bits=2,scale=fisher", "kivi:bits=2"),
 ]
 BASELINES = [("fp8", "int:bits=4"), ("int", "rotation:bits=2.5"), ("rotation:bits=3.5", "fp8:format=e5m2")]
@@ -183,7 +185,9 @@ def test_engine_formats_match_the_reference(monkeypatch, keys: str, values: str)
     [(12, 3, 64, 320, 256), (8, 1, 128, 160, 64), (4, 4, 32, 96, 512)],
     ids=["g4-of-3", "mqa-d128", "mha-d32"],
 )
-@pytest.mark.parametrize(("keys", "values"), [FOLDED[0], FOLDED[3]], ids=["kivi2", "headq"])
+@pytest.mark.parametrize(
+    ("keys", "values"), [FOLDED[0], FOLDED[3], GENERIC[4]], ids=["kivi2", "headq", "gsrq"]
+)
 def test_odd_head_counts_widths_and_splits(monkeypatch, keys, values, hq, hkv, d, tokens, split) -> None:
     error, _ = _run(monkeypatch, keys, values, hq=hq, hkv=hkv, d=d, tokens=tokens, split=split)
     assert error < TOLERANCE, error
