@@ -88,9 +88,11 @@ def _run(
     window: int = 5,
     split: int = 128,
     tail: int = 0,
+    **launch: bool,
 ) -> tuple[float, int]:
     """Attention of two sequences over ``tokens`` encoded tokens and ``window`` exact ones (the second
-    sequence left-padded by 7), kernel against reference: (relative error, folded launches)."""
+    sequence left-padded by 7), kernel against reference: (relative error, folded launches).
+    ``launch``: ``attend``'s ``fold`` and ``hilo``."""
     b = 2
     config = LlamaConfig(
         hidden_size=hq * d, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=d,
@@ -129,7 +131,9 @@ def _run(
     real = triton_decode._attend_folded
     monkeypatch.setattr(triton_decode, "_attend_folded", lambda *a: folded.append(1) or real(*a))
     want = decode_plan.attend_torch(q, plan, scale=d**-0.5, mask=mask, side_query=side, tail_probs=probs[0])
-    got = triton_decode.attend(q, plan, scale=d**-0.5, mask=mask, side_query=side, tail_probs=probs[1])
+    got = triton_decode.attend(
+        q, plan, scale=d**-0.5, mask=mask, side_query=side, tail_probs=probs[1], **launch
+    )
     assert torch.isfinite(got).all()
     if tail:
         assert rel(probs[1], probs[0]) < TOLERANCE
@@ -165,6 +169,22 @@ BASELINES = [("fp8", "int:bits=4"), ("int", "rotation:bits=2.5"), ("rotation:bit
 def test_the_folded_kernel_matches_the_reference(monkeypatch, keys: str, values: str) -> None:
     error, folded = _run(monkeypatch, keys, values)
     assert folded == 1 and error < TOLERANCE, (folded, error)
+
+
+@pytest.mark.parametrize(("keys", "values"), FOLDED[:4])
+def test_the_generic_kernel_matches_the_reference_where_the_folded_one_would_run(
+    monkeypatch, keys: str, values: str
+) -> None:
+    error, folded = _run(monkeypatch, keys, values, fold=False)
+    assert folded == 0 and error < TOLERANCE, error
+
+
+@pytest.mark.parametrize(("keys", "values"), [FOLDED[0], FOLDED[3]])
+def test_the_folded_kernel_in_two_float16_parts_matches_the_reference(
+    monkeypatch, keys: str, values: str
+) -> None:
+    error, folded = _run(monkeypatch, keys, values, hilo=True)
+    assert folded == 1 and error < TOLERANCE, error
 
 
 @pytest.mark.parametrize(("keys", "values"), GENERIC)
