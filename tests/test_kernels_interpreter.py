@@ -1,13 +1,12 @@
 """The Triton kernels on the CPU, under Triton's interpreter, against their torch references.
 
-With ``TRITON_INTERPRET=1`` in the environment from the start (``make test`` sets it on a machine
-without a GPU; Triton reads it as its functions are defined, and the suite's plugins import it
-before any conftest runs) the kernels of ``headq_kernels`` run on NumPy: slowly and at small shapes,
-but the same code a GPU compiles, so that a change to a kernel's logic fails here before it reaches
-a GPU. Speed, register use and what the interpreter does not model are for ``tests/test_kernels_gpu.py``,
-which runs these and more on a GPU: the matrix units' rounding, bfloat16 (the interpreter computes
-on NumPy, which has none) and quantize-and-pack (its rounding comes from CUDA's libdevice). Without
-the variable these tests skip; with it and without Triton they fail.
+Without a GPU, ``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before anything imports Triton,
+and the kernels of ``headq_kernels`` run on NumPy: slowly and at small shapes, but the same code a
+GPU compiles, so that a change to a kernel's logic fails here before it reaches a GPU. Speed,
+register use and what the interpreter does not model are for ``tests/test_kernels_gpu.py``, which
+runs these and more on a GPU: the matrix units' rounding, bfloat16 (the interpreter computes on
+NumPy, which has none) and quantize-and-pack (its rounding comes from CUDA's libdevice). On a GPU
+these tests skip; without one they need Triton (Linux only), and fail without it.
 
 Every layout pair runs through ``triton_decode.attend`` (the folded kernel where it applies, the
 generic kernel otherwise) over encoded tokens followed by an exact window, with several splits, a
@@ -18,6 +17,7 @@ tests' float16 tolerance.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,6 +47,8 @@ def interpreter() -> Iterator[None]:
         import triton.language as tl
         from triton.runtime import interpreter as triton_interpreter
     except ImportError:
+        if not sys.platform.startswith("linux"):
+            pytest.skip("Triton ships for Linux only")
         pytest.fail(
             "the CPU suite runs the kernels under Triton's interpreter: install triton (make setup does)"
         )
