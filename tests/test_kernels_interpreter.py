@@ -220,3 +220,34 @@ def test_the_statistics_tail_matches_the_reference(monkeypatch, keys: str, value
     """The attention probabilities of the last tokens, for a value policy's statistics."""
     error, _ = _run(monkeypatch, keys, values, tail=40)
     assert error < TOLERANCE, error
+
+
+@pytest.mark.parametrize(
+    ("keys", "values"), [("kivi:bits=2", "kivi:bits=2"), ("headq:rank=4", "kivi:bits=2")]
+)
+def test_static_decode_steps_on_the_kernel_match_the_reference(make_model, make_ids, keys, values) -> None:
+    """The static decode mode's launches (split tables sized for the capacity, rows past a step's own
+    empty, the window a ring) on the kernel give the logits they give on ``attend_torch``: a float16
+    Llama of two layers, a left-padded row, 6 steps (the logits carry both layers' rounding, hence
+    the wider tolerance)."""
+    from headq_core import QuantizedKVCache, StaticDecode, cache_kwargs
+    from headq_kernels import triton_decode
+
+    model = make_model("llama", dtype=torch.float16, attn="headq")
+    ids = make_ids(2, 40, seed=1)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    follow = make_ids(2, 6, seed=2)
+    calibration = calibration_for(keys, values, model.config, tokens=256)
+    logits = []
+    for attend in (decode_plan.attend_torch, triton_decode.attend):
+        cache = QuantizedKVCache(keys, values, window=4, config=model.config, calibration=calibration)
+        steps = []
+        with torch.no_grad():
+            model(ids, attention_mask=mask, **cache_kwargs(model, cache))
+            with StaticDecode(model, cache, capacity=48, attention_mask=mask, graphs=False) as run:
+                run.attend = attend
+                for i in range(follow.shape[1]):
+                    steps.append(run.step(follow[:, i : i + 1]).float())
+        logits.append(torch.stack(steps))
+    assert rel(logits[1], logits[0]) < 2e-2, rel(logits[1], logits[0])
